@@ -191,14 +191,32 @@ def test_tiny_checkpoints_match_independent_forward(tmp_path, kind):
     assert cache.keys(0).shape == (m.cfg.n_kv_head, len(ids), m.cfg.head_dim)
 
 
-def test_incremental_decode_and_chunked_prefill_equal_one_forward(tiny):
+@settings(max_examples=40, deadline=None)
+@given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), T=st.integers(1, 9), n_past=st.integers(0, 12),
+       seed=st.integers(0, 2**16))
+def test_sdpa_attention_equals_reference_attention(Hkv, G, T, n_past, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Hkv, G, T, 16, generator=g) * 3
+    k, v = torch.randn(Hkv, n_past + T, 16, generator=g), torch.randn(Hkv, n_past + T, 16, generator=g)
+    want = model.attention(q, k, v, n_past)
+    # the explicit broadcast equals Hugging Face's repeat_kv: query head h*G+g reads KV head h
+    kr, vr = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)  # (H, S, D)
+    logits = q.reshape(Hkv * G, T, 16) @ kr.transpose(1, 2) / 4.0
+    causal = torch.arange(n_past + T)[None, :] > torch.arange(T)[:, None] + n_past
+    hf = (logits.masked_fill(causal, float("-inf")).softmax(-1) @ vr).view(Hkv, G, T, 16)
+    torch.testing.assert_close(want, hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.attention_sdpa(q, k, v, n_past), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "reference"])
+def test_incremental_decode_and_chunked_prefill_equal_one_forward(tiny, attn):
     m, tok, _ = tiny
     ids = torch.tensor(tok.encode("A small train crossed the valley while the market opened.") * 3)
-    full = m(ids, m.new_cache())  # (T, V)
-    cache = m.new_cache()
+    full = m(ids, m.new_cache(attn="reference"))  # (T, V)
+    cache = m.new_cache(attn=attn)
     steps = [m(ids[:7], cache)] + [m(ids[t:t + 1], cache) for t in range(7, len(ids))]
     torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
-    chunked = m.new_cache()
+    chunked = m.new_cache(attn=attn)
     last = model.prefill(m, ids, chunked, chunk_size=5)
     torch.testing.assert_close(last[0], full[-1], atol=1e-5, rtol=0)
     for l in range(m.cfg.n_layer):
