@@ -300,8 +300,8 @@ class CompressedKV:
         tk, tv = self.tail_k[layer][:, :end], self.tail_v[layer][:, :end]  # (Hkv, n_tail + T, D)
         if self.backend == "triton" and T == 1:
             import kernels
-            out = kernels.varlen_decode_attention(q[:, :, 0], self.k[layer], self.v[layer],
-                                                  self.offsets[layer], tk, tv)  # (Hkv, G, D)
+            out = kernels.varlen_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.offsets[layer],
+                                                  tk, tv, offsets_host=self._bounds[layer])  # (Hkv, G, D)
             return out.unsqueeze(2)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
@@ -414,7 +414,7 @@ def main(argv=None):
         queries = args.query or ["Summarize the context in one sentence."]
     else:
         import bench  # the project's own seeded haystack and fact generator
-        task = bench.fact_task(n_entities=4, seed=0)
+        task = bench.fact_task(n_entities=4, seed=0, filler_words=600)  # ~1K tokens
         context = task["context"]
         queries = args.query or [q for q, _ in task["questions"][:4]]
 
