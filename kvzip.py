@@ -56,21 +56,25 @@ def chunk_scores_reference(q, k, n_sink: int, n_chunk: int):
     Returns (Hkv, n_chunk) float32:  S[h, j] = max over g, t of softmax_j'(q[h,g,t] . k[h,j'] / sqrt(D)).
 
     The causal mask applies only between input queries and input keys: row t sees input keys 0..t.
-    This materializes the whole probability matrix, Hkv * G * n_q * |K'| floats: for Llama-3.1-8B
-    (32 query heads) and a 2000-token chunk that is 32 * 2030 * 4070 * 4 B = 1.06 GB per layer,
-    and without chunking a 124k context would need 32 * 124k^2 * 4 B = 2 TB. Hence the chunks here
-    and the Triton kernel (kernels.chunk_max_scores), which never holds the matrix.
+    This materializes the probability matrix of one KV head at a time, G * n_q * |K'| floats: for
+    Llama-3.1-8B (G = 4) and a 2000-token chunk that is 4 * 2030 * 4070 * 4 B = 132 MB, 1.06 GB for
+    the layer's 8 KV heads; without chunking a 124k context would need 32 * 124k^2 * 4 B = 2 TB per
+    layer. Hence the chunks here and the Triton kernel (kernels.chunk_max_scores), which never
+    holds the matrix.
     """
     Hkv, G, n_q, D = q.shape
     n_keys = k.shape[1]
     assert n_keys == n_sink + n_chunk + n_q, (k.shape, n_sink, n_chunk, n_q)
-    logits = q.float() @ k.float().unsqueeze(1).transpose(-1, -2) / math.sqrt(D)  # (Hkv, G, n_q, n_keys)
     t = torch.arange(n_q, device=q.device)[:, None]  # query row
     j = torch.arange(n_keys, device=q.device)[None, :] - (n_sink + n_chunk)  # input-key index (<0: cached)
-    logits = logits.masked_fill(j > t, float("-inf"))  # (n_q, n_keys) mask, broadcast over heads
-    probs = torch.softmax(logits, dim=-1)  # float32
-    chunk_probs = probs[..., n_sink:n_sink + n_chunk]  # (Hkv, G, n_q, n_chunk)
-    return chunk_probs.amax(dim=(1, 2))  # (Hkv, n_chunk): max over the group and the query rows
+    future = j > t  # (n_q, n_keys): input keys after the row, masked; every cached key is visible
+    scores = torch.empty(Hkv, n_chunk, dtype=torch.float32, device=q.device)
+    for h in range(Hkv):
+        logits = q[h].float() @ k[h].float().T / math.sqrt(D)  # (G, n_q, n_keys)
+        probs = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)  # float32
+        chunk_probs = probs[:, :, n_sink:n_sink + n_chunk]  # (G, n_q, n_chunk)
+        scores[h] = chunk_probs.amax(dim=(0, 1))  # max over the group and the query rows
+    return scores  # (Hkv, n_chunk)
 
 
 def chunk_scores(q, k, n_sink, n_chunk, backend: str):
@@ -118,7 +122,7 @@ class FullKV:
 
 
 def check_ratio(ratio):
-    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
         raise ValueError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
 
 
