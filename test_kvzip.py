@@ -658,7 +658,7 @@ def test_keep_mask_counts_and_ties(L, H, n, ratio, uniform, ties, seed):
     if uniform:
         assert (keep.sum(-1) == round(ratio * n)).all()
     else:
-        assert keep.sum() == round(ratio * L * H * n)
+        assert keep.sum() == round(ratio * (L * H * n))
     # everything kept scores at least as high as everything evicted
     if keep.any() and (~keep).any():
         if uniform:
@@ -669,7 +669,7 @@ def test_keep_mask_counts_and_ties(L, H, n, ratio, uniform, ties, seed):
         assert (lo >= hi).all()
     # ties are broken deterministically, towards the lower (layer, head, position)
     flat = torch.zeros(L * H * n)
-    k = round(ratio * L * H * n)
+    k = round(ratio * (L * H * n))
     assert kvzip.keep_mask(flat.view(L, H, n), ratio).view(-1).nonzero().flatten().tolist() == list(range(k))
 
 
@@ -685,7 +685,7 @@ def test_prune_packs_kept_pairs_with_prefix_and_budgets(tiny):
         if uniform:
             assert (lengths == n_p + round(0.3 * n_c)).all()
         else:
-            assert lengths.sum() == L * Hkv * n_p + round(0.3 * L * Hkv * n_c)
+            assert lengths.sum() == L * Hkv * n_p + round(0.3 * (L * Hkv * n_c))
             assert len(set(lengths.flatten().tolist())) > 1  # heads get different budgets
         for l in range(L):
             for h in range(Hkv):
