@@ -69,8 +69,9 @@ def chunk_scores_reference(q, k, n_sink: int, n_chunk: int):
     j = torch.arange(n_keys, device=q.device)[None, :] - (n_sink + n_chunk)  # input-key index (<0: cached)
     future = j > t  # (n_q, n_keys): input keys after the row, masked; every cached key is visible
     scores = torch.empty(Hkv, n_chunk, dtype=torch.float32, device=q.device)
+    qs = q.float() / math.sqrt(D)  # scale the queries once, not each (G, n_q, n_keys) matrix
     for h in range(Hkv):
-        logits = q[h].float() @ k[h].float().T / math.sqrt(D)  # (G, n_q, n_keys)
+        logits = qs[h] @ k[h].float().T  # (G, n_q, n_keys)
         probs = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)  # float32
         chunk_probs = probs[:, :, n_sink:n_sink + n_chunk]  # (G, n_q, n_chunk)
         scores[h] = chunk_probs.amax(dim=(0, 1))  # max over the group and the query rows

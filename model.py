@@ -168,18 +168,22 @@ def attention(q, k, v, n_past: int):
 
     q (Hkv, G, T, D); k, v (Hkv, S, D), the new tokens' keys being the last T rows.
     Query t sits at absolute position n_past + t and sees keys 0 .. n_past + t. The G query heads
-    of a group read the same K and V, broadcast rather than copied; this equals Hugging Face's
-    `repeat_kv` (torch.repeat_interleave(k, G, dim=heads)) followed by ordinary attention.
+    of a group read the same K and V, which are never copied per query head; this equals Hugging
+    Face's `repeat_kv` (torch.repeat_interleave(k, G, dim=heads)) followed by ordinary attention.
     Returns (Hkv, G, T, D).
     """
-    T, S, D = q.shape[2], k.shape[1], q.shape[3]
-    logits = (q @ k.unsqueeze(1).transpose(-1, -2)).float() / math.sqrt(D)  # (Hkv, G, T, S)
+    Hkv, G, T, D = q.shape
+    S = k.shape[1]
+    # The G query heads of a group become G * T rows against the same K: one (G*T, D) x (D, S)
+    # matmul per KV head, which reads K once. (Broadcasting K over a G axis instead would make
+    # torch.matmul materialize G copies of it.)
+    logits = (q.reshape(Hkv, G * T, D) @ k.transpose(1, 2)).float().view(Hkv, G, T, S) / math.sqrt(D)
     if T > 1:  # a single new token sees the whole cache: no mask needed
         t = torch.arange(T, device=q.device)[:, None] + n_past
         s = torch.arange(S, device=q.device)[None, :]
         logits = logits.masked_fill(s > t, float("-inf"))  # (T, S) broadcast over heads
-    p = torch.softmax(logits, dim=-1).to(v.dtype)  # softmax in float32, as the model was trained
-    return p @ v.unsqueeze(1)  # (Hkv, G, T, D)
+    p = torch.softmax(logits, dim=-1).to(v.dtype)  # (Hkv, G, T, S), softmax in float32
+    return (p.view(Hkv, G * T, S) @ v).view(Hkv, G, T, D)  # (Hkv, G, T, D)
 
 
 def attention_sdpa(q, k, v, n_past: int):
