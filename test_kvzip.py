@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1073,3 +1074,396 @@ def test_kvzip_uses_the_kernels_end_to_end(tiny):
     b = [m(torch.tensor([t]), triton_ckv) for t in (7, 8, 9)]
     torch.testing.assert_close(torch.cat(b), torch.cat(a), atol=1e-4, rtol=1e-4)
     torch_ckv.truncate(n), triton_ckv.truncate(n)
+
+
+# -----------------------------------------------------------------------------
+# The query-aware baselines (kvzip.py section 6) and the reuse experiment's driver (bench.py)
+
+CONTEXT = bench.haystack(90, seed=3)  # ~120 tokens with the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_kv(tiny):
+    m, tok, w = tiny
+    return kvzip.prefill(m, tok, CONTEXT)
+
+
+def _cache_copy(kv):
+    n = kv.cache.seq_len
+    return n, [t[:, :n].clone() for t in kv.cache.k + kv.cache.v]
+
+
+def test_every_method_scores_the_right_shape_and_compresses(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    L, Hkv, n_c = m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context
+    for method in kvzip.METHODS:
+        s = kvzip.method_scores(method, m, tok, kv, "Where is the mill?")
+        assert s.shape == (L, Hkv, n_c) and s.dtype == torch.float32, method
+        assert torch.isfinite(s).all(), method
+        ckv = kvzip.compress(kv, method, 0.3, s)
+        kept = int(ckv.head_lengths().sum()) - L * Hkv * kv.n_prefix
+        assert kept == round(0.3 * (L * Hkv * n_c)), method
+
+
+def test_query_aware_scoring_leaves_the_full_cache_bit_exact(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    n, before = _cache_copy(kv)
+    scores = kv.scores.clone()
+    kvzip.snapkv_scores(m, tok, kv, "Where is the mill?")
+    kvzip.h2o_scores(m, tok, kv, "The pass key for the red door is", template=False)
+    n2, after = _cache_copy(kv)
+    assert n2 == n and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.equal(kv.scores, scores)
+
+
+def _reference_attention(tiny, kv, q_ids):
+    """Attention probabilities (L, H, T, T) of prefix + context + query from the independent
+    cache-free forward of test_kvzip (its own RoPE, repeat_interleave GQA)."""
+    m, tok, w = tiny
+    ids = tok.encode(tok.prefix) + kv.context_ids + q_ids
+    _, qs, ks = reference_forward(w, m.cfg, ids)
+    T, G = len(ids), m.cfg.group
+    probs = []
+    for q, k in zip(qs, ks):
+        logits = q @ k.repeat_interleave(G, 0).transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, T, T)
+        probs.append(logits.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1))
+    return torch.stack(probs)  # (L, H, T, T)
+
+
+def test_snapkv_and_h2o_match_their_definitions(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    L, Hkv, G = m.cfg.n_layer, m.cfg.n_kv_head, m.cfg.group
+    n_p, n_c = kv.n_prefix, kv.n_context
+    q_ids = kvzip.query_ids(tok, "Where is the mill?")
+    p = _reference_attention(tiny, kv, q_ids)  # (L, H, T, T)
+    T = p.shape[-1]
+    ctx = p[..., n_p:n_p + n_c]  # (L, H, T, n_c): attention to the context keys
+    # H2O: every row from the first context token on, divided by the rows that can see each key
+    seen_by = torch.arange(n_p + n_c, n_p, -1) - n_p + len(q_ids)  # rows at or after key j
+    h2o = (ctx[:, :, n_p:].sum(2) / seen_by).view(L, Hkv, G, n_c).mean(2)
+    torch.testing.assert_close(kvzip.h2o_scores(m, tok, kv, "Where is the mill?"), h2o, atol=1e-5, rtol=1e-4)
+    # SnapKV: mean over the last w rows, max-pool of width 7, mean over the group
+    w = 64
+    mean = ctx[:, :, T - w:].mean(2)  # (L, H, n_c)
+    pad = torch.nn.functional.pad(mean, (3, 3), value=float("-inf"))
+    pooled = torch.stack([pad[..., j:j + 7].amax(-1) for j in range(n_c)], dim=-1)
+    snap = pooled.view(L, Hkv, G, n_c).mean(2)
+    torch.testing.assert_close(kvzip.snapkv_scores(m, tok, kv, "Where is the mill?"), snap, atol=1e-5, rtol=1e-4)
+
+
+def test_streamingllm_keeps_sinks_and_the_most_recent_in_every_head(tiny_kv):
+    kv = tiny_kv
+    s = kvzip.streamingllm_scores(kv)
+    L, Hkv, n_c = s.shape
+    keep = kvzip.keep_mask(s, 0.3)  # (L, Hkv, n_c)
+    n_recent = keep[..., kvzip.N_SINK:].sum(-1)  # (L, Hkv)
+    assert keep[..., :kvzip.N_SINK].all()
+    assert int(n_recent.max() - n_recent.min()) <= 1  # the same in every head, up to one position
+    for l in range(L):
+        for h in range(Hkv):
+            r = int(n_recent[l, h])
+            assert keep[l, h, n_c - r:].all() and not keep[l, h, kvzip.N_SINK:n_c - r].any()
+
+
+@settings(deadline=None, max_examples=200)
+@given(ratio=st.floats(0.001, 1.0), L=st.integers(1, 40), Hkv=st.integers(1, 8), n_c=st.integers(1, 3000))
+def test_pyramid_budgets_shrink_over_layers_and_sum_to_the_total(ratio, L, Hkv, n_c):
+    b = kvzip.pyramid_budgets(ratio, L, Hkv, n_c)
+    assert len(b) == L and all(isinstance(x, int) for x in b)
+    assert sum(b) == round(ratio * (L * Hkv * n_c))
+    assert all(0 <= x <= Hkv * n_c for x in b)
+    assert all(b[i] >= b[i + 1] for i in range(L - 1))
+
+
+def test_pyramid_budgets_follow_the_line_with_beta_20():
+    b = kvzip.pyramid_budgets(0.3, 30, 3, 1000)  # average layer budget 900
+    assert b[-1] == pytest.approx(900 / 20, abs=1) and b[0] == pytest.approx(2 * 900 - 900 / 20, abs=1)
+    assert kvzip.pyramid_budgets(1.0, 30, 3, 1000) == [3000] * 30
+
+
+def test_pyramidkv_compress_uses_its_layer_budgets(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    s = kvzip.method_scores("pyramidkv", m, tok, kv, "Where is the mill?")
+    ckv = kvzip.compress(kv, "pyramidkv", 0.3, s)
+    per_layer = (ckv.head_lengths() - kv.n_prefix).sum(1).tolist()
+    assert per_layer == kvzip.pyramid_budgets(0.3, m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context)
+    assert per_layer[0] > per_layer[-1]
+
+
+def test_query_aware_kept_sets_follow_the_first_query_but_kvzip_does_not(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    q1, q2 = "Where is the mill on the river?", "The pass key for the red door is"
+    for method in ("snapkv", "h2o"):
+        k1 = kvzip.keep_mask(kvzip.method_scores(method, m, tok, kv, q1), 0.3)
+        k2 = kvzip.keep_mask(kvzip.method_scores(method, m, tok, kv, q2), 0.3)
+        assert not torch.equal(k1, k2), method
+    assert torch.equal(kvzip.method_scores("kvzip", m, tok, kv, q1), kvzip.method_scores("kvzip", m, tok, kv, q2))
+    # KVzip's scores come from the context alone: a second prefill gives the same ones
+    assert torch.equal(kvzip.prefill(m, tok, CONTEXT).scores, kv.scores)
+
+
+def test_random_scores_are_seeded(tiny_kv):
+    assert torch.equal(kvzip.random_scores(tiny_kv, 1), kvzip.random_scores(tiny_kv, 1))
+    assert not torch.equal(kvzip.random_scores(tiny_kv, 1), kvzip.random_scores(tiny_kv, 2))
+
+
+def test_bad_method_and_missing_query_are_clear_errors(tiny, tiny_kv):
+    m, tok, _ = tiny
+    with pytest.raises(ValueError, match="unknown method"):
+        kvzip.method_scores("nope", m, tok, tiny_kv)
+    with pytest.raises(ValueError, match="query-aware"):
+        kvzip.method_scores("snapkv", m, tok, tiny_kv)
+
+
+def test_quality_driver_reports_every_key(tiny, tmp_path):
+    m, tok, _ = tiny
+    res = bench.run_quality(m, tok, ratios=(0.5, 1.0), n_contexts=1, seed=0, quick=True, progress=False,
+                      needle_tokens=(150,), needles=(4,), fact_entities=2, fact_filler_words=40,
+                      questions_per_context=2, recon_span_tokens=32, needle_max_new=4, qa_max_new=4)
+    res = json.loads(json.dumps(res))  # plain JSON all the way down
+    for key in ("rows", "n_contexts", "n_probes", "n_probes_asked", "n_questions", "seconds", "methods", "ratios"):
+        assert key in res
+    assert len(res["rows"]) == len(kvzip.METHODS) * 2
+    for row in res["rows"]:
+        for key in ("method", "ratio", "relative_accuracy", "agreement", "reconstruction_nll_ratio", "n_probes"):
+            assert key in row
+        assert row["method"] in kvzip.METHODS
+    at_one = [r for r in res["rows"] if r["ratio"] == 1.0]
+    assert all(r["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=1e-3) for r in at_one)
+    assert "kvzip" in bench.format_quality_table(res)
+    png = tmp_path / "quality.png"  # matplotlib is optional: a PNG only when it is installed
+    assert bench.plot_quality(res, png) == png.exists()
+
+
+def test_answer_shortcut_equals_generate(tiny, tiny_kv):
+    """The driver's teacher-forced shortcut gives kvzip.generate's text. `ref` is only a hint, so
+    wrong hints (diverging at the first token, later, too short, too long) must not matter."""
+    m, tok, _ = tiny
+    kv = tiny_kv
+    queries = [("Where is the mill?", True), ("The pass key for the red door is", False)]
+    for ratio in (0.05, 0.7):
+        ckv = kv.prune(ratio)
+        for q, template in queries:
+            for max_new in (1, 2, 6):
+                ids = kvzip.query_ids(tok, q, template)
+                ref = bench._greedy_ids(m, tok, kv.cache, ids, max_new)
+                assert tok.decode(ref) == kvzip.generate(m, tok, q, kv, max_new, template=template)
+                want = kvzip.generate(m, tok, q, ckv, max_new, template=template)
+                other = (ref[0] + 1) % 300 + 3  # a token id that is not ref[0] nor a stop id
+                hints = [ref, [], [other], ref[:1] + [other] * (max_new - 1), ref[:-1], [other] * max_new]
+                for hint in hints:
+                    hint = hint[:max_new]
+                    assert bench._answer(m, tok, ckv, ids, hint, max_new) == want, (ratio, q, max_new, hint)
+
+
+# -----------------------------------------------------------------------------
+# bench.py: arguments, budgets, memory accounting, a tiny end-to-end run
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+@pytest.mark.parametrize("text, n", [("124k", 124_000), ("124K", 124_000), ("4096", 4096),
+                                     ("1k", 1000), (" 2k ", 2000)])
+def test_parse_ctx(text, n):
+    assert bench.parse_ctx(text) == n
+
+
+@pytest.mark.parametrize("text", ["0", "0k", "k", "1.5k", "-3", "12m", "abc", ""])
+def test_parse_ctx_rejects(text):
+    with pytest.raises(Exception):
+        bench.parse_ctx(text)
+
+
+def test_defaults_are_the_main_command():
+    args = bench.parse_args([])
+    assert (args.ctx, args.ratio, args.geometry) == (124_000, 0.3, "llama3.1-8b")
+    assert not (args.sweep or args.quick or args.quality) and args.json is None
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--ctx", "0"], "--ctx"), (["--ctx", "12x"], "--ctx"), (["--ratio", "1.5"], "--ratio"),
+    (["--ratio", "0"], "--ratio"), (["--ratio", "nan"], "--ratio"),
+    (["--geometry", "gpt-5"], "--geometry"), (["--reps", "0"], "--reps"), (["--bogus"], "--bogus")])
+def test_bad_arguments_one_line_exit_2(argv, word, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.py: error:") and word in err
+
+
+def test_bad_arguments_from_the_command_line():
+    r = subprocess.run([sys.executable, "bench.py", "--ratio", "1.5"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "(0, 1]" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# geometries, budgets, masks
+
+def test_llama_geometry_matches_the_paper():
+    g = bench.get_geometry("llama3.1-8b")
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.group) == (32, 32, 8, 128, 4)
+    assert round(g.kv_bytes(124_000) / 1e9, 1) == 16.3  # the paper's 16.3 GB at 124K tokens
+    with pytest.raises(ValueError, match="unknown geometry"):
+        bench.get_geometry("gpt-5")
+
+
+def test_model_geometry_reads_the_loaded_model():
+    cfg = SimpleNamespace(n_layer=2, n_head=4, n_kv_head=2, head_dim=16)
+    g = bench.get_geometry("model", SimpleNamespace(cfg=cfg, dtype=torch.float32))
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.dtype) == (2, 4, 2, 16, "float32")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.8, 0.3, 0.2, 0.01])
+@pytest.mark.parametrize("geometry", ["llama3.1-8b", "smollm2-135m", "qwen2.5-7b"])
+def test_target_budgets_total_and_cap(ratio, geometry):
+    g = bench.get_geometry(geometry)
+    n_c = 1000
+    # a skewed real pattern from 5 "layers" x 3 heads: some heads keep everything, some nothing
+    fractions = torch.tensor([[1.0, 0.0, 0.5], [0.9, 0.1, 0.3], [1.0, 1.0, 0.0],
+                              [0.2, 0.2, 0.2], [0.05, 0.6, 0.95]])
+    counts = bench.target_budgets(fractions, g, n_c, ratio)
+    assert counts.shape == (g.n_layers, g.n_kv_heads) and counts.dtype == torch.int64
+    assert int(counts.sum()) == round(ratio * g.n_layers * g.n_kv_heads * n_c)
+    assert int(counts.min()) >= 0 and int(counts.max()) <= n_c
+    if ratio == 1.0:
+        assert bool((counts == n_c).all())
+
+
+def test_target_budgets_follow_the_pattern():
+    """Same number of heads: the pattern is copied as is (it already keeps `ratio` overall)."""
+    g = bench.Geometry("t", 2, 4, 2, 16, "float32")
+    fractions = torch.tensor([[0.1, 0.3], [0.5, 0.3]])  # mean 0.3
+    assert bench.target_budgets(fractions, g, 100, 0.3).tolist() == [[10, 30], [50, 30]]
+
+
+def test_spread_keep_mask_keeps_exactly_the_budget():
+    counts = torch.tensor([[0, 1, 7, 50, 99, 100]])
+    keep = bench.spread_keep_mask(counts, 100)
+    assert keep.shape == (1, 6, 100) and keep.sum(-1).tolist() == counts.tolist()
+    assert bench.representative_layer(torch.tensor([[1, 1], [5, 5], [3, 3]])) == 2  # mean 6 per layer
+
+
+def test_cache_memory_counts_real_objects():
+    """Compressed bytes = kept rows of K and V plus the int64 offsets, layer by layer."""
+    g = bench.Geometry("t", 3, 4, 2, 8, "float32")
+    n_p, n_c = 5, 40
+    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    counts = torch.tensor([[10, 20], [0, 40], [12, 12]])
+    full_bytes, comp = bench.cache_memory(full, n_p, n_c, counts)
+    assert full_bytes == 3 * 2 * 2 * (n_p + n_c) * 8 * 4
+    rows = int(counts.sum()) + 3 * 2 * n_p
+    assert comp == rows * 2 * 8 * 4 + 3 * (2 + 1) * 8
+
+
+def test_decode_paths_agree():
+    """Every full-cache path and the compressed path at ratio 1 compute the same attention."""
+    g = bench.Geometry("t", 1, 6, 2, 16, "float32")
+    n_p, n_c = 3, 50
+    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    q, k_new, v_new = torch.randn(2, 3, 1, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    full.k[0][:, n_p + n_c] = k_new[:, 0]
+    full.v[0][:, n_p + n_c] = v_new[:, 0]
+    outs = {name: fn() for name, fn in bench.full_decode_paths(full, q, None).items()}
+    assert "kvzip.packed_attention" in outs and "model.attention" in outs
+    ref = outs["model.attention"]
+    for name, out in outs.items():
+        bench._check_same(name, out, "model.attention", ref)
+    full.k[0][:, n_p + n_c] = 0  # the compressed path must use its own tail, not this row
+    _, fn, nbytes = bench.compressed_decode_path(full, n_p, n_c, torch.tensor([n_c, n_c]), q, k_new, v_new, None)
+    bench._check_same("compressed", fn(), "model.attention", ref)
+    assert nbytes == 2 * (2 * (n_p + n_c) + 2) * 16 * 4
+
+
+def test_kernel_decode_path_agrees():
+    """The Triton varlen kernel (bench's CUDA path; here through Triton's interpreter) computes
+    the same attention over the uncompressed cache viewed as a packed one."""
+    kernels = pytest.importorskip("kernels")
+    g = bench.Geometry("t", 1, 4, 2, 16, "float32")
+    n_p, n_c = 3, 40
+    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    q = torch.randn(2, 2, 1, 16)
+    paths = bench.full_decode_paths(full, q, kernels)
+    ref = paths["model.attention"]()
+    bench._check_same("kernel", paths["kernels.varlen_decode_attention"](), "model.attention", ref)
+
+
+def test_peak_memory_sees_an_allocation():
+    bench._release_freed_memory()  # PeakMemory trims on entry too: measure the base after a trim
+    before = bench._proc_status("VmRSS")
+    if before is None:
+        pytest.skip("no /proc/self/status")
+    with bench.PeakMemory(torch.device("cpu"), base=before) as pm:
+        x = torch.ones(50_000_000, dtype=torch.uint8)  # 50 MB, touched
+        del x
+    assert pm.peak >= 45_000_000, pm.peak
+
+
+# -----------------------------------------------------------------------------
+# one tiny end-to-end run
+
+REQUIRED_KEYS = {
+    "ctx": None, "ratio": None, "device": None,
+    "geometry": {"name", "n_layers", "n_heads", "n_kv_heads", "head_dim", "dtype"},
+    "memory": {"full_bytes", "compressed_bytes"},
+    "decode": {"full_ms_per_layer", "compressed_ms_per_layer", "full_gbps", "compressed_gbps",
+               "device_gbps"},
+    "scoring": {"ctx", "prefill_s", "scoring_s", "prefill_peak_bytes", "scoring_peak_bytes"},
+    "quality": {"ratio", "relative_accuracy", "n_probes"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """bench.main on a tiny configuration, with a stand-in quality experiment for --quality."""
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    calls = []
+    saved = {name: getattr(bench, name) for name in ("run_quality", "format_quality_table", "plot_quality")}
+    bench.run_quality = lambda m, tok, quick=False: calls.append(quick) or {"rows": [], "quick": quick}
+    bench.format_quality_table = lambda result: "QUALITY TABLE"
+    bench.plot_quality = lambda result, path: False
+    try:
+        args = bench.parse_args(["--ctx", "1k", "--ratio", "0.5", "--geometry", "model", "--quick",
+                                 "--score-ctx", "150", "--reps", "1", "--quality", "--json", str(path)])
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            res = bench.main(args)
+    finally:  # put back the real experiment
+        for name, fn in saved.items():
+            setattr(bench, name, fn)
+    return res, json.loads(path.read_text()), out.getvalue(), calls
+
+
+def test_tiny_run_json_keys(tiny_run):
+    res, data, _, _ = tiny_run
+    for key, sub in REQUIRED_KEYS.items():
+        assert key in data, key
+        if sub:
+            assert sub <= set(data[key]), (key, sub - set(data[key]))
+    assert data["ctx"] == 1000 and data["ratio"] == 0.5 and data["device"] in ("cpu", "cuda")
+    assert data["geometry"]["name"] == "model" and data["geometry"]["n_layers"] == 30
+    assert 0 < data["memory"]["compressed_bytes"] < data["memory"]["full_bytes"]
+    assert data["scoring"]["ctx"] <= 200 and data["scoring"]["prefill_s"] > 0  # whole sentences: ~150
+    assert data["quality"]["n_probes"] == 2 and data["quality"]["ratio"] == 0.5
+    assert data["quality"]["rows"] == [] and data["quality"]["reuse"] == {"quick": True}
+    frac = data["memory"]["compressed_bytes"] / data["memory"]["full_bytes"]
+    assert abs(frac / data["memory"]["expected_fraction"] - 1) < 0.02
+
+
+def test_tiny_run_report(tiny_run):
+    _, data, out, calls = tiny_run
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("KVzip benchmark") and "geometry model" in out
+    assert "1,000 tokens" in out and "QUALITY TABLE" in out and calls == [True]
+    last = json.loads(lines[-1])  # the last line is a one-line JSON summary
+    assert last["ctx"] == 1000 and last["geometry"] == "model"
