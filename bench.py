@@ -28,7 +28,8 @@ Map of this file:
     shared with the tests and kvzip.py's demo)
   - the benchmark: geometries, arguments, measuring tools (timing, bandwidth, peak memory), the
     four measurements, the report (summary card, table, last-line JSON), main()
-  - a marked place for the quality/reuse experiment (run_quality, format_quality_table)
+  - the quality/reuse experiment against query-aware baselines (run_quality, format_quality_table,
+    plot_quality): `python bench.py --quality`
 Left out on purpose: batching, throughput of whole-model decoding, other GPUs than one.
 """
 import os
@@ -935,7 +936,7 @@ def quality_row(m, tok, kv, probes, questions, ratio: float) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# ==== Quality and cache reuse vs query-aware baselines (a separate issue) ====
+# ==== Quality and cache reuse vs query-aware baselines (`--quality`) ====
 # ---- the reuse experiment: one compressed cache answers every query of its context ----
 #
 # For each context: prefill once, score once per method (the query-aware ones see the context's
