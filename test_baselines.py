@@ -1,0 +1,144 @@
+"""Tests of baselines.py: each query-aware method against its definition, budgets, and that the
+full cache is never written."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import baselines
+import kvzip
+from conftest import TINY_CONTEXT, reference_forward
+
+
+
+def _cache_copy(kv):
+    n = kv.cache.seq_len
+    return n, [t[:, :n].clone() for t in kv.cache.k + kv.cache.v]
+
+
+def test_every_method_scores_the_right_shape_and_compresses(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    L, Hkv, n_c = m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context
+    for method in baselines.METHODS:
+        s = baselines.method_scores(method, m, tok, kv, "Where is the mill?")
+        assert s.shape == (L, Hkv, n_c) and s.dtype == torch.float32, method
+        assert torch.isfinite(s).all(), method
+        ckv = baselines.compress(kv, method, 0.3, s)
+        kept = int(ckv.head_lengths().sum()) - L * Hkv * kv.n_prefix
+        assert kept == round(0.3 * (L * Hkv * n_c)), method
+
+
+def test_query_aware_scoring_leaves_the_full_cache_bit_exact(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    n, before = _cache_copy(kv)
+    scores = kv.scores.clone()
+    baselines.snapkv_scores(m, tok, kv, "Where is the mill?")
+    baselines.h2o_scores(m, tok, kv, "The pass key for the red door is", template=False)
+    n2, after = _cache_copy(kv)
+    assert n2 == n and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.equal(kv.scores, scores)
+
+
+def _reference_attention(tiny, kv, q_ids):
+    """Attention probabilities (L, H, T, T) of prefix + context + query from the independent
+    cache-free forward of test_kvzip (its own RoPE, repeat_interleave GQA)."""
+    m, tok, w = tiny
+    ids = kvzip.prefix_ids(tok) + kv.context_ids + q_ids
+    _, qs, ks = reference_forward(w, m.cfg, ids)
+    T, G = len(ids), m.cfg.group
+    probs = []
+    for q, k in zip(qs, ks):
+        logits = q @ k.repeat_interleave(G, 0).transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, T, T)
+        probs.append(logits.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1))
+    return torch.stack(probs)  # (L, H, T, T)
+
+
+def test_snapkv_and_h2o_match_their_definitions(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    L, Hkv, G = m.cfg.n_layer, m.cfg.n_kv_head, m.cfg.group
+    n_p, n_c = kv.n_prefix, kv.n_context
+    q_ids = kvzip.query_ids(tok, "Where is the mill?")
+    p = _reference_attention(tiny, kv, q_ids)  # (L, H, T, T)
+    T = p.shape[-1]
+    ctx = p[..., n_p:n_p + n_c]  # (L, H, T, n_c): attention to the context keys
+    # H2O: every row from the first context token on, divided by the rows that can see each key
+    seen_by = torch.arange(n_p + n_c, n_p, -1) - n_p + len(q_ids)  # rows at or after key j
+    h2o = (ctx[:, :, n_p:].sum(2) / seen_by).view(L, Hkv, G, n_c).mean(2)
+    torch.testing.assert_close(baselines.h2o_scores(m, tok, kv, "Where is the mill?"), h2o, atol=1e-5, rtol=1e-4)
+    # SnapKV: mean over the last w rows, max-pool of width 7, mean over the group
+    w = 64
+    mean = ctx[:, :, T - w:].mean(2)  # (L, H, n_c)
+    pad = torch.nn.functional.pad(mean, (3, 3), value=float("-inf"))
+    pooled = torch.stack([pad[..., j:j + 7].amax(-1) for j in range(n_c)], dim=-1)
+    snap = pooled.view(L, Hkv, G, n_c).mean(2)
+    torch.testing.assert_close(baselines.snapkv_scores(m, tok, kv, "Where is the mill?"), snap, atol=1e-5, rtol=1e-4)
+
+
+def test_streamingllm_keeps_sinks_and_the_most_recent_in_every_head(tiny_kv):
+    kv = tiny_kv
+    s = baselines.streamingllm_scores(kv)
+    L, Hkv, n_c = s.shape
+    keep = kvzip.keep_mask(s, 0.3)  # (L, Hkv, n_c)
+    n_recent = keep[..., baselines.STREAMING_SINKS:].sum(-1)  # (L, Hkv)
+    assert keep[..., :baselines.STREAMING_SINKS].all()
+    assert int(n_recent.max() - n_recent.min()) <= 1  # the same in every head, up to one position
+    for l in range(L):
+        for h in range(Hkv):
+            r = int(n_recent[l, h])
+            assert keep[l, h, n_c - r:].all() and not keep[l, h, baselines.STREAMING_SINKS:n_c - r].any()
+
+
+@settings(deadline=None, max_examples=200)
+@given(ratio=st.floats(0.001, 1.0), L=st.integers(1, 40), Hkv=st.integers(1, 8), n_c=st.integers(1, 3000))
+def test_pyramid_budgets_shrink_over_layers_and_sum_to_the_total(ratio, L, Hkv, n_c):
+    b = baselines.pyramid_budgets(ratio, L, Hkv, n_c)
+    assert len(b) == L and all(isinstance(x, int) for x in b)
+    assert sum(b) == round(ratio * (L * Hkv * n_c))
+    assert all(0 <= x <= Hkv * n_c for x in b)
+    assert all(b[i] >= b[i + 1] for i in range(L - 1))
+
+
+def test_pyramid_budgets_follow_the_line_with_beta_20():
+    b = baselines.pyramid_budgets(0.3, 30, 3, 1000)  # average layer budget 900
+    assert b[-1] == pytest.approx(900 / 20, abs=1) and b[0] == pytest.approx(2 * 900 - 900 / 20, abs=1)
+    assert baselines.pyramid_budgets(1.0, 30, 3, 1000) == [3000] * 30
+
+
+def test_pyramidkv_compress_uses_its_layer_budgets(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    s = baselines.method_scores("pyramidkv", m, tok, kv, "Where is the mill?")
+    ckv = baselines.compress(kv, "pyramidkv", 0.3, s)
+    per_layer = (ckv.head_lengths() - kv.n_prefix).sum(1).tolist()
+    assert per_layer == baselines.pyramid_budgets(0.3, m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context)
+    assert per_layer[0] > per_layer[-1]
+
+
+def test_query_aware_kept_sets_follow_the_first_query_but_kvzip_does_not(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    q1, q2 = "Where is the mill on the river?", "The pass key for the red door is"
+    for method in ("snapkv", "h2o"):
+        k1 = kvzip.keep_mask(baselines.method_scores(method, m, tok, kv, q1), 0.3)
+        k2 = kvzip.keep_mask(baselines.method_scores(method, m, tok, kv, q2), 0.3)
+        assert not torch.equal(k1, k2), method
+    assert torch.equal(baselines.method_scores("kvzip", m, tok, kv, q1), baselines.method_scores("kvzip", m, tok, kv, q2))
+    # KVzip's scores come from the context alone: a second prefill gives the same ones
+    assert torch.equal(kvzip.prefill(m, tok, TINY_CONTEXT).scores, kv.scores)
+
+
+def test_random_scores_are_seeded(tiny_kv):
+    assert torch.equal(baselines.random_scores(tiny_kv, 1), baselines.random_scores(tiny_kv, 1))
+    assert not torch.equal(baselines.random_scores(tiny_kv, 1), baselines.random_scores(tiny_kv, 2))
+
+
+def test_bad_method_and_missing_query_are_clear_errors(tiny, tiny_kv):
+    m, tok, _ = tiny
+    with pytest.raises(ValueError, match="unknown method"):
+        baselines.method_scores("nope", m, tok, tiny_kv)
+    with pytest.raises(ValueError, match="query-aware"):
+        baselines.method_scores("snapkv", m, tok, tiny_kv)

@@ -1,0 +1,201 @@
+"""Tests of bench.py: arguments, geometries, budgets, memory accounting, decode paths, and one
+tiny end-to-end run."""
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import bench
+from conftest import HERE
+
+
+# -----------------------------------------------------------------------------
+# bench.py: arguments, budgets, memory accounting, a tiny end-to-end run
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+@pytest.mark.parametrize("text, n", [("124k", 124_000), ("124K", 124_000), ("4096", 4096),
+                                     ("1k", 1000), (" 2k ", 2000)])
+def test_parse_ctx(text, n):
+    assert bench.parse_ctx(text) == n
+
+
+@pytest.mark.parametrize("text", ["0", "0k", "k", "1.5k", "-3", "12m", "abc", ""])
+def test_parse_ctx_rejects(text):
+    with pytest.raises(Exception):
+        bench.parse_ctx(text)
+
+
+def test_defaults_are_the_main_command():
+    args = bench.parse_args([])
+    assert (args.ctx, args.ratio, args.geometry) == (124_000, 0.3, "llama3.1-8b")
+    assert not (args.sweep or args.quick) and args.json is None
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--ctx", "0"], "--ctx"), (["--ctx", "12x"], "--ctx"), (["--ratio", "1.5"], "--ratio"),
+    (["--ratio", "0"], "--ratio"), (["--ratio", "nan"], "--ratio"),
+    (["--geometry", "gpt-5"], "--geometry"), (["--reps", "0"], "--reps"), (["--bogus"], "--bogus")])
+def test_bad_arguments_one_line_exit_2(argv, word, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.py: error:") and word in err
+
+
+def test_bad_arguments_from_the_command_line():
+    r = subprocess.run([sys.executable, "bench.py", "--ratio", "1.5"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "(0, 1]" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# geometries, budgets, masks
+
+def test_llama_geometry_matches_the_paper():
+    g = bench.get_geometry("llama3.1-8b")
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.group) == (32, 32, 8, 128, 4)
+    assert round(g.kv_bytes(124_000) / 1e9, 1) == 16.3  # the paper's 16.3 GB at 124K tokens
+    with pytest.raises(ValueError, match="unknown geometry"):
+        bench.get_geometry("gpt-5")
+
+
+def test_model_geometry_reads_the_loaded_model():
+    cfg = SimpleNamespace(n_layer=2, n_head=4, n_kv_head=2, head_dim=16)
+    g = bench.get_geometry("model", SimpleNamespace(cfg=cfg, dtype=torch.float32))
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.dtype) == (2, 4, 2, 16, "float32")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.8, 0.3, 0.2, 0.01])
+@pytest.mark.parametrize("geometry", ["llama3.1-8b", "smollm2-135m", "qwen2.5-7b"])
+def test_target_budgets_total_and_cap(ratio, geometry):
+    g = bench.get_geometry(geometry)
+    n_c = 1000
+    # a skewed real pattern from 5 "layers" x 3 heads: some heads keep everything, some nothing
+    fractions = torch.tensor([[1.0, 0.0, 0.5], [0.9, 0.1, 0.3], [1.0, 1.0, 0.0],
+                              [0.2, 0.2, 0.2], [0.05, 0.6, 0.95]])
+    counts = bench.target_budgets(fractions, g, n_c, ratio)
+    assert counts.shape == (g.n_layers, g.n_kv_heads) and counts.dtype == torch.int64
+    assert int(counts.sum()) == round(ratio * g.n_layers * g.n_kv_heads * n_c)
+    assert int(counts.min()) >= 0 and int(counts.max()) <= n_c
+    if ratio == 1.0:
+        assert bool((counts == n_c).all())
+
+
+def test_target_budgets_follow_the_pattern():
+    """Same number of heads: the pattern is copied as is (it already keeps `ratio` overall)."""
+    g = bench.Geometry("t", 2, 4, 2, 16, "float32")
+    fractions = torch.tensor([[0.1, 0.3], [0.5, 0.3]])  # mean 0.3
+    assert bench.target_budgets(fractions, g, 100, 0.3).tolist() == [[10, 30], [50, 30]]
+
+
+def test_spread_keep_mask_keeps_exactly_the_budget():
+    counts = torch.tensor([[0, 1, 7, 50, 99, 100]])
+    keep = bench.spread_keep_mask(counts, 100)
+    assert keep.shape == (1, 6, 100) and keep.sum(-1).tolist() == counts.tolist()
+    assert bench.representative_layer(torch.tensor([[1, 1], [5, 5], [3, 3]])) == 2  # mean 6 per layer
+
+
+def test_cache_memory_counts_real_objects():
+    """Compressed bytes = kept rows of K and V plus the int64 offsets, layer by layer."""
+    g = bench.Geometry("t", 3, 4, 2, 8, "float32")
+    n_p, n_c = 5, 40
+    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    counts = torch.tensor([[10, 20], [0, 40], [12, 12]])
+    full_bytes, comp = bench.cache_memory(full, n_p, n_c, counts)
+    assert full_bytes == 3 * 2 * 2 * (n_p + n_c) * 8 * 4
+    rows = int(counts.sum()) + 3 * 2 * n_p
+    assert comp == rows * 2 * 8 * 4 + 3 * (2 + 1) * 8
+
+
+def test_decode_paths_agree():
+    """Every full-cache path and the compressed path at ratio 1 compute the same attention."""
+    g = bench.Geometry("t", 1, 6, 2, 16, "float32")
+    n_p, n_c = 3, 50
+    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    q, k_new, v_new = torch.randn(2, 3, 1, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    full.k[0][:, n_p + n_c] = k_new[:, 0]
+    full.v[0][:, n_p + n_c] = v_new[:, 0]
+    outs = {name: fn() for name, fn in bench.full_decode_paths(full, q, None).items()}
+    assert "kvzip.packed_attention" in outs and "model.attention" in outs
+    ref = outs["model.attention"]
+    for name, out in outs.items():
+        bench._check_same(name, out, "model.attention", ref)
+    full.k[0][:, n_p + n_c] = 0  # the compressed path must use its own tail, not this row
+    _, fn, nbytes = bench.compressed_decode_path(full, n_p, n_c, torch.tensor([n_c, n_c]), q, k_new, v_new, None)
+    bench._check_same("compressed", fn(), "model.attention", ref)
+    assert nbytes == 2 * (2 * (n_p + n_c) + 2) * 16 * 4
+
+
+def test_kernel_decode_path_agrees():
+    """The Triton varlen kernel (bench's CUDA path; here through Triton's interpreter) computes
+    the same attention over the uncompressed cache viewed as a packed one."""
+    pytest.importorskip("triton", reason="Triton is not installed (no wheels for this platform)")
+    import kernels
+    g = bench.Geometry("t", 1, 4, 2, 16, "float32")
+    n_p, n_c = 3, 40
+    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    q = torch.randn(2, 2, 1, 16)
+    paths = bench.full_decode_paths(full, q, kernels)
+    ref = paths["model.attention"]()
+    bench._check_same("kernel", paths["kernels.varlen_decode_attention"](), "model.attention", ref)
+
+
+
+# -----------------------------------------------------------------------------
+# one tiny end-to-end run
+
+REQUIRED_KEYS = {
+    "ctx": None, "ratio": None, "device": None,
+    "geometry": {"name", "n_layers", "n_heads", "n_kv_heads", "head_dim", "dtype"},
+    "memory": {"full_bytes", "compressed_bytes"},
+    "decode": {"full_ms_per_layer", "compressed_ms_per_layer", "full_gbps", "compressed_gbps",
+               "device_gbps"},
+    "scoring": {"ctx", "prefill_s", "scoring_s", "prefill_peak_bytes", "scoring_peak_bytes"},
+    "quality": {"ratio", "relative_accuracy", "n_probes"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """bench.main on a tiny configuration (the default model, a ~150-token real context)."""
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    args = bench.parse_args(["--ctx", "1k", "--ratio", "0.5", "--geometry", "model", "--quick",
+                             "--score-ctx", "150", "--reps", "1", "--json", str(path)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        res = bench.main(args)
+    return res, json.loads(path.read_text()), out.getvalue()
+
+
+def test_tiny_run_json_keys(tiny_run):
+    res, data, _ = tiny_run
+    for key, sub in REQUIRED_KEYS.items():
+        assert key in data, key
+        if sub:
+            assert sub <= set(data[key]), (key, sub - set(data[key]))
+    assert data["ctx"] == 1000 and data["ratio"] == 0.5 and data["device"] in ("cpu", "cuda")
+    assert data["geometry"]["name"] == "model" and data["geometry"]["n_layers"] == 30
+    assert 0 < data["memory"]["compressed_bytes"] < data["memory"]["full_bytes"]
+    assert data["scoring"]["ctx"] <= 200 and data["scoring"]["prefill_s"] > 0  # whole sentences: ~150
+    assert data["quality"]["n_probes"] == 2 and data["quality"]["ratio"] == 0.5
+    frac = data["memory"]["compressed_bytes"] / data["memory"]["full_bytes"]
+    assert abs(frac / data["memory"]["expected_fraction"] - 1) < 0.02
+
+
+def test_tiny_run_report(tiny_run):
+    _, data, out = tiny_run
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("KVzip benchmark") and "geometry model" in out
+    assert "1,000 tokens" in out and "python reuse.py" in out
+    last = json.loads(lines[-1])  # the last line is a one-line JSON summary
+    assert last["ctx"] == 1000 and last["geometry"] == "model"

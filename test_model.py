@@ -1,0 +1,144 @@
+"""Tests of model.py: checkpoints against an independent forward, the dense cache, generation, bad input."""
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import model
+from conftest import reference_forward, write_tiny_checkpoint
+
+# -----------------------------------------------------------------------------
+# model.py: loading, cache, generation, bad input
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2_bias_untied", "llama_sharded"])
+def test_tiny_checkpoints_match_independent_forward(tmp_path, kind):
+    opts = {"llama_gqa": dict(),
+            "qwen2_bias_untied": dict(arch="Qwen2ForCausalLM", tie=False, n_head=6, n_kv_head=2),
+            "llama_sharded": dict(shards=3, n_kv_head=1)}[kind]
+    w = write_tiny_checkpoint(tmp_path, **opts)
+    m, tok = model.load(tmp_path)
+    w = {k: v.double() for k, v in w.items()}  # the reference runs in float64
+    assert m.cfg.architecture == opts.get("arch", "LlamaForCausalLM")
+    assert m.cfg.tie_word_embeddings == opts.get("tie", True)
+    assert (m.lm_head.weight is m.embed.weight) == m.cfg.tie_word_embeddings
+    ids = tok.encode("The quick brown fox jumps over the lazy dog near the river.")
+    logits = m(torch.tensor(ids), m.new_cache())
+    ref, _, _ = reference_forward(w, m.cfg, ids)
+    assert logits.dtype == torch.float32
+    # float32 rounding relative to the logits' scale; a wrong head grouping or RoPE gives O(1) errors
+    err = (logits.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-4, f"max relative difference {err:.2e}"
+    # K and V are cached once per KV head, never repeated per query head
+    cache = m.new_cache()
+    m(torch.tensor(ids), cache)
+    assert cache.keys(0).shape == (m.cfg.n_kv_head, len(ids), m.cfg.head_dim)
+
+
+@settings(max_examples=40, deadline=None)
+@given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), T=st.integers(1, 9), n_past=st.integers(0, 12),
+       seed=st.integers(0, 2**16))
+def test_sdpa_attention_equals_reference_attention(Hkv, G, T, n_past, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Hkv, G, T, 16, generator=g) * 3
+    k, v = torch.randn(Hkv, n_past + T, 16, generator=g), torch.randn(Hkv, n_past + T, 16, generator=g)
+    want = model.attention(q, k, v, n_past)
+    # the explicit broadcast equals Hugging Face's repeat_kv: query head h*G+g reads KV head h
+    kr, vr = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)  # (H, S, D)
+    logits = q.reshape(Hkv * G, T, 16) @ kr.transpose(1, 2) / 4.0
+    causal = torch.arange(n_past + T)[None, :] > torch.arange(T)[:, None] + n_past
+    hf = (logits.masked_fill(causal, float("-inf")).softmax(-1) @ vr).view(Hkv, G, T, 16)
+    torch.testing.assert_close(want, hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.attention_sdpa(q, k, v, n_past), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_incremental_decode_and_chunked_prefill_equal_one_forward(tiny, backend):
+    m, tok, _ = tiny
+    ids = torch.tensor(tok.encode("A small train crossed the valley while the market opened.") * 3)
+    full = m(ids, m.new_cache(backend="reference"))  # (T, V)
+    cache = m.new_cache(backend=backend)
+    steps = [m(ids[:7], cache)] + [m(ids[t:t + 1], cache) for t in range(7, len(ids))]
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
+    chunked = m.new_cache(backend=backend)
+    last = model.prefill(m, ids, chunked, chunk_size=5)
+    torch.testing.assert_close(last[0], full[-1], atol=1e-5, rtol=0)
+    for l in range(m.cfg.n_layer):
+        torch.testing.assert_close(chunked.keys(l), cache.keys(l), atol=1e-5, rtol=0)
+
+
+def test_cache_truncate_then_decode_again(tiny):
+    m, tok, _ = tiny
+    ids = torch.tensor(tok.encode("The quick brown fox jumps over the lazy dog."))
+    cache = m.new_cache()
+    m(ids, cache)
+    n = cache.seq_len
+    first = m(torch.tensor([5, 9, 11]), cache)
+    assert cache.seq_len == n + 3
+    cache.truncate(n)
+    assert cache.seq_len == n and cache.nbytes == n * 2 * m.cfg.n_layer * m.cfg.n_kv_head * m.cfg.head_dim * 4
+    again = m(torch.tensor([5, 9, 11]), cache)
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(n + 10)
+
+
+def test_llama3_rope_scaling(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    write_tiny_checkpoint(tmp_path, rope_scaling=scaling, head_dim=32)
+    m, _ = model.load(tmp_path)
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 32, 2).float() / 32))
+    wavelen = 2 * math.pi / plain
+    inv = m.inv_freq
+    short, long = wavelen < 64 / 4, wavelen > 64 / 1
+    assert short.any() and long.any()
+    torch.testing.assert_close(inv[short], plain[short])  # high frequencies untouched
+    torch.testing.assert_close(inv[long], plain[long] / 8.0)  # low frequencies slowed by `factor`
+    mid = ~short & ~long
+    assert ((inv[mid] < plain[mid]) & (inv[mid] > plain[mid] / 8)).all()
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        model.load(tmp_path / "nope")
+    d = tmp_path / "ck"
+    write_tiny_checkpoint(d)
+    (d / "tokenizer.json").rename(d / "tok.bak")
+    with pytest.raises(FileNotFoundError, match="missing tokenizer.json"):
+        model.load(d)
+    (d / "tok.bak").rename(d / "tokenizer.json")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4}}))
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="missing tensors"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        model.load(d)
+
+
+def test_bad_prompts_give_clear_errors(tiny):
+    m, tok, _ = tiny
+    with pytest.raises(ValueError, match="empty"):
+        model.prefill(m, [], m.new_cache())
+    too_long = torch.zeros(m.cfg.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than the model allows"):
+        model.prefill(m, too_long, m.new_cache())
+
+
+def test_generate_stops_at_stop_token(tiny):
+    m, tok, _ = tiny
+    ids = tok.chat("Hello there.")
+    cache = m.new_cache()
+    out = model.generate(m, ids, cache, max_new_tokens=5)
+    assert len(out) == 5 and cache.seq_len == len(ids) + 4  # the last token's K/V is never needed
+    first = out[0]
+    assert model.generate(m, ids, m.new_cache(), 5, stop_ids={first}) == []
