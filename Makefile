@@ -1,10 +1,11 @@
 # Two commands on a fresh machine (Python 3.11 + pip):
 #   make bench   installs everything into .venv and runs the main benchmark
 #   make test    installs everything into .venv and runs the test suite
+#   make gpu-check  on a CUDA machine: the kernel tests compiled, kernel timings, bench on the GPU
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: bench test setup clean
+.PHONY: bench test setup clean gpu-check
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -15,6 +16,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+gpu-check: $(STAMP)
+	$(PY) gpu_check.py
 
 bench: $(STAMP)
 	$(PY) bench.py --ctx 124k --ratio 0.3

@@ -178,12 +178,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"memory and decode rows for ratios {', '.join(map(str, SWEEP_RATIOS))}")
     p.add_argument("--quick", action="store_true",
                    help=f"small and fast: {QUICK_SCORE_CTX}-token real context, fewer probes and repeats")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default auto: cuda when available, else cpu)")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     p.add_argument("--model", metavar="DIR",
                    help="Hugging Face folder for the real-model rows (default: embedded SmolLM2-135M)")
     p.add_argument("--reps", type=parse_positive, default=None,
                    help="timed repeats of each decode path (default 15 on CPU, 30 on CUDA; --quick 3)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
+    return args
 
 
 def _kernels(device):
@@ -562,13 +567,14 @@ def _fmt(x):
 # main
 
 def main(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     base = (proc_status("VmRSS") or 0) if device.type == "cpu" else 0  # runtime, before the model
     reps = args.reps or (3 if args.quick else 30 if device.type == "cuda" else 15)
     n_needles, n_questions = (2, 1) if args.quick else (N_NEEDLES, N_QUESTIONS)
 
     progress(f"loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})")
-    m, tok = model_lib.load(args.model)
+    m, tok = model_lib.load(args.model, device=device)
     geo = get_geometry(args.geometry, m)
     limit = kvzip.max_context_tokens(m, tok)
     default_score = limit if device.type == "cuda" else QUICK_SCORE_CTX if args.quick else CPU_SCORE_CTX
