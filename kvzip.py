@@ -230,12 +230,18 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
     after prefix + context (the model's own attention sees the whole cache as usual). In every layer
     the `observe` hook scores the chunk's cached keys against the reduced key set
     K' = [prefix ; chunk ; input]. The input's K/V is removed afterwards: the cache is left as found.
-    backend: default kv.backend.
+    backend: default kv.backend. On a CPU, "auto" takes the fused path instead (ScoringCache below:
+    the same scores, from the forward's own attention); "reference" always takes this one.
     """
     backend = kv.backend if backend is None else backend
     cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
+    fused = backend == "auto" and m.device.type == "cpu"
     scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
     for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
+        ids = torch.tensor(ids, device=m.device)
+        if fused:
+            m(ids, ScoringCache(cache, n_p, start, end, scores), last_only=True)
+            continue
 
         def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
             cached = cache.keys(layer)  # (Hkv, n_p + n_c, D); the input is not stored yet
@@ -243,9 +249,121 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
             scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
 
         with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
-            m(torch.tensor(ids, device=m.device), cache, last_only=True, observe=observe)
+            m(ids, cache, last_only=True, observe=observe)
     kv.scores = scores
     return scores
+
+
+# The fast path on a CPU: scoring inside the reconstruction forward's own attention.
+#
+# The reference path computes every logit q.k of K' twice: once in the model's attention (which
+# sees the whole cache) and once more in the scorer, which also materializes, masks and normalizes
+# a (G, n_q, |K'|) probability matrix per KV head. But a probability is exp(logit - lse_row), where
+# lse_row is the log-sum-exp of the row's logits over K'. torch's fused CPU attention kernel returns
+# each row's lse beside its output, so the forward's attention can be split over three disjoint key
+# sets, A = [prefix ; chunk] and B = the input's own keys (causal), both in K', and C = the other
+# chunks (not in K'); the output is the exact merge of the three, and logaddexp(lse_A, lse_B) is the
+# lse over K'. The scorer then only needs the chunk columns' logits: S[j] = exp(max_rows(logit - lse)).
+# Measured on the default model (2,000-token context, one CPU thread): scoring 1.3-1.5x a prefill
+# against 3.5-4.9x for the reference path, peak memory +3-6% of the prefill's against +48-54%, and
+# scores within 5e-6 of the reference path (the tests hold it to 1e-5).
+
+_flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def attention_lse(qs, k, v, causal: bool = False):
+    """Attention that also returns each row's log-sum-exp, through torch's fused CPU kernel.
+
+    qs (Hkv, G, T, D): queries already divided by sqrt(D) (the kernel runs with scale 1, so its
+    logits are the very numbers qs @ k.T gives, and their rounding cancels in logit - lse);
+    k, v (Hkv, S, D). causal: row t sees keys 0..t (S == T). The G query heads read their KV head
+    through a stride-0 expand, so K and V are never copied per query head.
+    Returns out (Hkv, G, T, D) and lse (Hkv, G, T) float32 (natural log).
+    """
+    Hkv, G, T, D = qs.shape
+    S = k.shape[1]
+    out, lse = _flash_attention_cpu(qs, k[:, None].expand(Hkv, G, S, D), v[:, None].expand(Hkv, G, S, D),
+                                    0.0, causal, scale=1.0)[:2]
+    return out, lse
+
+
+def merge_attention(parts):
+    """Attention over the union of disjoint key sets, from each set's (out, lse): (out, lse).
+    Each part's output is weighted by its share of the total softmax mass, exp(lse_part - lse)."""
+    lse = parts[0][1]
+    for _, part_lse in parts[1:]:
+        lse = torch.logaddexp(lse, part_lse)  # (Hkv, G, T)
+    out = sum(o * (part_lse - lse).exp().unsqueeze(-1) for o, part_lse in parts)  # (Hkv, G, T, D)
+    return out, lse
+
+
+def chunk_scores_from_lse(qs, k_chunk, lse, block: int = 256):
+    """S[h, j] = exp(max over g, t of (qs[h,g,t] . k_chunk[h,j] - lse[h,g,t])): Eq. 2 from each row's
+    log-sum-exp over K', without a probability matrix.
+
+    qs (Hkv, G, n_q, D) scaled queries; k_chunk (Hkv, n_chunk, D); lse (Hkv, G, n_q).
+    One (D+1)-wide product gives logit - lse directly: [qs_t, -lse_t] . [k_j, 1]. Keys go on the
+    long side of the product, (block, D+1) @ (D+1, G*n_q), `block` keys at a time, so the working
+    set is one (block, G*n_q) float32 tile (6 MB for the default model) and the max runs along
+    contiguous memory. A score is exp of a difference of two float32 numbers of the size of the
+    largest logit, so it carries about one ulp of that logit (7.6e-6 at 64), as the Triton kernel
+    does. Returns (Hkv, n_chunk) float32.
+    """
+    Hkv, G, n_q, D = qs.shape
+    n_chunk = k_chunk.shape[1]
+    q_aug = torch.cat([qs.float().reshape(Hkv, G * n_q, D), -lse.reshape(Hkv, G * n_q, 1)], dim=-1)  # (Hkv, G*n_q, D+1)
+    k_aug = torch.cat([k_chunk.float(), k_chunk.new_ones(Hkv, n_chunk, 1, dtype=torch.float32)], dim=-1)  # (Hkv, n_chunk, D+1)
+    best = torch.empty(Hkv, n_chunk, dtype=torch.float32, device=qs.device)
+    for h in range(Hkv):
+        q_t = q_aug[h].T  # (D+1, G*n_q)
+        for j in range(0, n_chunk, block):
+            best[h, j:j + block] = (k_aug[h, j:j + block] @ q_t).amax(dim=-1)  # max of logit - lse
+    return best.exp_()  # (Hkv, n_chunk)
+
+
+class ScoringCache:
+    """Stands in for the full cache while one chunk's reconstruction input runs (it follows the part
+    of the cache protocol that Transformer.forward uses), and scores the chunk on the way.
+
+    In every layer the input's queries attend over the full cache and their own keys as three key
+    sets, each through `attention_lse`: A = [prefix ; chunk i] and B = the input's own keys
+    (causal) make up K'; C = the other chunks. The output merges all three: the same attention as
+    the dense cache's. The lse over K' is logaddexp(lse_A, lse_B), and chunk_scores_from_lse turns
+    it into the chunk's scores, written into scores[layer, :, start:end]. The input's K/V are never
+    stored: the full cache is only read.
+    """
+
+    def __init__(self, cache, n_prefix: int, start: int, end: int, scores):
+        self.cache, self.n_prefix, self.start, self.end, self.scores = cache, n_prefix, start, end, scores
+        self.seq_len = cache.seq_len  # n_p + n_c: the input's positions continue from here
+
+    def reserve(self, n: int):
+        pass  # nothing is stored
+
+    def advance(self, n: int):
+        pass
+
+    def attend(self, layer: int, q, k, v):
+        """q (Hkv, G, T, D); k, v (Hkv, T, D): the input's own. Returns (Hkv, G, T, D)."""
+        K, V = self.cache.keys(layer), self.cache.values(layer)  # (Hkv, n_p + n_c, D)
+        n_p, a, b = self.n_prefix, self.n_prefix + self.start, self.n_prefix + self.end  # chunk rows a..b-1
+
+        def rows(t, spans):  # the rows of t in the given (from, to) spans: a view if they touch
+            pieces = [t[:, i:j] for i, j in spans if j > i]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+        qs = q / math.sqrt(q.shape[-1])  # (Hkv, G, T, D)
+        in_k_prime = [(0, n_p), (a, b)]  # prefix and this chunk
+        A = attention_lse(qs, rows(K, in_k_prime), rows(V, in_k_prime))
+        B = attention_lse(qs, k, v, causal=True)
+        parts = [A, B]
+        others = [(n_p, a), (b, K.shape[1])]  # the chunks before and after this one
+        if any(j > i for i, j in others):
+            parts.append(attention_lse(qs, rows(K, others), rows(V, others)))
+        out, _ = merge_attention(parts)
+        lse = torch.logaddexp(A[1], B[1])  # (Hkv, G, T): over K' only
+        self.scores[layer, :, self.start:self.end] = chunk_scores_from_lse(qs, K[:, a:b], lse)
+        return out.to(q.dtype)
 
 
 @torch.no_grad()

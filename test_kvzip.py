@@ -25,12 +25,14 @@ def test_reconstruction_inputs_follow_the_prompts(tiny):
     assert inputs[2][2] == tok.encode(kvzip.NEXT_PROMPT) + ids[32:40] + post + ids[40:45]
 
 
-def test_scores_equal_first_principles_recomputation(tiny):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_scores_equal_first_principles_recomputation(tiny, backend):
     """Three chunks; every score recomputed from an independent full forward of
-    prefix + context + reconstruction input with one dense mask over all keys (no chunking, no cache)."""
+    prefix + context + reconstruction input with one dense mask over all keys (no chunking, no cache).
+    On a CPU "auto" is the fused path (ScoringCache), "reference" the observe hook + the spec."""
     m, tok, w = tiny
     context = tiny_context(tok, 52)
-    kv = kvzip.prefill(m, tok, context, chunk_size=20)
+    kv = kvzip.prefill(m, tok, context, chunk_size=20, backend=backend)
     assert kv.scores.shape == (m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context)
     n_p, n_c, G = kv.n_prefix, kv.n_context, m.cfg.group
     seq0 = kvzip.prefix_ids(tok) + tok.encode(context)
@@ -48,6 +50,54 @@ def test_scores_equal_first_principles_recomputation(tiny):
             probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)  # (H, n_q, n_all)
             expect = probs[:, :, n_p + start:n_p + end].reshape(m.cfg.n_kv_head, G * n_q, -1).amax(1)
             torch.testing.assert_close(kv.scores[l, :, start:end], expect, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), n_q=st.integers(1, 40), n_prefix=st.integers(0, 6),
+       n_chunk=st.integers(1, 300), std=st.sampled_from([0.5, 3.0, 6.0]), seed=st.integers(0, 2**16))
+def test_scores_from_lse_equal_the_reference_scorer(Hkv, G, n_q, n_prefix, n_chunk, std, seed):
+    """The fused path's last step, exp(max(logit - lse)), against the spec's softmax-then-max,
+    with each row's lse over K' computed here from the full logits; std 6 gives |logits| up to ~60."""
+    g = torch.Generator().manual_seed(seed)
+    D = 16
+    q = torch.randn(Hkv, G, n_q, D, generator=g) * std
+    k = torch.randn(Hkv, n_prefix + n_chunk + n_q, D, generator=g) * std
+    qs = q / math.sqrt(D)
+    logits = qs @ k.unsqueeze(1).transpose(-1, -2)  # (Hkv, G, n_q, |K'|)
+    future = torch.arange(k.shape[1])[None, :] - (n_prefix + n_chunk) > torch.arange(n_q)[:, None]
+    lse = logits.masked_fill(future, float("-inf")).logsumexp(-1)  # (Hkv, G, n_q)
+    got = kvzip.chunk_scores_from_lse(qs, k[:, n_prefix:n_prefix + n_chunk], lse, block=64)
+    want = kvzip.chunk_scores_reference(q, k, n_prefix, n_chunk)
+    max_logit = logits.abs().max().item()
+    torch.testing.assert_close(got, want, atol=1e-5 + 8 * torch.finfo(torch.float32).eps * max_logit, rtol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), n_p=st.integers(0, 5), n_c=st.integers(1, 40),
+       T=st.integers(1, 12), cut=st.floats(0, 1), width=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_scoring_cache_equals_dense_attention_and_the_reference_scorer(Hkv, G, n_p, n_c, T, cut, width, seed):
+    """One layer of ScoringCache (the fused path) against the dense cache's attention over
+    [cache ; input] and the reference scorer on K' = [prefix ; chunk ; input], for a chunk anywhere
+    in the context (other chunks before, after, both or neither) and any prefix length."""
+    g = torch.Generator().manual_seed(seed)
+    D = 16
+    start = min(int(cut * n_c), n_c - 1)
+    end = start + 1 + int(width * (n_c - start - 1))
+    cache = model.KVCache(1, Hkv, D, n_p + n_c + T, torch.float32, "cpu")
+    cache.attend(0, torch.zeros(Hkv, 1, n_p + n_c, D), torch.randn(Hkv, n_p + n_c, D, generator=g) * 2,
+                 torch.randn(Hkv, n_p + n_c, D, generator=g))
+    cache.advance(n_p + n_c)
+    q = torch.randn(Hkv, G, T, D, generator=g) * 2
+    k, v = torch.randn(Hkv, T, D, generator=g) * 2, torch.randn(Hkv, T, D, generator=g)
+    scores = torch.zeros(1, Hkv, n_c)
+    got = kvzip.ScoringCache(cache, n_p, start, end, scores).attend(0, q, k, v)
+    keys = torch.cat([cache.keys(0)[:, :n_p], cache.keys(0)[:, n_p + start:n_p + end], k], dim=1)
+    want_scores = kvzip.chunk_scores_reference(q, keys, n_p, end - start)
+    want = model.attention(q, torch.cat([cache.keys(0), k], 1), torch.cat([cache.values(0), v], 1), n_p + n_c)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[0, :, start:end], want_scores, atol=1e-5, rtol=1e-4)
+    assert not scores[0, :, :start].any() and not scores[0, :, end:].any()  # only this chunk is written
+    assert cache.seq_len == n_p + n_c  # the input was not stored
 
 
 def test_scoring_leaves_the_cache_as_it_found_it(tiny):
@@ -212,3 +262,14 @@ def test_default_model_keeps_every_pass_key_at_ratio_0_3(smol):
     assert all(c for f, c in zip(full_ok, comp_ok) if f), (full_ok, comp_ok)
     expected = (kv.n_prefix + 0.3 * kv.n_context) / (kv.n_prefix + kv.n_context)
     assert abs(ckv.nbytes / kv.nbytes - expected) < 0.05 * expected
+
+
+def test_default_model_fused_scores_equal_the_reference_path(smol):
+    """The CPU's default scoring path (fused into the forward's attention) against the reference
+    path (observe hook + the spec's probability matrix) on a real 2,000-token context."""
+    m, tok = smol
+    kv = kvzip.prefill(m, tok, tasks.needle_task(2000, n_needles=4, seed=0, tok=tok)["context"], score=False)
+    fused = kvzip.score_context(m, tok, kv, backend="auto").clone()
+    reference = kvzip.score_context(m, tok, kv, backend="reference")
+    assert kv.n_context > 1900
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
