@@ -64,6 +64,16 @@ SWEEP_RATIOS = (1.0, 0.8, 0.6, 0.3, 0.2)  # the ratios of the paper's latency/me
 # keeps the main command near a minute on a 2-core CPU. On CUDA the default is the model's limit.
 CPU_SCORE_CTX = 2000
 QUICK_SCORE_CTX = 300  # --quick
+SWEEP_SCORE_CTX = 6000  # --sweep: a second scoring row over 3 chunks (within SmolLM2's 8,192 positions)
+# The targets each row is checked against (goals for the code, measured side by side in one run):
+TARGETS = dict(
+    memory_tolerance=0.02,  # compressed bytes within 2% of (n_p + r * n_c) / (n_p + n_c)
+    decode_fraction=0.35,  # compressed / full decode time per layer at ratio 0.3 (the paper: ~0.44)
+    full_read_share=0.45,  # the full decode path reads K and V at >= 45% of x.sum()'s bandwidth
+    scoring_over_prefill=2.5,  # one 2,000-token chunk (the paper: ~2)
+    scoring_over_prefill_multi=2.2,  # three chunks (--sweep)
+    scoring_peak_over_prefill=1.10,  # scoring's peak memory against the prefill's (the paper: +2%)
+)
 N_NEEDLES, N_QUESTIONS = 4, 2  # quality probes in the scoring context (--quick: 2 and 1)
 NEEDLE_MAX_NEW, QA_MAX_NEW = 8, 12  # new tokens for a pass-key completion / a short answer
 GB, MB = 1e9, 1e6  # decimal units, as in the paper's "16.3 GB"
@@ -398,35 +408,51 @@ def quality_context(tok, n_tokens: int, n_needles: int, n_questions: int, seed: 
     return fact_text + needles["context"], needles["probes"], questions
 
 
-def real_run(m, tok, n_tokens: int, n_needles: int, n_questions: int, device, base: int):
+def fitting_context(m, tok, n_tokens: int, n_needles: int, n_questions: int, seed: int = 0):
+    """quality_context sized to fit the model: the generators size a context to within ~3% of
+    n_tokens, so shrink the target until prefill accepts it."""
+    limit = kvzip.max_context_tokens(m, tok)
+    while True:
+        context, probes, questions = quality_context(tok, n_tokens, n_needles, n_questions, seed)
+        if len(tok.encode(context)) <= limit:
+            return context, probes, questions
+        n_tokens = int(n_tokens * 0.97)
+
+
+def scoring_cost(m, tok, context: str, device, base: int):
     """Prefill and KVzip-score one context with the real model: time and peak memory of each.
 
     The two steps of kvzip.prefill, one at a time so that each can be timed: prefill(score=False)
-    (prefix + context into a cache with room for the reconstruction input), then score_context.
-    Returns (FullKV, needle probes, questions, figures).
+    (prefix + context into a cache with room for the reconstruction input), then score_context
+    (the project's default path for the device). Returns (FullKV, figures).
     """
-    progress("warm-up: prefill + scoring of a 60-word context")
-    kvzip.prefill(m, tok, tasks.haystack(60, seed=99))  # first calls pay one-time costs; not timed
-    limit = kvzip.max_context_tokens(m, tok)
-    while True:  # the generators size a context to within ~3% of n_tokens: shrink until it fits
-        context, probes, questions = quality_context(tok, n_tokens, n_needles, n_questions)
-        if len(tok.encode(context)) <= limit:
-            break
-        n_tokens = int(n_tokens * 0.97)
     progress(f"scoring cost: prefill of the prefix + {len(tok.encode(context)):,} context tokens")
     with PeakMemory(device, base) as mem_prefill:
         kv, t_prefill = timed(lambda: kvzip.prefill(m, tok, context, score=False), device)
-    progress(f"scoring cost: KVzip scoring of {kv.n_context:,} tokens (chunks of {kvzip.CHUNK_SIZE})")
+    n_chunks = math.ceil(kv.n_context / kvzip.CHUNK_SIZE)
+    progress(f"scoring cost: KVzip scoring of {kv.n_context:,} tokens ({n_chunks} chunk(s) of at most "
+             f"{kvzip.CHUNK_SIZE})")
     with PeakMemory(device, base) as mem_score:
         _, t_score = timed(lambda: kvzip.score_context(m, tok, kv), device)
     # Prefill once more, after scoring, so that the two timings bracket it: other processes on this
     # machine come and go, and one run of each would compare two different machine loads.
     progress("scoring cost: prefill again (the prefill time is the mean of the runs before and after scoring)")
     _, t_prefill_after = timed(lambda: kvzip.prefill(m, tok, context, score=False), device)
-    row = dict(ctx=kv.n_context, n_prefix=kv.n_prefix, prefill_s=(t_prefill + t_prefill_after) / 2,
-               scoring_s=t_score, prefill_runs_s=[t_prefill, t_prefill_after],
+    row = dict(ctx=kv.n_context, n_chunks=n_chunks, n_prefix=kv.n_prefix,
+               prefill_s=(t_prefill + t_prefill_after) / 2, scoring_s=t_score,
+               prefill_runs_s=[t_prefill, t_prefill_after],
                prefill_peak_bytes=mem_prefill.peak, scoring_peak_bytes=mem_score.peak,
                peak_memory=mem_prefill.method, kv_bytes=kv.nbytes)
+    return kv, row
+
+
+def real_run(m, tok, n_tokens: int, n_needles: int, n_questions: int, device, base: int):
+    """The scoring cost of one real context with quality probes in it: (FullKV, probes,
+    questions, figures)."""
+    progress("warm-up: prefill + scoring of a 60-word context")
+    kvzip.prefill(m, tok, tasks.haystack(60, seed=99))  # first calls pay one-time costs; not timed
+    context, probes, questions = fitting_context(m, tok, n_tokens, n_needles, n_questions)
+    kv, row = scoring_cost(m, tok, context, device, base)
     return kv, probes, questions, row
 
 
@@ -509,17 +535,36 @@ def format_report(res: dict) -> str:
     lines += [
         row("", "full cache", "compressed", "ratio", "target"),
         row(f"KV cache memory, {L} layers", _gb(mem["full_bytes"]), _gb(mem["compressed_bytes"]),
-            f"{mem_frac:.3f}", f"{exp:.3f} expected (+-2%): {_mark(abs(mem_frac / exp - 1) <= 0.02)}"),
+            f"{mem_frac:.3f}", f"{exp:.3f} expected (+-{TARGETS['memory_tolerance']:.0%}): "
+            f"{_mark(abs(mem_frac / exp - 1) <= TARGETS['memory_tolerance'])}"),
         row(f"decode attention, 1 layer (median of {d['reps']})", _ms(d["full_ms_per_layer"]),
             _ms(d["compressed_ms_per_layer"]), f"{dec_frac:.3f}",
-            f"<= 0.40: {_mark(dec_frac <= 0.40)} (this layer keeps {d['layer_kept_fraction']:.3f} of its bytes)"),
+            f"<= {TARGETS['decode_fraction']}: {_mark(dec_frac <= TARGETS['decode_fraction'])} "
+            f"(this layer keeps {d['layer_kept_fraction']:.3f} of its bytes)"),
         row("  K+V bytes read / latency", f"{d['full_gbps']:.2f} GB/s", f"{d['compressed_gbps']:.2f} GB/s", "",
-            f"full >= 40% of the {d['device_gbps']:.2f} GB/s read: {bw_full:.0%}, {_mark(bw_full >= 0.40)}"),
+            f"full >= {TARGETS['full_read_share']:.0%} of the {d['device_gbps']:.2f} GB/s read: {bw_full:.0%}, "
+            f"{_mark(bw_full >= TARGETS['full_read_share'])}"),
         row("", "prefill", "scoring", "", ""),
         row(f"KVzip scoring cost, {sc['ctx']:,} real tokens", f"{sc['prefill_s']:.1f} s*", f"{sc['scoring_s']:.1f} s",
-            f"{t_frac:.2f}", f"<= 2.5 (paper ~2): {_mark(t_frac <= 2.5)}"),
+            f"{t_frac:.2f}", f"<= {TARGETS['scoring_over_prefill']} (paper ~2): "
+            f"{_mark(t_frac <= TARGETS['scoring_over_prefill'])}"),
         row("  peak memory", f"{sc['prefill_peak_bytes'] / MB:,.0f} MB", f"{sc['scoring_peak_bytes'] / MB:,.0f} MB",
-            f"{m_frac:.2f}", f"<= 1.2: {_mark(m_frac <= 1.2)}"),
+            f"{m_frac:.2f}", f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
+            f"{_mark(m_frac <= TARGETS['scoring_peak_over_prefill'])}"),
+    ]
+    mc = res.get("scoring_multi_chunk")
+    if mc:
+        mc_frac = mc["scoring_s"] / mc["prefill_s"]
+        mc_mem = mc["scoring_peak_bytes"] / mc["prefill_peak_bytes"] if mc["prefill_peak_bytes"] > 0 else math.nan
+        lines += [
+            row(f"  {mc['ctx']:,} real tokens, {mc['n_chunks']} chunks", f"{mc['prefill_s']:.1f} s*",
+                f"{mc['scoring_s']:.1f} s", f"{mc_frac:.2f}", f"<= {TARGETS['scoring_over_prefill_multi']} "
+                f"(paper ~2): {_mark(mc_frac <= TARGETS['scoring_over_prefill_multi'])}"),
+            row("    peak memory", f"{mc['prefill_peak_bytes'] / MB:,.0f} MB", f"{mc['scoring_peak_bytes'] / MB:,.0f} MB",
+                f"{mc_mem:.2f}", f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
+                f"{_mark(mc_mem <= TARGETS['scoring_peak_over_prefill'])}"),
+        ]
+    lines += [
         row("", "full cache", "compressed", "", ""),
         row(f"quality at ratio {r}: pass keys right", f"{q['n_probes_full_right']} of {q['n_probes']}",
             f"{q['n_probes_both_right']} of those", _fmt(q["relative_accuracy"]),
@@ -590,6 +635,11 @@ def main(args: argparse.Namespace) -> dict:
     fractions = {r: head_fractions(kv.scores, r).cpu() for r in ratios}
     n_p = kv.n_prefix
     del kv
+    multi_chunk = None
+    if args.sweep and not args.quick:  # the regime of the paper's ~2x: each chunk's forward sees the whole cache
+        n_multi = min(SWEEP_SCORE_CTX, limit)
+        context, _, _ = fitting_context(m, tok, n_multi, 4, 0, seed=1)
+        multi_chunk = scoring_cost(m, tok, context, device, base)[1]
 
     kern = _kernels(device)
     decode_dtype = geo.torch_dtype if device.type == "cuda" else m.dtype
@@ -612,6 +662,7 @@ def main(args: argparse.Namespace) -> dict:
         | dict(dtype=str(decode_dtype).removeprefix("torch."), reps=reps),
         scoring=scoring, quality=quality,
         sweep=sorted(rows, key=lambda row: -row["ratio"]) if args.sweep else None,
+        scoring_multi_chunk=multi_chunk,
     )
     print(format_report(res))
     if args.json:

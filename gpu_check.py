@@ -139,8 +139,8 @@ def main(argv=None) -> dict:
     else:
         run_step("tests", lambda: subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "test_kernels.py"], check=False).returncode, summary)
-    scoring = run_step("scoring", lambda: check_scoring(shape, device, reps), summary)
-    decode = run_step("decode", lambda: check_decode(shape, device, reps), summary)
+    run_step("scoring", lambda: check_scoring(shape, device, reps), summary)
+    run_step("decode", lambda: check_decode(shape, device, reps), summary)
     out_json = "gpu_check_bench.json"
     bench_cmd = [sys.executable, "bench.py", *BENCH_ARGS, "--json", out_json]
     if args.dry and device.type == "cpu":

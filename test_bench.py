@@ -199,3 +199,13 @@ def test_tiny_run_report(tiny_run):
     assert "1,000 tokens" in out and "python reuse.py" in out
     last = json.loads(lines[-1])  # the last line is a one-line JSON summary
     assert last["ctx"] == 1000 and last["geometry"] == "model"
+
+
+def test_report_shows_the_multi_chunk_scoring_row(tiny_run):
+    """--sweep adds a scoring row over several chunks; the report shows it with its own target."""
+    res, _, _ = tiny_run
+    mc = dict(res["scoring"], ctx=6000, n_chunks=3)
+    text = bench.format_report(dict(res, scoring_multi_chunk=mc))
+    line = next(x for x in text.splitlines() if "6,000 real tokens, 3 chunks" in x)
+    assert f"<= {bench.TARGETS['scoring_over_prefill_multi']}" in line
+    assert "3 chunks" not in bench.format_report(res)
