@@ -42,13 +42,7 @@ import torch  # noqa: E402
 
 import kvzip  # noqa: E402
 import model as model_lib  # noqa: E402
-
-# The project's seeded context generator: the one place it is imported (it moves from bench.py to
-# tasks.py; either module serves).
-try:
-    from tasks import needle_task  # noqa: E402
-except ImportError:
-    from bench import needle_task  # noqa: E402
+import tasks  # noqa: E402
 
 HTML_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)  # the ratios the HTML page lets one switch between
 KINDS = ("digit", "punct", "word")
@@ -212,8 +206,8 @@ def toy_example(ratio: float = 0.5, context: str = TOY_CONTEXT, queries=TOY_QUER
     ckv = kv.prune(ratio)
     answers = {q: (kvzip.generate(m, tok, q, kv, max_new_tokens),
                    kvzip.generate(m, tok, q, ckv, max_new_tokens)) for q in queries}
-    prefix_ids = tok.encode(tok.prefix)
-    n_p = kv.n_prefix  # len(prefix_ids) today; also right once kvzip appends INSTRUCTION to it
+    prefix_ids = kvzip.prefix_ids(tok)  # template opener + INSTRUCTION: one marker here
+    n_p = kv.n_prefix
     name = lambda i: TOY_VOCAB[i]  # noqa: E731
     labels = ([f"{name(i)}" for i in prefix_ids[:n_p]] + [name(i) for i in kv.context_ids]
               + [f"{name(i)}'" for i in recon])  # ' marks the input's own keys
@@ -249,8 +243,8 @@ def format_toy(d: dict) -> str:
            "",
            "1. Token ids (each piece encoded on its own)",
            "   vocab:  " + "  ".join(f"{i} {t}" for i, t in enumerate(V)),
-           f"   prefix   n_p = {n_p}: {d['prefix_ids']}  {names(d['prefix_ids'])}   (template opener: "
-           "unknown text -> one marker)",
+           f"   prefix   n_p = {n_p}: {d['prefix_ids']}  {names(d['prefix_ids'])}   (template opener + "
+           "kvzip.INSTRUCTION: unknown text -> one marker)",
            f"   context  n_c = {n_c}: {d['context_ids']}  {names(d['context_ids'])}",
            f"   reconstruction input n_q = {n_q}: {d['recon_ids']}  {names(d['recon_ids'])}",
            f"     = FIRST_PROMPT {kvzip.FIRST_PROMPT!r} -> one marker, + postfix '' -> [], + the context",
@@ -594,7 +588,7 @@ def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: 
     """Print KVzip's steps on a real model; probes: [(prompt, expected answer or None)].
     Returns {"kv", "ckv", "keep", "answers"} for further poking."""
     cfg = m.cfg
-    prefix_ids = tok.encode(tok.prefix)
+    prefix_ids = kvzip.prefix_ids(tok)
     out(f"KVzip, step by step: {cfg.architecture}, L = {cfg.n_layer} layers, {cfg.n_head} query heads "
         f"sharing Hkv = {cfg.n_kv_head} KV heads (G = {cfg.group}), D = {cfg.head_dim}, {m.dtype}")
     t0 = time.perf_counter()
@@ -723,7 +717,7 @@ def main(argv=None):
 
     if args.explain:
         if context is None:
-            task = needle_task(300, 2, seed=0, tok=tok)
+            task = tasks.needle_task(300, 2, seed=0, tok=tok)
             context, probes, template = task["context"], task["probes"], False  # completion probes
         else:
             qs = args.query or ["Summarize the context in one sentence.", "What is the last sentence of the context?"]
@@ -732,14 +726,14 @@ def main(argv=None):
         return
 
     if context is None:
-        context = needle_task(400, 2, seed=0, tok=tok)["context"]
+        context = tasks.needle_task(400, 2, seed=0, tok=tok)["context"]
     t0 = time.perf_counter()
     kv = kvzip.prefill(m, tok, context)
     tokens = token_texts(tok, kv.context_ids)
     name = os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     res = write_kept_html(args.html, tokens, kv.scores, HTML_RATIOS, ratio,
                           title=f"What KVzip keeps: {name}, {kv.n_context} context tokens",
-                          n_prefix=kv.n_prefix, prefix_text=tok.decode(tok.encode(tok.prefix)))
+                          n_prefix=kv.n_prefix, prefix_text=tok.decode(kvzip.prefix_ids(tok)))
     print(f"wrote {args.html}: {kv.n_context} context tokens, {m.cfg.n_layer} layers x "
           f"{m.cfg.n_kv_head} KV heads, ratios {', '.join(_rkey(r) for r in res['kept'])} "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -65,12 +65,12 @@ def test_toy_ids(toy):
     assert toy["key_labels"] == ["<prompt>", "A", "B", "C", "D", "<prompt>'", "A'", "B'", "C'", "D'"]
 
 
-def test_toy_tokenizer_survives_the_prefix_refactor():
+def test_toy_tokenizer():
     tok = explain.toy_tokenizer()
     assert tok.encode("") == [] and tok.encode("\n\n") == []
     assert tok.encode("\n\nA C") == [1, 3]
-    # today kvzip encodes tok.prefix; soon tok.prefix + the instruction: one marker either way
-    assert tok.encode(tok.prefix) == tok.encode(tok.prefix + model.INSTRUCTION) == [0]
+    # the template opener + KVzip's instruction: unknown text, one marker
+    assert tok.encode(tok.prefix) == kvzip.prefix_ids(tok) == [0]
     assert tok.decode([1, 2, 5]) == "A B"
 
 
