@@ -11,7 +11,8 @@ Map of this file:
      logit is 0 or 4), reconstruction_attention (the scorer's attention recomputed from the
      queries that the model's `observe` hook hands out), toy_example (the real pipeline: prefill ->
      scores -> prune(0.5) -> generate, everything returned as tensors), format_toy (the printout)
-  2. reading tools: token_texts, token_kinds / kept_by_kind (digits, punctuation, words),
+  2. reading tools: token_texts, token_kinds / kept_by_kind (digits, punctuation, words; the
+     kinds themselves are tasks.token_kind, shared with reuse.py),
      token_scores (a (text, score) list of one head, for pdb sessions)
   3. the picture: write_kept_html - one self-contained HTML file: context tokens shaded by the
      fraction of (layer, KV head) pairs keeping them, and a layer x head heatmap of head budgets,
@@ -45,7 +46,6 @@ import model as model_lib  # noqa: E402
 import tasks  # noqa: E402
 
 HTML_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)  # the ratios the HTML page lets one switch between
-KINDS = ("digit", "punct", "word")
 
 
 # -----------------------------------------------------------------------------
@@ -317,33 +317,18 @@ def token_texts(tok, ids) -> list[str]:
     return [tok.decode([i]) for i in ids]
 
 
-def kind_of(text: str) -> str:
-    """'digit': digits and no letters; 'punct': no letters or digits (punctuation or whitespace
-    only, the empty string included); 'word': anything with a letter."""
-    if any(c.isalpha() for c in text):
-        return "word"
-    if any(c.isdigit() for c in text):
-        return "digit"
-    return "punct"
-
-
 def token_kinds(tok, ids) -> list[str]:
-    """kind_of each token of ids: "digit", "punct" or "word"."""
-    return [kind_of(t) for t in token_texts(tok, ids)]
+    """tasks.token_kind of each token of ids: "digit", "punct" (punctuation/whitespace) or "word"."""
+    return [tasks.token_kind(t) for t in token_texts(tok, ids)]
 
 
 def kept_by_kind(keep_mask, kinds) -> dict:
     """{kind: fraction of that kind's (layer, head, position) pairs kept}, pooled over layers and
-    heads; keep_mask (L, Hkv, n_c) bool, kinds n_c strings. Kinds absent from the context are left out."""
+    heads; keep_mask (L, Hkv, n_c) bool, kinds n_c strings. Kinds absent from the context are left
+    out. (tasks.kept_by_kind on the per-position fractions; reuse.py pools the same way.)"""
     if keep_mask.shape[-1] != len(kinds):
         raise ValueError(f"keep_mask has {keep_mask.shape[-1]} positions, kinds has {len(kinds)}")
-    per_pos = keep_mask.float().mean(dim=(0, 1))  # (n_c,) fraction of the L*Hkv pairs kept
-    out = {}
-    for kind in KINDS + tuple(sorted(set(kinds) - set(KINDS))):
-        sel = torch.tensor([k == kind for k in kinds], dtype=torch.bool)
-        if sel.any():
-            out[kind] = float(per_pos[sel].mean())
-    return out
+    return tasks.kept_by_kind(keep_mask.float().mean(dim=(0, 1)).tolist(), kinds)  # (n_c,) fractions
 
 
 def token_scores(kv, tok, layer: int, head: int) -> list[tuple[str, float]]:
@@ -497,7 +482,7 @@ def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 
     ratios = sorted(set(float(r) for r in ratios) | {float(selected)})
     for r in ratios:
         kvzip.check_ratio(r)
-    kinds = [kind_of(t) for t in tokens]
+    kinds = [tasks.token_kind(t) for t in tokens]
     kept, budgets, by_kind, summary = {}, {}, {}, {}
     for r in ratios:
         mask = kvzip.keep_mask(scores, r)  # (L, Hkv, n_c)
@@ -530,7 +515,7 @@ def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 
     kind_rows = "".join(
         f'<tr><td>{k}</td><td>{kinds.count(k)} tokens</td><td class="kind{_look(by_kind[sel][k], sel)} '
         f'data-kept="{kept_attr([by_kind[r][k] for r in ratios])}">{100 * by_kind[sel][k]:.1f}%</td></tr>'
-        for k in KINDS if k in by_kind[sel])
+        for k in tasks.TOKEN_KINDS if k in by_kind[sel])
     radios = "".join(f'<label><input type="radio" name="ratio" value="{_rkey(r)}"'
                      f'{" checked" if r == sel else ""}>{r:.0%}</label>' for r in ratios)
     heat_legend = _swatches((f, None) for f in (0.02, 0.1, 0.25, 0.5, 1.0))
@@ -737,7 +722,7 @@ def main(argv=None):
     print(f"wrote {args.html}: {kv.n_context} context tokens, {m.cfg.n_layer} layers x "
           f"{m.cfg.n_kv_head} KV heads, ratios {', '.join(_rkey(r) for r in res['kept'])} "
           f"({time.perf_counter() - t0:.1f} s)")
-    kinds = [kind_of(t) for t in tokens]
+    kinds = [tasks.token_kind(t) for t in tokens]
     for r, fr in res["kinds"].items():
         print(f"  kept at ratio {_rkey(r)} by token kind: {format_kinds(fr, kinds)}")
 
