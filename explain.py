@@ -283,7 +283,10 @@ def format_toy(d: dict) -> str:
     out.append(f"   (kv.scores from kvzip.prefill: {'the same numbers' if same else 'DIFFERENT: ' + str(d['scores'])})")
     e4 = math.exp(TOY_MATCH)
     out.append(f"   by hand: A = e^4/(e^4 + 5) = {e4 / (e4 + 5):.4f}: row <prompt>' sees 6 keys, one matches;"
-               " each later row sees one more key")
+               " each later row sees one more key,")
+    out.append(f"   so B = e^4/(e^4 + 6) = {e4 / (e4 + 6):.4f}, C = e^4/(e^4 + 7), D = e^4/(e^4 + 8). Here the ranking"
+               " comes only from that growing denominator;")
+    out.append("   a real model's scores spread over orders of magnitude (python explain.py --explain, step 4)")
 
     L, Hkv_, n_c_ = d["scores"].shape
     total = L * Hkv_ * n_c_
@@ -297,9 +300,13 @@ def format_toy(d: dict) -> str:
     out.append(f"   prune({d['ratio']}) keeps round({d['ratio']}·{total}) = {d['k_kept']} pairs: {' '.join(kept)};"
                f" evicts: {' '.join(gone) or '-'}; the prefix is always kept")
     out.append(f"   head_lengths (L, Hkv), prefix included: {d['head_lengths'].tolist()}")
+    kept_rows = int(d["head_lengths"].sum())
     out.append(f"\n4. Bytes: full cache {d['bytes_full']} B (K and V of {n_p + n_c} positions x 16 dims x 4 B);"
                f" compressed {d['bytes_compressed']} B (packed K and V {d['bytes_packed_kv']} B"
                f" + offsets {d['bytes_offsets']} B)")
+    out.append(f"   = {d['bytes_compressed'] / d['bytes_full']:.1%} of the full cache at ratio {d['ratio']}: the ratio"
+               f" counts context pairs only, the prefix is never evicted ({kept_rows} of {n_p + n_c} rows"
+               " kept), and the offsets cost a little")
     out.append("\n5. Greedy answers (query ids = \"\\n\\n\" + query, + postfix)")
     for q, (full, comp) in d["answers"].items():
         out.append(f"   query {q!r}: full cache -> {full!r}   compressed -> {comp!r}")
@@ -626,8 +633,11 @@ def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: 
     out(f"   spread of head budgets: min {float(frac.min()):.0%}, median "
         f"{statistics.median(frac.reshape(-1).tolist()):.0%}, max {float(frac.max()):.0%}")
     assert torch.equal(ckv.head_lengths(), keep.sum(dim=-1) + n_p)  # prune packed exactly this mask
-    out(f"\n6. Bytes: full {kv.nbytes:,} B -> compressed {ckv.nbytes:,} B ({ckv.nbytes / kv.nbytes:.1%}; "
-        f"the prefix is always kept)")
+    rows, all_rows = int(ckv.head_lengths().sum()), cfg.n_layer * cfg.n_kv_head * (n_p + n_c)
+    out(f"\n6. Bytes: full {kv.nbytes:,} B -> compressed {ckv.nbytes:,} B ({ckv.nbytes / kv.nbytes:.1%}, not "
+        f"{ratio:.0%}: the ratio counts context pairs only;")
+    out(f"   the prefix is never evicted, so {k:,} + {all_rows - total:,} prefix = {rows:,} of {all_rows:,} rows "
+        f"stay = {rows / all_rows:.1%}, plus {sum(o.numel() for o in ckv.offsets) * 8:,} B of offsets)")
     kinds = token_kinds(tok, ids)
     out(f"\n7. Kept by token kind: {format_kinds(kept_by_kind(keep, kinds), kinds)}")
     out("\n8. Answers, greedy, from the full and the compressed cache:")
@@ -638,7 +648,8 @@ def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: 
         full, comp = (full[0] if full else ""), (comp[0] if comp else "")
         answers.append((full, comp))
         exp = f" (expected {expected})" if expected else ""
-        out(f"   {prompt!r}{exp}\n     full:       {full!r}\n     compressed: {comp!r}")
+        mark = lambda a: ("   right" if tasks.check_answer(a, expected) else "   WRONG") if expected else ""  # noqa: E731
+        out(f"   {prompt!r}{exp}\n     full:       {full!r}{mark(full)}\n     compressed: {comp!r}{mark(comp)}")
     return {"kv": kv, "ckv": ckv, "keep": keep, "answers": answers}
 
 

@@ -120,6 +120,8 @@ def test_toy_cli(capsys):
     assert "the same numbers" in out
     assert "keeps round(0.5·4) = 2 pairs: A B; evicts: C D" in out
     assert "query 'A': full cache -> 'B C D'   compressed -> 'B'" in out
+    assert "so B = e^4/(e^4 + 6) = 0.9010" in out
+    assert "= 62.5% of the full cache at ratio 0.5" in out and "(3 of 5 rows kept)" in out  # 400 / 640
 
 
 # -----------------------------------------------------------------------------
@@ -285,8 +287,15 @@ def test_explain_cli_on_a_tiny_model(tiny_dir, capsys):
                   "--chunk-size", "16", "--query", "What is the pass key?"])
     out = capsys.readouterr().out
     for step in ("1. The pieces", "chunk 1: context [16, 32)", "4. Scores S (L, Hkv, n_c) = (2, 2, ",
-                 "threshold (the k-th largest score)", "6. Bytes", "7. Kept by token kind", "'What is the pass key?'"):
+                 "threshold (the k-th largest score)", "6. Bytes", "7. Kept by token kind", "'What is the pass key?'",
+                 "not 30%: the ratio counts context pairs only"):
         assert step in out, step
+    # the byte arithmetic printed in step 6 holds: kept context pairs + every prefix pair
+    m, tok = model.load(tiny_dir)
+    kv = kvzip.prefill(m, tok, (tiny_dir / "context.txt").read_text(encoding="utf-8"), chunk_size=16)
+    L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
+    k, rows = round(0.3 * L * Hkv * kv.n_context), L * Hkv * (kv.n_prefix + kv.n_context)
+    assert f"{k:,} + {L * Hkv * kv.n_prefix:,} prefix = {k + L * Hkv * kv.n_prefix:,} of {rows:,} rows" in out
 
 
 @pytest.mark.parametrize("argv, message", [
