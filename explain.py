@@ -13,7 +13,7 @@ Map of this file:
      scores -> prune(0.5) -> generate, everything returned as tensors), format_toy (the printout)
   2. reading tools: token_texts, token_kinds / kept_by_kind (digits, punctuation, words; the
      kinds themselves are tasks.token_kind, shared with reuse.py),
-     token_scores (a (text, score) list of one head, for pdb sessions)
+     token_scores (a (text, score) list of one head and chunk, for pdb sessions)
   3. the picture: write_kept_html - one self-contained HTML file: context tokens shaded by the
      fraction of (layer, KV head) pairs keeping them, and a layer x head heatmap of head budgets,
      for a few ratios (radio buttons); the keep masks come from kvzip.keep_mask, prune's own rule
@@ -338,15 +338,23 @@ def kept_by_kind(keep_mask, kinds) -> dict:
     return tasks.kept_by_kind(keep_mask.float().mean(dim=(0, 1)).tolist(), kinds)  # (n_c,) fractions
 
 
-def token_scores(kv, tok, layer: int, head: int) -> list[tuple[str, float]]:
-    """[(token text, KVzip score)] of the context in (layer, KV head) order of position: a view
-    for pdb, e.g. sorted(token_scores(kv, tok, 3, 0), key=lambda p: -p[1])[:10]."""
-    if kv.scores is None:
-        raise ValueError("this FullKV has no scores (prefill(..., score=False))")
-    L, Hkv, _ = kv.scores.shape
+def token_scores(kv, tok, layer: int, head: int, scores=None, start: int = 0,
+                 end: int | None = None) -> list[tuple[str, float]]:
+    """[(token text, KVzip score)] of context positions start..end-1 for one (layer, KV head), in
+    order of position: a view for pdb, e.g. sorted(token_scores(kv, tok, 3, 0), key=lambda p: -p[1])[:10].
+    scores: (L, Hkv, n_c), default kv.scores; pass score_context's `scores` to look at a chunk while
+    it is being scored (kv.scores is only set once every chunk is done)."""
+    scores = kv.scores if scores is None else scores
+    if scores is None:
+        raise ValueError("this FullKV has no scores yet (prefill(..., score=False), or scoring is under "
+                         "way): pass scores=")
+    L, Hkv, n_c = scores.shape
     if not (0 <= layer < L and 0 <= head < Hkv):
         raise ValueError(f"layer must be in [0, {L}) and head in [0, {Hkv}), got ({layer}, {head})")
-    return list(zip(token_texts(tok, kv.context_ids), kv.scores[layer, head].tolist()))
+    end = n_c if end is None else end
+    if not 0 <= start <= end <= n_c:
+        raise ValueError(f"need 0 <= start <= end <= {n_c}, got start={start}, end={end}")
+    return list(zip(token_texts(tok, kv.context_ids[start:end]), scores[layer, head, start:end].tolist()))
 
 
 def format_kinds(fracs: dict, kinds=None) -> str:

@@ -111,6 +111,11 @@ def test_token_scores_on_the_toy(toy):
     assert [s for _, s in pairs] == pytest.approx([E4 / (E4 + 5 + j) for j in range(4)], abs=1e-6)
     with pytest.raises(ValueError, match="layer must be"):
         explain.token_scores(toy["kv"], toy["tok"], 1, 0)
+    # one chunk, from scores passed in (as inside score_context, before kv.scores is set)
+    other = torch.arange(4.0).view(1, 1, 4)
+    assert explain.token_scores(toy["kv"], toy["tok"], 0, 0, scores=other, start=1, end=3) == [("B", 1.0), ("C", 2.0)]
+    with pytest.raises(ValueError, match="start <= end"):
+        explain.token_scores(toy["kv"], toy["tok"], 0, 0, start=3, end=5)
 
 
 def test_toy_cli(capsys):
