@@ -18,6 +18,8 @@ Map of this file, in pipeline order:
   6. generate               - greedy answers from a full or compressed cache, which stays unchanged
   7. a small demo: `python kvzip.py`
 The query-aware baselines that the reuse experiment compares KVzip with are in baselines.py.
+For teaching, explain.py runs this pipeline on a hand-checkable toy model, prints each step on a
+real one, and draws which tokens are kept.
 
 Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
