@@ -341,14 +341,19 @@ def plot_quality(result, path) -> list[str]:
     colours = plt.get_cmap("tab10").colors
     methods = list(dict.fromkeys(meth for meth, _ in keys))  # a colour per method, a dash per bit width
     dashes = {16: "-", 8: "--", 4: ":"}
+    # equal values (several methods at 0, all at 1) would hide each other: each series gets its own
+    # marker shape, later series smaller ones, so coinciding points show as nested markers
+    shapes = "osD^vPX<>*"
 
     fig, (acc, nll) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = []
     for meth, bits in keys:
         rows = sorted(series[(meth, bits)], key=lambda x: x["ratio"])
         label = _label(rows[0])
+        i = len(labels)
         style = dict(color=colours[methods.index(meth) % len(colours)], linestyle=dashes.get(bits, "-."),
-                     marker="o", markersize=4, linewidth=2.4 if meth == "kvzip" else 1.4, label=label)
+                     marker=shapes[i % len(shapes)], markersize=max(3.0, 9.0 - 1.2 * i),
+                     linewidth=2.4 if meth == "kvzip" else 1.4, label=label)
         for ax, key in ((acc, "relative_accuracy"), (nll, "reconstruction_nll_ratio")):
             pts = [(x["ratio"], x[key]) for x in rows if isinstance(x.get(key), (int, float))]
             if pts:
@@ -370,8 +375,8 @@ def plot_quality(result, path) -> list[str]:
     if legend:
         fig.legend([legend[x] for x in labels if x in legend], [x for x in labels if x in legend],
                    loc="center right", frameon=False)
-    fig.suptitle(f"One compressed cache per context answers every query: {result.get('n_contexts', '?')} "
-                 f"contexts, {result.get('n_probes', '?')} probes right with the full cache", fontsize=11)
+    fig.suptitle(f"One compressed cache per context answers every query ({result.get('n_contexts', '?')} "
+                 f"contexts; needle probes right with the full cache: {result.get('n_probes', '?')})", fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
