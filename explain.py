@@ -1,5 +1,6 @@
 """
-explain.py: KVzip taken apart, for reading and teaching. Nothing else in the project imports it.
+explain.py: KVzip taken apart, for reading and teaching. Nothing else in the project imports it
+(so these commands are explain.py's, not kvzip.py's: kvzip.py is the algorithm, and imports point down).
 
     python explain.py --toy                    # the paper's toy example on a hand-set model, every number shown
     python explain.py --explain                # each step on the default model, ~300-token context (< 1 min)
