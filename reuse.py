@@ -4,15 +4,16 @@ query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Fi
 
     python reuse.py                        # the default run (~17 min on a 2-core CPU)
     python reuse.py --quick                # one needle and one fact context (~3 min)
-    python reuse.py --json out.json --plot quality.png
+    python reuse.py --json out.json --plot quality.png   # the figure: accuracy and NLL vs ratio
 
 For each seeded context (tasks.py): prefill once, score once per method (baselines.py; SnapKV,
 PyramidKV and H2O see the context's *first* query), prune at every ratio, then answer *all*
 queries of the context from that one cache, as a serving system would reuse it.
 
 Map of this file: the presets, the evaluation of one cache (_answer, _reconstruction_nll,
-_full_reference, _evaluate), the intervals, run_quality (the experiment), format_quality_table,
-plot_quality, main(). Nothing imports this file.
+_full_reference, _evaluate, _keep_mask), the intervals, run_quality (the experiment),
+format_quality_table, format_kinds_table (what each method keeps of digits, punctuation and
+words), plot_quality (the figure), main(). Nothing imports this file.
 """
 import argparse
 import json
@@ -37,6 +38,8 @@ import tasks
 #   agreement                fact questions whose first answer line (normalized) equals the full cache's
 #   reconstruction_nll_ratio mean NLL per token of repeating context spans (KVzip's reconstruction
 #                            input, teacher-forced) under the compressed cache / under the full cache
+# Each row also has kept_by_kind: the kept fraction of digit, punctuation/whitespace and word tokens
+# (tasks.token_kind), pooled over layers, heads and contexts, which shows what a method's budget goes to.
 # 95% intervals: Wilson intervals for the two proportions (pooled over queries, which treats the
 # queries of one context as independent: with few contexts they understate the spread), and a
 # bootstrap over contexts for the NLL ratio.
@@ -150,6 +153,19 @@ def _evaluate(m, tok, cache, ctx, full) -> dict:
     return dict(right=right, agree=agree, nll=_reconstruction_nll(m, cache, full["spans"]))
 
 
+def _kind_order(kind):
+    """tasks.TOKEN_KINDS first, in their order, then any other kind by name."""
+    return (tasks.TOKEN_KINDS.index(kind), "") if kind in tasks.TOKEN_KINDS else (len(tasks.TOKEN_KINDS), kind)
+
+
+def _keep_mask(meth, ratio, scores):
+    """The keep mask (L, Hkv, n_c) that baselines.compress packs for this method: PyramidKV's
+    per-layer budgets, otherwise the global ranking (test_reuse checks the two agree for every
+    method in baselines.METHODS)."""
+    budgets = baselines.pyramid_budgets(ratio, *scores.shape) if meth == "pyramidkv" else None
+    return kvzip.keep_mask(scores, ratio, layer_budgets=budgets)
+
+
 def _wilson_ci(k, n, z=1.96):
     """95% Wilson score interval of a proportion k / n (treats the queries as independent)."""
     if n == 0:
@@ -174,7 +190,8 @@ def _bootstrap_ci(num, den, seed):
 def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, seed=0, quick=False,
                 progress=True, **overrides) -> dict:
     """The reuse experiment. Returns {"rows": [{method, ratio, relative_accuracy, agreement,
-    reconstruction_nll_ratio, n_probes, ...}], plus counts, settings and seconds}.
+    reconstruction_nll_ratio, n_probes, kept_by_kind, ...}], plus counts, token_kinds (positions
+    of each kind over all contexts), settings and seconds}.
 
     n_contexts: contexts per task (needle and fact each; default from the preset); quick: the
     small preset; overrides: any QUALITY_PRESETS key (e.g. needle_tokens=(200,) for tests).
@@ -195,6 +212,7 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
     contexts = _quality_contexts(tok, cfg, seed)
     counts = {(meth, r): [] for meth in methods for r in ratios}  # one count dict per context
     per_context = []
+    kinds = []  # tasks.token_kind of every context position, contexts concatenated
     for ci, ctx in enumerate(contexts):
         t1 = time.perf_counter()
         kv = kvzip.prefill(m, tok, ctx["context"])
@@ -209,14 +227,17 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
                 scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"],
                                                       seed=seed + ci)
         t2 = time.perf_counter()
+        kinds += [tasks.token_kind(tok.decode([i])) for i in kv.context_ids]
         for r in ratios:
             res = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
             for meth in methods:
+                s = scores["snapkv" if meth == "pyramidkv" else meth]
                 if r < 1 or res is None:
-                    ckv = baselines.compress(kv, meth, r, scores["snapkv" if meth == "pyramidkv" else meth])
+                    ckv = baselines.compress(kv, meth, r, s)
                     res = _evaluate(m, tok, ckv, ctx, full)
+                kept = _keep_mask(meth, r, s).float().mean(dim=(0, 1)).tolist()  # (n_c,) share of heads
                 counts[(meth, r)].append(dict(res, probes=sum(right), full_nll=full["nll"],
-                                              questions=n_q if ctx["kind"] == "fact" else 0))
+                                              questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
         per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
                                 full_right=sum(right), recon_tokens=full["n_tokens"],
                                 full_nll_per_token=full["nll"] / max(1, full["n_tokens"])))
@@ -236,7 +257,8 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
                          n_questions=sum(qs),
                          relative_accuracy_ci95=_wilson_ci(sum(right), sum(probes)),
                          agreement_ci95=_wilson_ci(sum(agree), sum(qs)),
-                         reconstruction_nll_ratio_ci95=_bootstrap_ci(nll, full_nll, seed)))
+                         reconstruction_nll_ratio_ci95=_bootstrap_ci(nll, full_nll, seed),
+                         kept_by_kind=tasks.kept_by_kind([f for c in cs for f in c["kept"]], kinds)))
     needle = [c for c in per_context if c["kind"] == "needle"]
     fact = [c for c in per_context if c["kind"] == "fact"]
     return dict(
@@ -248,6 +270,7 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
         n_recon_tokens=sum(c["recon_tokens"] for c in per_context),
         full_nll_per_token=sum(c["full_nll_per_token"] for c in per_context) / max(1, len(per_context)),
         context_tokens=[c["n_context"] for c in per_context],
+        token_kinds={k: kinds.count(k) for k in sorted(set(kinds), key=_kind_order)},
         seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -275,29 +298,89 @@ def format_quality_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_quality(result, path) -> bool:
-    """Relative accuracy vs ratio, one line per method, as a PNG; False if matplotlib is missing
-    (it is optional, not a dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for meth in result["methods"]:
-        rows = sorted((x for x in result["rows"] if x["method"] == meth and x["relative_accuracy"] is not None),
-                      key=lambda x: x["ratio"])
-        ax.plot([x["ratio"] for x in rows], [x["relative_accuracy"] for x in rows], marker="o", label=meth)
-    ax.set_xlabel("KV ratio (fraction of context pairs kept)")
-    ax.set_ylabel("relative accuracy (needle probes)")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+def format_kinds_table(result) -> str:
+    """A text table: rows method x ratio (below 1), columns the kept % of each token kind's pairs."""
+    kinds = list(result.get("token_kinds", {}))
+    rows = [r for r in result["rows"] if r.get("kept_by_kind") and r["ratio"] < 1]
+    if not rows:
+        return ""
+    order = {meth: i for i, meth in enumerate(result["methods"])}
+    lines = ["kept % of each token kind's KV pairs (pooled over layers, heads and contexts; "
+             + ", ".join(f"{k} {n} tokens" for k, n in result["token_kinds"].items()) + ")",
+             f"{'method':<13}{'ratio':>6}" + "".join(f"{k:>9}" for k in kinds)]
+    for row in sorted(rows, key=lambda x: (order.get(x["method"], len(order)), x["method"],
+                                           -(x.get("bits") or 16), x["ratio"])):
+        lines.append(f"{_label(row):<13}{row['ratio']:>6.2f}"
+                     + "".join(f"{100 * row['kept_by_kind'][k]:>8.1f}%" if k in row["kept_by_kind"]
+                               else f"{'-':>9}" for k in kinds))
+    return "\n".join(lines)
+
+
+def _label(row) -> str:
+    """A row's series name: its method, with the cache's bit width when it is not 16 ("kvzip int4")."""
+    bits = row.get("bits") or 16
+    return row["method"] if bits == 16 else f"{row['method']} int{bits}"
+
+
+def plot_quality(result, path) -> list[str]:
+    """The reuse figure as one PNG with two panels, one line per (method, bits) series in the rows:
+    left, relative accuracy vs KV ratio (needle probes, the full cache = 1; the paper's Figures 2
+    and 10); right, reconstruction NLL under the compressed cache / under the full cache (1 is
+    lossless). Rows of methods not in result["methods"] are drawn too, after the known ones;
+    missing measures are skipped. Returns the series labels, in drawing order."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    order = {meth: i for i, meth in enumerate(result.get("methods", []))}
+    series = {}  # (method, bits) -> rows
+    for row in result["rows"]:
+        if isinstance(row.get("method"), str) and isinstance(row.get("ratio"), (int, float)):
+            series.setdefault((row["method"], row.get("bits") or 16), []).append(row)
+    keys = sorted(series, key=lambda k: (order.get(k[0], len(order)), k[0], -k[1]))
+    colours = plt.get_cmap("tab10").colors
+    methods = list(dict.fromkeys(meth for meth, _ in keys))  # a colour per method, a dash per bit width
+    dashes = {16: "-", 8: "--", 4: ":"}
+    # equal values (several methods at 0, all at 1) would hide each other: each series gets its own
+    # marker shape, later series smaller ones, so coinciding points show as nested markers
+    shapes = "osD^vPX<>*"
+
+    fig, (acc, nll) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = []
+    for meth, bits in keys:
+        rows = sorted(series[(meth, bits)], key=lambda x: x["ratio"])
+        label = _label(rows[0])
+        i = len(labels)
+        style = dict(color=colours[methods.index(meth) % len(colours)], linestyle=dashes.get(bits, "-."),
+                     marker=shapes[i % len(shapes)], markersize=max(3.0, 9.0 - 1.2 * i),
+                     linewidth=2.4 if meth == "kvzip" else 1.4, label=label)
+        for ax, key in ((acc, "relative_accuracy"), (nll, "reconstruction_nll_ratio")):
+            pts = [(x["ratio"], x[key]) for x in rows if isinstance(x.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), **style)
+        labels.append(label)
+    acc.set_title("Needle probes: relative accuracy (full cache = 1)")
+    acc.set_ylabel("relative accuracy")
+    acc.set_ylim(-0.03, 1.05)
+    nll.set_title("Reconstruction NLL / full cache (1 = lossless)")
+    nll.set_ylabel("NLL ratio")
+    nll.axhline(1.0, color="grey", linewidth=0.8)
+    for ax in (acc, nll):
+        ax.set_xlabel("KV ratio (fraction of context pairs kept)")
+        ax.grid(alpha=0.3)
+    legend = {}  # a series may have values in one panel only
+    for ax in (acc, nll):
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    if legend:
+        fig.legend([legend[x] for x in labels if x in legend], [x for x in labels if x in legend],
+                   loc="center right", frameon=False)
+    fig.suptitle(f"One compressed cache per context answers every query ({result.get('n_contexts', '?')} "
+                 f"contexts; needle probes right with the full cache: {result.get('n_probes', '?')})", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -307,7 +390,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated contexts (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and counts to FILE as JSON")
     p.add_argument("--plot", metavar="FILE", default="quality.png",
-                   help="relative accuracy vs ratio per method, as a PNG (needs matplotlib; default quality.png)")
+                   help="the figure, as a PNG: relative accuracy and reconstruction NLL vs ratio, one "
+                   "line per method (default quality.png)")
     p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     return p.parse_args(argv)
 
@@ -316,10 +400,10 @@ def main(args: argparse.Namespace) -> dict:
     m, tok = model_lib.load(args.model)
     result = run_quality(m, tok, seed=args.seed, quick=args.quick)
     print(format_quality_table(result))
-    if plot_quality(result, args.plot):
-        print(f"wrote {args.plot}", file=sys.stderr)
-    else:
-        print("matplotlib is not installed: no plot (optional; pip install matplotlib)", file=sys.stderr)
+    print()
+    print(format_kinds_table(result))
+    plot_quality(result, args.plot)
+    print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -8,6 +8,7 @@ only, so every context is the same on every machine for a given seed:
                                       with completion probes ("The pass key for the red door is")
   - fact_task(n_entities)             invented facts about invented people, with short questions
   - check_answer / first_line         how a generated answer is judged
+  - token_kind / kept_by_kind         digits, punctuation/whitespace, words: what eviction keeps of each
 
 The filler is grammatical but uneventful. It deliberately contains no digits, no "pass key", no
 doors and none of the needle colours, so a needle's label and number occur only where we put them.
@@ -304,3 +305,36 @@ def check_answer(generated: str, answer: str) -> bool:
     """
     ans = _normalize(answer)
     return bool(ans) and f" {ans} " in f" {first_line(generated)} "
+
+
+# ---- token kinds: which kinds of token an eviction keeps ----
+
+TOKEN_KINDS = ("digit", "punct", "word")
+
+
+def token_kind(text: str) -> str:
+    """The kind of one token's text: "word" if it has a letter; else "digit" if it has a digit;
+    else "punct" (punctuation and/or whitespace, the empty string included). " 4" is a digit
+    token, "x1" a word, "\\n\\n" and "," punct."""
+    if any(c.isalpha() for c in text):
+        return "word"
+    if any(c.isdigit() for c in text):
+        return "digit"
+    return "punct"
+
+
+def kept_by_kind(kept: list[float], kinds: list[str]) -> dict:
+    """{kind: mean of kept[i] over the positions i of that kind}, kinds in TOKEN_KINDS order, then
+    any others sorted; kinds absent from `kinds` are left out.
+
+    kept[i] is the fraction of position i's (layer, KV head) pairs that an eviction keeps, so the
+    result is the kept fraction of each kind's pairs, pooled over layers and heads (and over
+    contexts, when the lists of several contexts of one model are concatenated)."""
+    if len(kept) != len(kinds):
+        raise ValueError(f"kept has {len(kept)} positions, kinds has {len(kinds)}")
+    out = {}
+    for kind in TOKEN_KINDS + tuple(sorted(set(kinds) - set(TOKEN_KINDS))):
+        vals = [f for f, k in zip(kept, kinds) if k == kind]
+        if vals:
+            out[kind] = sum(vals) / len(vals)
+    return out

@@ -1,6 +1,7 @@
 """Tests of kvzip.py: the reconstruction prompts, the scorer against a first-principles
 recomputation, eviction, the packed cache, generation and reuse, bad input, and the default model."""
 import math
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import kvzip
 import model
 import tasks
-from conftest import reference_forward, tiny_context
+from conftest import TINY_CONTEXT, reference_forward, tiny_context
 
 
 
@@ -273,3 +274,32 @@ def test_default_model_fused_scores_equal_the_reference_path(smol):
     reference = kvzip.score_context(m, tok, kv, backend="reference")
     assert kv.n_context > 1900
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
+
+
+def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """python kvzip.py on the tiny checkpoint: the built-in needle task (smaller here, for time)
+    prints each key and right/WRONG for both caches, and the byte arithmetic; with --context and
+    --query there is no answer key, so it says whether the two caches' first lines agree."""
+    folder, _ = tiny_checkpoint
+    monkeypatch.setattr(kvzip, "DEMO_TASK", dict(kvzip.DEMO_TASK, n_tokens=200, n_needles=2))
+    kvzip.main(["--model", str(folder), "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    task = tasks.needle_task(200, 2, seed=kvzip.DEMO_TASK["seed"], tok=model.load(folder)[1])
+    for probe, key in task["probes"]:
+        assert f"Q: {probe}   (expected {key})" in out
+    marks = re.findall(r"^  (full|compressed) cache *: .*   (right|WRONG)$", out, flags=re.M)
+    assert [c for c, _ in marks] == ["full", "compressed"] * 2
+    n_full = sum(c == "full" and m == "right" for c, m in marks)
+    n_comp = sum(c == "compressed" and m == "right" for c, m in marks)
+    assert f"right: full cache {n_full}/2, compressed cache {n_comp}/2 at ratio 0.3" in out
+    assert "prefix (chat template + KVzip's instruction) is never evicted" in out
+    assert "prefill and scoring by reconstruction" in err and "answering 2/2" in err  # progress on stderr
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(TINY_CONTEXT, encoding="utf-8")
+    kvzip.main(["--model", str(folder), "--context", str(ctx), "--query", "Where is the mill?",
+                "--max-new-tokens", "3", "--ratio", "0.5"])
+    out = capsys.readouterr().out
+    assert "Q: Where is the mill?\n" in out and "(expected" not in out
+    assert not re.search(r"   (right|WRONG)$", out, flags=re.M) and "right: full cache" not in out
+    assert re.search(r"\(first lines (agree|differ)\)", out)

@@ -1,12 +1,14 @@
-"""Tests of reuse.py: the experiment's driver on a tiny model, and its answer shortcut."""
-import importlib.util
+"""Tests of reuse.py: the experiment's driver on a tiny model, its answer shortcut, the keep masks
+behind the token-kind table, and the figure."""
 import json
 
 import pytest
+import torch
 
 import baselines
 import kvzip
 import reuse
+import tasks
 
 def test_quality_driver_reports_every_key(tiny, tmp_path):
     m, tok, _ = tiny
@@ -21,11 +23,22 @@ def test_quality_driver_reports_every_key(tiny, tmp_path):
         for key in ("method", "ratio", "relative_accuracy", "agreement", "reconstruction_nll_ratio", "n_probes"):
             assert key in row
         assert row["method"] in baselines.METHODS
+        fr = row["kept_by_kind"]
+        assert set(fr) == set(res["token_kinds"]) and all(0 <= f <= 1 for f in fr.values())
+        if row["ratio"] == 1.0:
+            assert all(f == 1.0 for f in fr.values())
+    # the kinds' pooled fractions, weighted by their token counts, give back the ratio
+    n = sum(res["token_kinds"].values())
+    for row in res["rows"]:
+        mean = sum(row["kept_by_kind"][k] * c for k, c in res["token_kinds"].items()) / n
+        assert mean == pytest.approx(row["ratio"], abs=0.01), row["method"]
     at_one = [r for r in res["rows"] if r["ratio"] == 1.0]
     assert all(r["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=1e-3) for r in at_one)
     assert "kvzip" in reuse.format_quality_table(res)
-    png = tmp_path / "quality.png"  # matplotlib is optional: a PNG only when it is installed
-    assert reuse.plot_quality(res, png) == png.exists()
+    table = reuse.format_kinds_table(res)
+    assert "digit" in table and "kvzip" in table
+    png = tmp_path / "quality.png"
+    assert reuse.plot_quality(res, png) and png.exists()
 
 
 def test_answer_shortcut_equals_generate(tiny, tiny_kv):
@@ -60,4 +73,74 @@ def test_command_line_writes_table_json_and_plot(tiny_checkpoint, tmp_path, caps
     res = reuse.main(reuse.parse_args(["--quick", "--model", str(folder), "--json", str(out), "--plot", str(png)]))
     assert "reuse experiment" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
-    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_keep_mask_is_what_compress_packs(tiny_kv):
+    """_keep_mask (the token-kind table's mask) selects exactly the rows baselines.compress packs,
+    for every method: same kept keys, same values, head by head."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(tiny_kv.scores.shape, generator=g)
+    for meth in baselines.METHODS:
+        for ratio in (0.1, 0.45):
+            ckv = baselines.compress(tiny_kv, meth, ratio, scores)
+            want = kvzip.CompressedKV.from_full(tiny_kv.cache, tiny_kv.n_prefix, reuse._keep_mask(meth, ratio, scores))
+            for l in range(len(ckv.k)):
+                assert torch.equal(ckv.offsets[l], want.offsets[l]), (meth, ratio, l)
+                assert torch.equal(ckv.k[l], want.k[l]) and torch.equal(ckv.v[l], want.v[l]), (meth, ratio, l)
+
+
+def synthetic_result():
+    """A result dict as run_quality returns it, with a quantized series (bits) and an unknown method."""
+    rows = []
+    for meth, bits, acc in (("kvzip", 16, 0.9), ("kvzip", 4, 0.8), ("snapkv", None, 0.5), ("mystery", 16, 0.3)):
+        for r in (0.1, 0.3, 1.0):
+            row = dict(method=meth, ratio=r, relative_accuracy=1.0 if r == 1 else acc * r / 0.3 / 1.1,
+                       reconstruction_nll_ratio=1.0 if r == 1 else 1 + 1 / r, agreement=None,
+                       kept_by_kind={"digit": r, "punct": r, "word": r})
+            if bits is not None:
+                row["bits"] = bits
+            rows.append(row)
+    rows.append(dict(method="random", ratio=0.3, relative_accuracy=None, reconstruction_nll_ratio=2.5))
+    rows.append(dict(note="a row of some other kind"))  # no method or ratio: not drawn
+    return dict(rows=rows, methods=["kvzip", "snapkv", "random"], n_contexts=2, n_probes=10,
+                token_kinds={"digit": 3, "punct": 5, "word": 9})
+
+
+def test_plot_quality_draws_both_panels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    drawn = []  # the figure as saved: axes, their titles and lines
+    real_savefig = Figure.savefig
+
+    def spy(fig, *a, **k):
+        drawn.append([(ax.get_title(), [(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata()))
+                                        for ln in ax.get_lines() if not ln.get_label().startswith("_")])
+                      for ax in fig.axes])
+        return real_savefig(fig, *a, **k)
+
+    png = tmp_path / "fig.png"
+    monkeypatch.setattr(Figure, "savefig", spy)
+    labels = reuse.plot_quality(synthetic_result(), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert labels == ["kvzip", "kvzip int4", "snapkv", "random", "mystery"]  # known methods first
+    (acc_title, acc), (nll_title, nll) = drawn[0]
+    assert "accuracy" in acc_title and "NLL" in nll_title
+    # accuracy: random has no value, so no line; NLL: every series
+    assert [name for name, _, _ in acc] == ["kvzip", "kvzip int4", "snapkv", "mystery"]
+    assert [name for name, _, _ in nll] == labels
+    name, xs, ys = acc[1]
+    assert xs == [0.1, 0.3, 1.0] and ys == pytest.approx([0.8 / 3.3, 0.8 / 1.1, 1.0])
+    assert nll[0][2] == pytest.approx([11.0, 1 + 1 / 0.3, 1.0])
+    plt.close("all")
+
+
+def test_format_kinds_table():
+    table = reuse.format_kinds_table(synthetic_result())
+    lines = table.splitlines()
+    assert "digit 3 tokens, punct 5 tokens, word 9 tokens" in lines[0]
+    assert lines[1].split() == ["method", "ratio", "digit", "punct", "word"]
+    assert lines[2].split() == ["kvzip", "0.10", "10.0%", "10.0%", "10.0%"]
+    assert "kvzip int4" in table and "mystery" in table and "1.00" not in table  # ratio 1 left out
+    assert tasks.TOKEN_KINDS == ("digit", "punct", "word")

@@ -114,3 +114,23 @@ def test_check_answer():
     assert tasks.check_answer("\nPort Ellery, by the sea.", "Port Ellery")
     assert tasks.check_answer("She lives in port  ellery", "Port Ellery")
     assert not tasks.check_answer("", "x") and not tasks.check_answer("anything", "")
+
+
+# ---- token kinds ----
+
+def test_token_kind():
+    for text, kind in [("The", "word"), (" 4", "digit"), ("2", "digit"), ("48213", "digit"), (",", "punct"),
+                       (" ", "punct"), ("\n\n", "punct"), ("", "punct"), ("—", "punct"), ("x1", "word"),
+                       (" é", "word"), ("٣", "digit"), (".\n", "punct")]:
+        assert tasks.token_kind(text) == kind, text
+
+
+def test_kept_by_kind():
+    kinds = ["word", "digit", "digit", "punct", "word"]
+    fr = tasks.kept_by_kind([1.0, 0.25, 0.0, 0.5, 0.0], kinds)
+    assert fr == {"digit": 0.125, "punct": 0.5, "word": 0.5}
+    assert list(fr) == list(tasks.TOKEN_KINDS)  # a fixed order, whatever the context's order
+    assert tasks.kept_by_kind([0.5], ["word"]) == {"word": 0.5}  # absent kinds left out
+    assert list(tasks.kept_by_kind([1, 0, 1], ["zzz", "word", "aaa"])) == ["word", "aaa", "zzz"]
+    with pytest.raises(ValueError, match="kept has 2 positions"):
+        tasks.kept_by_kind([0.5, 0.5], kinds)

@@ -1,0 +1,751 @@
+"""
+explain.py: KVzip taken apart, for reading and teaching. Nothing else in the project imports it
+(so these commands are explain.py's, not kvzip.py's: kvzip.py is the algorithm, and imports point down).
+
+    python explain.py --toy                    # the paper's toy example on a hand-set model, every number shown
+    python explain.py --explain                # each step on the default model, ~300-token context (< 1 min)
+    python explain.py --html kept.html         # one HTML page: which context tokens survive, per ratio
+    python explain.py --html kept.html --ratio 0.3 --context notes.txt
+
+Map of this file:
+  1. the toy: toy_tokenizer / toy_model (a 1-layer model whose weights are set by hand so every
+     logit is 0 or 4), reconstruction_attention (the scorer's attention recomputed from the
+     queries that the model's `observe` hook hands out), toy_example (the real pipeline: prefill ->
+     scores -> prune(0.5) -> generate, everything returned as tensors), format_toy (the printout)
+  2. reading tools: token_texts, token_kinds / kept_by_kind (digits, punctuation, words; the
+     kinds themselves are tasks.token_kind, shared with reuse.py),
+     token_scores (a (text, score) list of one head and chunk, for pdb sessions)
+  3. the picture: write_kept_html - one self-contained HTML file: context tokens shaded by the
+     fraction of (layer, KV head) pairs keeping them, and a layer x head heatmap of head budgets,
+     for a few ratios (radio buttons); the keep masks come from kvzip.keep_mask, prune's own rule
+  4. explain_steps: the --explain walk-through on a real model
+  5. main(argv): the command line
+
+Shape alphabet as in kvzip.py: L layers, Hkv KV heads, G query heads per KV head, D head dim,
+n_p prefix tokens, n_c context tokens, n_q tokens of one reconstruction input, n_k = |K'| =
+n_p + (chunk length) + n_q keys the scorer ranks over.
+"""
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning (must precede torch's import): on a small shared CPU
+# a spinning policy made each decode step ~40x slower (measured in bench.py, which does the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import html  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import kvzip  # noqa: E402
+import model as model_lib  # noqa: E402
+import tasks  # noqa: E402
+
+HTML_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)  # the ratios the HTML page lets one switch between
+
+
+# -----------------------------------------------------------------------------
+# 1. The toy example: a model small enough to check by hand
+#
+# The vocabulary is <prompt>, A, B, C, D, <eos>. Any text the toy tokenizer does not know (the
+# chat template's opener, KVzip's instruction and repeat prompts) becomes ONE <prompt> marker, so
+# the template pieces cost one position each and the arithmetic stays small.
+#
+# The weights (1 layer, 2 query heads sharing 1 KV head, head dim 16, hidden size 16):
+#   residual dims  0..5   which token this is (one-hot of its id)
+#                  6      a constant 1 in every embedding: lm_head turns it into <eos>'s logit
+#                  8..13  which token attention copied here (written by head 0 through o_proj)
+#   head dims      dim 1 + id marks token id (one-hot). Dims 0 and 8 stay empty: RoPE rotates the pair
+#                  (0, D/2) by 1 radian per position whatever rope_theta is; rope_theta = inf
+#                  sets every other frequency to 0, so the toy has no position signal at all.
+#   keys           k(t) = 4 e[t]             values v(t) = e[t]
+#   head 0         q(t) = 4 e[next(t)]       "look up the token that comes next" (a copy head),
+#                                            next: <prompt> -> A -> B -> C -> D -> <eos>
+#   head 1         q(t) = 4 e[t]             "look at the same token"; its output is dropped
+#   so a logit q.k / sqrt(16) is 4 * 4 / 4 = 4 for a match and 0 otherwise.
+#   RMSNorm        applied before attention; every embedding has two 1s in 16 dims (mean square
+#                  1/8), so the norm multiplies it by sqrt(8): its weight 1/sqrt(8) undoes that.
+#                  rms_norm_eps = 0 keeps this exact (no row is ever zero).
+#   MLP            all zeros (the residual passes through).
+#   lm_head        logit(t) = amount of t copied by head 0 (dims 8..13); logit(<eos>) = 0.5.
+#                  The final RMSNorm scales a whole row by one positive factor, which never
+#                  changes the argmax: the model emits what head 0 found if it found it with
+#                  probability > 0.5, else <eos>.
+
+TOY_VOCAB = ("<prompt>", "A", "B", "C", "D", "<eos>")
+TOY_NEXT = {"<prompt>": "A", "A": "B", "B": "C", "C": "D", "D": "<eos>"}  # head 0's lookup
+TOY_MATCH = 4.0  # q = 4 e, k = 4 e, D = 16: a matching key's logit is 4 * 4 / sqrt(16) = 4
+TOY_EOS_LOGIT = 0.5
+TOY_CONTEXT = "A B C D"
+TOY_QUERIES = ("A", "C")
+_BIAS, _COPY = 6, 8  # residual dims: the constant 1, the first "copied token" dim
+
+
+class ToyTokenizer:
+    """Whitespace-separated known words -> their ids; any other non-blank text -> one <prompt>
+    id; blank text -> []. So "A B" -> [1, 2], "\\n\\nC" -> [3], "Repeat the ..." -> [0], "" -> []."""
+
+    vocab = TOY_VOCAB
+    prefix = "<|system|> You are a toy. <|user|>"  # unknown text: one <prompt> marker
+    postfix = ""  # no assistant opener: a query is just its tokens
+    stop_ids = {TOY_VOCAB.index("<eos>")}
+
+    def __init__(self):
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    def encode(self, text: str) -> list[int]:
+        words = text.split()
+        if not words:
+            return []
+        if all(w in self.ids for w in words):
+            return [self.ids[w] for w in words]
+        return [self.ids["<prompt>"]]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.vocab[i] for i in ids if i not in self.stop_ids)
+
+
+def toy_tokenizer() -> ToyTokenizer:
+    return ToyTokenizer()
+
+
+@torch.no_grad()
+def toy_model(max_position: int = 64) -> model_lib.Transformer:
+    """The hand-set 1-layer model described above (float32, CPU)."""
+    V, C, D = len(TOY_VOCAB), 16, 16
+    cfg = model_lib.ModelConfig(architecture="LlamaForCausalLM", vocab_size=V, n_embd=C, n_layer=1,
+                                n_head=2, n_kv_head=1, head_dim=D, intermediate_size=4,
+                                rms_norm_eps=0.0, rope_theta=math.inf,
+                                max_position_embeddings=max_position)
+    m = model_lib.Transformer(cfg)
+    for p in m.parameters():
+        p.zero_()
+    ids = {w: i for i, w in enumerate(TOY_VOCAB)}
+    blk = m.layers[0]
+    for t in range(V):
+        m.embed.weight[t, t] = 1.0  # which token
+        m.embed.weight[t, _BIAS] = 1.0  # constant 1
+        blk.attn.k_proj.weight[1 + t, t] = TOY_MATCH
+        blk.attn.v_proj.weight[1 + t, t] = 1.0
+        blk.attn.q_proj.weight[D + 1 + t, t] = TOY_MATCH  # head 1: the same token
+        if t != ids["<eos>"]:
+            blk.attn.o_proj.weight[_COPY + t, 1 + t] = 1.0  # head 0's output -> "copied" dims
+            m.lm_head.weight[t, _COPY + t] = 1.0
+    for w, nxt in TOY_NEXT.items():
+        blk.attn.q_proj.weight[1 + ids[nxt], ids[w]] = TOY_MATCH  # head 0: the next token
+    m.lm_head.weight[ids["<eos>"], _BIAS] = TOY_EOS_LOGIT
+    blk.attn_norm.weight.fill_(1 / math.sqrt(8))  # embeddings have mean square 1/8
+    m.norm.weight.fill_(1 / math.sqrt(8))
+    # (mlp_norm stays 0, MLP weights stay 0: the MLP adds nothing)
+    m.inv_freq = model_lib.rope_frequencies(cfg)  # [1, 0, 0, ...]: only dims 0 and 8 rotate
+    m.eval()
+    return m
+
+
+@torch.no_grad()
+def reconstruction_attention(m, kv, ids, start: int, end: int) -> dict:
+    """The attention KVzip's scorer sees for one reconstruction input, recomputed for display.
+
+    Runs `ids` (prompt + postfix + context[start:end]) on top of kv.cache, as kvzip.score_context
+    does, captures every layer's post-RoPE queries through the model's `observe` hook, and
+    recomputes softmax over K' = [prefix keys ; chunk keys ; the input's own keys] with the causal
+    mask between input rows and input keys. The cache is rolled back afterwards.
+    Returns tensors stacked over layers:
+      q (L, Hkv, G, n_q, D), keys (L, Hkv, n_k, D), logits and probs (L, Hkv, G, n_q, n_k)
+      (masked logits are -inf, their probs 0), scores (L, Hkv, end - start): max of the chunk
+      columns of probs over g and rows - Eq. 2, the numbers kv.scores holds for this chunk.
+    """
+    cache, n_p = kv.cache, kv.n_prefix
+    base = cache.seq_len
+    rows = {"q": [], "keys": [], "logits": [], "probs": [], "scores": []}
+
+    def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D); the cache has not stored k yet
+        cached = cache.keys(layer)  # (Hkv, n_p + n_c, D)
+        keys = torch.cat([cached[:, :n_p], cached[:, n_p + start:n_p + end], k], dim=1).float()  # (Hkv, n_k, D)
+        n_q, n_k = q.shape[2], keys.shape[1]
+        logits = q.float() @ keys.unsqueeze(1).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (Hkv, G, n_q, n_k)
+        # row t may see every cached key and the input's keys 0..t
+        col = torch.arange(n_k, device=q.device)[None, :] - (n_k - n_q)  # input-key index, < 0: cached
+        logits = logits.masked_fill(col > torch.arange(n_q, device=q.device)[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        rows["q"].append(q.float())
+        rows["keys"].append(keys)
+        rows["logits"].append(logits)
+        rows["probs"].append(probs)
+        rows["scores"].append(probs[..., n_p:n_p + end - start].amax(dim=(1, 2)))  # (Hkv, end - start)
+
+    try:
+        m(torch.tensor(ids, device=m.device), cache, last_only=True, observe=observe)
+    finally:
+        cache.truncate(base)  # drop the input's K/V: the cache is left as found
+    return {name: torch.stack(t) for name, t in rows.items()}
+
+
+def toy_example(ratio: float = 0.5, context: str = TOY_CONTEXT, queries=TOY_QUERIES,
+                max_new_tokens: int = 4) -> dict:
+    """The paper's toy example, run through the real pipeline on the hand-set model.
+
+    kvzip.prefill (prefix + context, then scoring by reconstruction) -> kv.scores -> kv.prune(ratio)
+    -> kvzip.generate from the full and the compressed cache. Returns every printed number:
+      vocab, prefix_ids, context_ids, recon_ids (prompt + postfix + context), n_p, n_c, n_q,
+      key_labels (n_k names for K' columns), q, keys, logits, probs (one layer: see
+      reconstruction_attention), scores_recomputed (L, Hkv, n_c), scores (kv.scores, the same),
+      order (flat indices, best first, ties to the lower index), k_kept, keep (L, Hkv, n_c) bool,
+      head_lengths (L, Hkv), bytes_full, bytes_compressed, bytes_packed_kv, bytes_offsets,
+      answers {query: (full, compressed)}, ratio; and kv (the FullKV) and tok, to poke further.
+    """
+    tok, m = toy_tokenizer(), toy_model()
+    kv = kvzip.prefill(m, tok, context, backend="reference")
+    (start, end, recon), = kvzip.reconstruction_inputs(tok, kv.context_ids)  # one chunk: 4 tokens
+    att = reconstruction_attention(m, kv, recon, start, end)
+    keep = kvzip.keep_mask(kv.scores, ratio)  # (L, Hkv, n_c): the rule prune uses
+    ckv = kv.prune(ratio)
+    answers = {q: (kvzip.generate(m, tok, q, kv, max_new_tokens),
+                   kvzip.generate(m, tok, q, ckv, max_new_tokens)) for q in queries}
+    prefix_ids = kvzip.prefix_ids(tok)  # template opener + INSTRUCTION: one marker here
+    n_p = kv.n_prefix
+    name = lambda i: TOY_VOCAB[i]  # noqa: E731
+    labels = ([f"{name(i)}" for i in prefix_ids[:n_p]] + [name(i) for i in kv.context_ids]
+              + [f"{name(i)}'" for i in recon])  # ' marks the input's own keys
+    packed = sum(t.numel() * t.element_size() for t in ckv.k + ckv.v)
+    return {
+        "vocab": TOY_VOCAB, "prefix_ids": prefix_ids, "context_ids": kv.context_ids, "recon_ids": recon,
+        "n_p": n_p, "n_c": kv.n_context, "n_q": len(recon), "key_labels": labels,
+        "q": att["q"][0], "keys": att["keys"][0], "logits": att["logits"][0], "probs": att["probs"][0],
+        "scores_recomputed": att["scores"], "scores": kv.scores,
+        "order": torch.sort(kv.scores.reshape(-1), descending=True, stable=True).indices,
+        "k_kept": int(keep.sum()), "keep": keep, "head_lengths": ckv.head_lengths(),
+        "bytes_full": kv.nbytes, "bytes_compressed": ckv.nbytes, "bytes_packed_kv": packed,
+        "bytes_offsets": sum(o.numel() * o.element_size() for o in ckv.offsets),
+        "answers": answers, "ratio": ratio, "kv": kv, "tok": tok,
+    }
+
+
+def format_toy(d: dict) -> str:
+    """The toy example as text: the tensors of toy_example(), laid out to be checked by hand."""
+    V = d["vocab"]
+    n_p, n_c, n_q = d["n_p"], d["n_c"], d["n_q"]
+    names = lambda ids: " ".join(V[i] for i in ids)  # noqa: E731
+    labels = d["key_labels"]
+    Hkv, G = d["probs"].shape[:2]
+    w = 7  # column width
+    out = ["KVzip on a toy model that can be checked by hand",
+           "=" * 48,
+           "Model: 1 layer, 2 query heads sharing 1 KV head, head dim 16, weights set by hand",
+           "(explain.py, section 1): keys 4·e[t]; head 0 queries 4·e[next(t)] (next: "
+           + " -> ".join(["<prompt>"] + [TOY_NEXT[k] for k in TOY_NEXT]) + "),",
+           "head 1 queries 4·e[t]; so logit = q·k/√16 = 4 for a match, else 0. Values e[t]; head 0's",
+           "output is the copied token's logit, <eos> has logit 0.5. No MLP, no RoPE (rope_theta = inf).",
+           "",
+           "1. Token ids (each piece encoded on its own)",
+           "   vocab:  " + "  ".join(f"{i} {t}" for i, t in enumerate(V)),
+           f"   prefix   n_p = {n_p}: {d['prefix_ids']}  {names(d['prefix_ids'])}   (template opener + "
+           "kvzip.INSTRUCTION: unknown text -> one marker)",
+           f"   context  n_c = {n_c}: {d['context_ids']}  {names(d['context_ids'])}",
+           f"   reconstruction input n_q = {n_q}: {d['recon_ids']}  {names(d['recon_ids'])}",
+           f"     = FIRST_PROMPT {kvzip.FIRST_PROMPT!r} -> one marker, + postfix '' -> [], + the context",
+           f"   cache after prefill: positions 0..{n_p + n_c - 1} = {names(d['prefix_ids'][:n_p] + d['context_ids'])}",
+           "",
+           "2. Scoring: the reconstruction input runs on top of the cache. The scorer ranks keys",
+           "   K' = [prefix ; context ; the input's own keys] (' = input key; row t sees input keys <= t)",
+           "   logit = q·k/√16, p = softmax over the keys a row sees, · = masked (causal)"]
+    short = lambda s: s.replace("<prompt>", "<p>")  # noqa: E731  (keeps the columns narrow)
+    groups = [(0, n_p), (n_p, n_p + n_c), (n_p + n_c, n_p + n_c + n_q)]
+
+    def line(label, cells):  # cells: n_k strings, split into prefix | context | input
+        return f"   {label:<7}" + " |".join("".join(f"{c:>{w}}" for c in cells[a:b]) for a, b in groups)
+
+    names_row = "   " + " " * 7 + " |".join(f"{s:>{w * (b - a)}}" for s, (a, b) in
+                                           zip(("prefix", "context", "input (causal)"), groups))
+    head = [names_row, line("row", [short(s) for s in labels])]
+    ctx = slice(n_p, n_p + n_c)
+    for h in range(Hkv):
+        for g in range(G):
+            what = "looks up the next token" if g == 0 else "looks at the same token"
+            masked = d["logits"][h, g] == float("-inf")  # (n_q, n_k)
+            for title, m_, fmt in (("logits", d["logits"][h, g], ".0f"), ("probabilities", d["probs"][h, g], ".3f")):
+                out.append(f"\n   query head g={g} ({what}): {title}" if title == "logits" else f"   {title}")
+                out += head if title == "logits" else []
+                for t in range(n_q):
+                    cells = ["·" if masked[t, j] else format(float(m_[t, j]), fmt) for j in range(m_.shape[1])]
+                    out.append(line(short(V[d["recon_ids"][t]]) + "'", cells))
+            colmax = d["probs"][h, g, :, ctx].amax(dim=0)
+            out.append(line("max", [""] * n_p + [f"{float(x):.3f}" for x in colmax] + [""] * n_q).rstrip()
+                       + "  <- max over rows")
+    s = d["scores"][0, 0]
+    out.append("\n   score S = max over rows and both query heads of the context columns:")
+    out.append("   " + "   ".join(f"{V[i]} {float(x):.4f}" for i, x in zip(d["context_ids"], s)))
+    same = torch.allclose(d["scores_recomputed"], d["scores"], atol=1e-6)
+    out.append(f"   (kv.scores from kvzip.prefill: {'the same numbers' if same else 'DIFFERENT: ' + str(d['scores'])})")
+    e4 = math.exp(TOY_MATCH)
+    out.append(f"   by hand: A = e^4/(e^4 + 5) = {e4 / (e4 + 5):.4f}: row <prompt>' sees 6 keys, one matches;"
+               " each later row sees one more key,")
+    out.append(f"   so B = e^4/(e^4 + 6) = {e4 / (e4 + 6):.4f}, C = e^4/(e^4 + 7), D = e^4/(e^4 + 8). Here the ranking"
+               " comes only from that growing denominator;")
+    out.append("   a real model's scores spread over orders of magnitude (python explain.py --explain, step 4)")
+
+    L, Hkv_, n_c_ = d["scores"].shape
+    total = L * Hkv_ * n_c_
+    out.append(f"\n3. Ranking: one global order over all L·Hkv·n_c = {total} pairs (ties: lower index first)")
+    flat = d["scores"].reshape(-1)  # (L*Hkv*n_c,), position = flat index % n_c
+    out.append("   " + "   ".join(f"{r + 1}. {V[d['context_ids'][int(i) % n_c_]]} {float(flat[i]):.4f}"
+                                  for r, i in enumerate(d["order"])))
+    keep = d["keep"][0, 0]
+    kept = [V[i] for i, k in zip(d["context_ids"], keep) if k]
+    gone = [V[i] for i, k in zip(d["context_ids"], keep) if not k]
+    out.append(f"   prune({d['ratio']}) keeps round({d['ratio']}·{total}) = {d['k_kept']} pairs: {' '.join(kept)};"
+               f" evicts: {' '.join(gone) or '-'}; the prefix is always kept")
+    out.append(f"   head_lengths (L, Hkv), prefix included: {d['head_lengths'].tolist()}")
+    kept_rows = int(d["head_lengths"].sum())
+    out.append(f"\n4. Bytes: full cache {d['bytes_full']} B (K and V of {n_p + n_c} positions x 16 dims x 4 B);"
+               f" compressed {d['bytes_compressed']} B (packed K and V {d['bytes_packed_kv']} B"
+               f" + offsets {d['bytes_offsets']} B)")
+    out.append(f"   = {d['bytes_compressed'] / d['bytes_full']:.1%} of the full cache at ratio {d['ratio']}: the ratio"
+               f" counts context pairs only, the prefix is never evicted ({kept_rows} of {n_p + n_c} rows"
+               " kept), and the offsets cost a little")
+    out.append("\n5. Greedy answers (query ids = \"\\n\\n\" + query, + postfix)")
+    for q, (full, comp) in d["answers"].items():
+        out.append(f"   query {q!r}: full cache -> {full!r}   compressed -> {comp!r}")
+    out.append("   (an evicted pair cannot be copied: the next-token head finds no match, spreads its"
+               " attention, and <eos>'s 0.5 wins)")
+    return "\n".join(s.rstrip() for s in out)
+
+
+# -----------------------------------------------------------------------------
+# 2. Reading tools
+
+def token_texts(tok, ids) -> list[str]:
+    """Each id decoded on its own. (A byte-level token holding part of a UTF-8 character shows
+    as the replacement character; the context's text as a whole is unaffected.)"""
+    return [tok.decode([i]) for i in ids]
+
+
+def token_kinds(tok, ids) -> list[str]:
+    """tasks.token_kind of each token of ids: "digit", "punct" (punctuation/whitespace) or "word"."""
+    return [tasks.token_kind(t) for t in token_texts(tok, ids)]
+
+
+def kept_by_kind(keep_mask, kinds) -> dict:
+    """{kind: fraction of that kind's (layer, head, position) pairs kept}, pooled over layers and
+    heads; keep_mask (L, Hkv, n_c) bool, kinds n_c strings. Kinds absent from the context are left
+    out. (tasks.kept_by_kind on the per-position fractions; reuse.py pools the same way.)"""
+    if keep_mask.shape[-1] != len(kinds):
+        raise ValueError(f"keep_mask has {keep_mask.shape[-1]} positions, kinds has {len(kinds)}")
+    return tasks.kept_by_kind(keep_mask.float().mean(dim=(0, 1)).tolist(), kinds)  # (n_c,) fractions
+
+
+def token_scores(kv, tok, layer: int, head: int, scores=None, start: int = 0,
+                 end: int | None = None) -> list[tuple[str, float]]:
+    """[(token text, KVzip score)] of context positions start..end-1 for one (layer, KV head), in
+    order of position: a view for pdb, e.g. sorted(token_scores(kv, tok, 3, 0), key=lambda p: -p[1])[:10].
+    scores: (L, Hkv, n_c), default kv.scores; pass score_context's `scores` to look at a chunk while
+    it is being scored (kv.scores is only set once every chunk is done)."""
+    scores = kv.scores if scores is None else scores
+    if scores is None:
+        raise ValueError("this FullKV has no scores yet (prefill(..., score=False), or scoring is under "
+                         "way): pass scores=")
+    L, Hkv, n_c = scores.shape
+    if not (0 <= layer < L and 0 <= head < Hkv):
+        raise ValueError(f"layer must be in [0, {L}) and head in [0, {Hkv}), got ({layer}, {head})")
+    end = n_c if end is None else end
+    if not 0 <= start <= end <= n_c:
+        raise ValueError(f"need 0 <= start <= end <= {n_c}, got start={start}, end={end}")
+    return list(zip(token_texts(tok, kv.context_ids[start:end]), scores[layer, head, start:end].tolist()))
+
+
+def format_kinds(fracs: dict, kinds=None) -> str:
+    counts = {k: kinds.count(k) for k in fracs} if kinds is not None else {}
+    return ", ".join(f"{k} {v:.0%}" + (f" (n={counts[k]})" if k in counts else "") for k, v in fracs.items())
+
+
+# -----------------------------------------------------------------------------
+# 3. The picture: which tokens are kept, as one HTML file
+
+_CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px 32px;
+       color: #1d2327; background: #fff; max-width: 1150px; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+p.lead { margin: 0 0 12px; color: #50575e; }
+.bar { display: flex; gap: 18px; align-items: center; flex-wrap: wrap; margin: 8px 0 6px;
+       padding: 8px 12px; background: #f4f6f8; border-radius: 6px; }
+.bar label { cursor: pointer; font-variant-numeric: tabular-nums; }
+.bar input { margin-right: 4px; }
+.sum { color: #50575e; font-variant-numeric: tabular-nums; font-size: 14px; }
+h2 { font-size: 15px; margin: 16px 0 6px; display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; }
+.heat { border-collapse: collapse; font-size: 10px; font-variant-numeric: tabular-nums; }
+.heat td, .heat th { width: 27px; height: 22px; text-align: center; padding: 0; }
+.heat th { font-weight: normal; color: #646970; }
+.heat th.rh { width: 48px; text-align: right; padding-right: 6px; }
+.text { white-space: pre-wrap; font: 14.5px/1.9 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace;
+        border: 1px solid #dcdcde; border-radius: 6px; padding: 12px 14px; word-break: break-word; }
+.tok { border-radius: 2px; box-shadow: inset -1px 0 0 rgba(255, 255, 255, 0.7); }
+.dark { color: #fff; }
+.tok.gone { background: none; color: #a7aaad; text-decoration: line-through; text-decoration-color: #c3c4c7; }
+.cell.gone { background: #f0f0f1; color: #a7aaad; }
+.nl::before { content: "\\21B5"; opacity: 0.5; }
+.legend { display: inline-flex; align-items: center; gap: 4px; font-size: 12px; font-weight: normal;
+          color: #50575e; }
+.legend span.sw { display: inline-block; width: 20px; height: 14px; border-radius: 2px; }
+.legend span.gap { width: 8px; }
+.kinds td { padding: 1px 12px 1px 0; font-variant-numeric: tabular-nums; }
+.kinds td.kind { padding: 1px 8px; text-align: right; min-width: 52px; border-radius: 2px; }
+details { margin-top: 14px; color: #50575e; font-size: 13px; }
+"""
+
+# Colours. Heatmap cells: a head's kept fraction f on one blue scale (sqrt: small budgets stay
+# visible). Tokens and token kinds: f against the ratio r, the average share - white at f = r,
+# blue deepening toward "kept by every head", orange deepening toward "kept by no head"; grey and
+# struck through at f = 0 (evicted everywhere). Per-token fractions cluster near r, so an absolute
+# scale would paint nearly every token the same colour. Python draws the initial page with these
+# rules and the script redraws with the same ones (keep the two in step).
+_JS = """
+function shade(f, r) {  // [background, white text?]; r === null: the heatmap's absolute scale
+  let hue = 210, span = 60, d = Math.sqrt(f);
+  if (r !== null) {
+    if (f >= r) d = r < 1 ? Math.sqrt((f - r) / (1 - r)) : 0;
+    else { hue = 28; span = 34; d = Math.sqrt((r - f) / r); }
+  }
+  const light = 97 - span * d;
+  return ['hsl(' + hue + ' 85% ' + light.toFixed(1) + '%)', light < 58];
+}
+const parsed = new Map();
+for (const el of document.querySelectorAll('.tok, .cell, .kind')) {
+  const m = {};
+  for (const kv of el.dataset.kept.split(' ')) { const [r, f] = kv.split(':'); m[r] = parseFloat(f); }
+  parsed.set(el, m);
+}
+function show(key) {
+  const r = parseFloat(key);
+  for (const [el, m] of parsed) {
+    const f = m[key], isCell = el.classList.contains('cell');
+    const [bg, dark] = shade(f, isCell ? null : r);
+    el.style.background = f === 0 ? '' : bg;
+    el.classList.toggle('gone', f === 0);
+    el.classList.toggle('dark', f > 0 && dark);
+    if (el.classList.contains('tok')) {
+      el.title = '#' + el.dataset.i + ': kept by ' + (100 * f).toFixed(1) + '% of layer-heads';
+    } else if (isCell) {
+      el.textContent = f > 0 && f < 0.005 ? '<1' : Math.round(100 * f);
+      el.title = el.dataset.name + ': keeps ' + (100 * f).toFixed(1) + '% of the context';
+    } else {
+      el.textContent = (100 * f).toFixed(1) + '%';
+    }
+  }
+  document.getElementById('sum').textContent = SUMMARY[key];
+}
+for (const b of document.querySelectorAll('input[name=ratio]')) b.addEventListener('change', () => show(b.value));
+show(document.querySelector('input[name=ratio]:checked').value);
+"""
+
+
+def _shade(f: float, r: float | None = None) -> tuple[str, bool]:
+    """The script's shade(): (CSS background, white text?) for kept fraction f at ratio r."""
+    hue, span, d = 210, 60, math.sqrt(f)
+    if r is not None:
+        if f >= r:
+            d = math.sqrt((f - r) / (1 - r)) if r < 1 else 0.0
+        else:
+            hue, span, d = 28, 34, math.sqrt((r - f) / r)
+    light = 97 - span * d
+    return f"hsl({hue} 85% {light:.1f}%)", light < 58
+
+
+def _look(f, r=None) -> str:
+    """class suffix and style attribute of an element at the selected ratio (initial page)."""
+    f = float(f)
+    if f == 0:
+        return ' gone"'
+    bg, dark = _shade(f, r)
+    return (' dark"' if dark else '"') + f' style="background:{bg}"'
+
+
+def _swatches(pairs) -> str:
+    return "".join(f'<span class="sw" style="background:{_shade(f, r)[0]}"></span>' for f, r in pairs)
+
+
+def _pct(f) -> str:  # a heatmap cell's text (the script writes the same)
+    f = float(f)
+    return "&lt;1" if 0 < f < 0.005 else str(round(100 * f))
+
+
+def _rkey(r: float) -> str:
+    return f"{r:g}"
+
+
+def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 0.3,
+                    title: str = "What KVzip keeps", n_prefix: int = 0, prefix_text: str = "",
+                    note: str = "") -> dict:
+    """Write one self-contained HTML page showing which context tokens KVzip keeps.
+
+    tokens: n_c strings (each context token's text); scores (L, Hkv, n_c). For each ratio the
+    keep mask is kvzip.keep_mask(scores, ratio) - the rule FullKV.prune uses. Each token is one
+    <span class="tok" data-i="i" data-kept="0.1:f 0.3:f ..."> holding its HTML-escaped text, with
+    f the fraction of the L*Hkv (layer, KV head) pairs that keep position i; tokens evicted by
+    every head are greyed. A heatmap shows each head's kept fraction of the context (its budget),
+    one <td class="cell" data-l data-h data-kept> per (layer, head). Radio buttons switch the ratio
+    (an inline script; no network, fonts or external files). `selected` is the ratio shown first
+    (added to `ratios` if missing). Returns {"kept": {ratio: (n_c,) fractions}, "budgets":
+    {ratio: (L, Hkv) fractions}, "kinds": {ratio: kept_by_kind}}.
+    """
+    L, Hkv, n_c = scores.shape
+    if len(tokens) != n_c:
+        raise ValueError(f"{len(tokens)} tokens for {n_c} scored positions")
+    ratios = sorted(set(float(r) for r in ratios) | {float(selected)})
+    for r in ratios:
+        kvzip.check_ratio(r)
+    kinds = [tasks.token_kind(t) for t in tokens]
+    kept, budgets, by_kind, summary = {}, {}, {}, {}
+    for r in ratios:
+        mask = kvzip.keep_mask(scores, r)  # (L, Hkv, n_c)
+        kept[r] = mask.float().mean(dim=(0, 1))  # (n_c,)
+        budgets[r] = mask.float().mean(dim=-1)  # (L, Hkv)
+        by_kind[r] = kept_by_kind(mask, kinds)
+        n_any = int(mask.any(dim=(0, 1)).sum())
+        summary[_rkey(r)] = (f"keeps {int(mask.sum()):,} of the {L * Hkv * n_c:,} context KV pairs "
+                             f"({L} layers x {Hkv} KV heads x {n_c} tokens): a token is kept by {r:.0%} of "
+                             f"the layer-heads on average; {n_any} of {n_c} tokens by at least one, "
+                             f"{n_c - n_any} by none")
+
+    def kept_attr(vals) -> str:  # "0.1:0.4200 0.3:0.8000": one fraction per ratio
+        return " ".join(f"{_rkey(r)}:{float(v):.4f}" for r, v in zip(ratios, vals))
+
+    sel = float(selected)
+    spans = []
+    for i, text in enumerate(tokens):
+        nl = " nl" if "\n" in text else ""  # a visible return mark before the line break
+        spans.append(f'<span class="tok{nl}{_look(kept[sel][i], sel)} data-i="{i}" data-kind="{kinds[i]}" '
+                     f'data-kept="{kept_attr([kept[r][i] for r in ratios])}">{html.escape(text)}</span>')
+    # heatmap: KV heads as rows, layers as columns (L is usually the long side)
+    rows = ['<tr><th class="rh">layer</th>' + "".join(f"<th>{l}</th>" for l in range(L)) + "</tr>"]
+    for h in range(Hkv):
+        tds = "".join(f'<td class="cell{_look(budgets[sel][l, h])} data-l="{l}" data-h="{h}" '
+                      f'data-name="layer {l}, KV head {h}" '
+                      f'data-kept="{kept_attr([budgets[r][l, h] for r in ratios])}">{_pct(budgets[sel][l, h])}</td>'
+                      for l in range(L))
+        rows.append(f'<tr><th class="rh">head {h}</th>{tds}</tr>')
+    kind_rows = "".join(
+        f'<tr><td>{k}</td><td>{kinds.count(k)} tokens</td><td class="kind{_look(by_kind[sel][k], sel)} '
+        f'data-kept="{kept_attr([by_kind[r][k] for r in ratios])}">{100 * by_kind[sel][k]:.1f}%</td></tr>'
+        for k in tasks.TOKEN_KINDS if k in by_kind[sel])
+    radios = "".join(f'<label><input type="radio" name="ratio" value="{_rkey(r)}"'
+                     f'{" checked" if r == sel else ""}>{r:.0%}</label>' for r in ratios)
+    heat_legend = _swatches((f, None) for f in (0.02, 0.1, 0.25, 0.5, 1.0))
+    r0 = 0.5  # the token legend is drawn in units of "how far from average", the same at any ratio
+    tok_legend = (_swatches((r0 * (1 - d * d), r0) for d in (1.0, 0.7, 0.4)) + _swatches([(r0, r0)])
+                  + _swatches((r0 + (1 - r0) * d * d, r0) for d in (0.4, 0.7, 1.0)))
+    prefix_html = ""
+    if n_prefix:
+        prefix_html = (f"<details><summary>The {n_prefix}-token prefix (chat template and instruction) "
+                       f"is never evicted</summary><pre>{html.escape(prefix_text)}</pre></details>")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="lead">KVzip scores every cached (layer, KV head, token) pair by the most attention it gets while the
+model repeats the context, then keeps the top fraction of all pairs in one global ranking, so heads get
+different budgets. {html.escape(note)}</p>
+<div class="bar"><b>kept ratio</b> {radios}</div>
+<div class="sum" id="sum">{html.escape(summary[_rkey(sel)])}</div>
+<h2>Per-head budgets: % of the context each (layer, KV head) keeps
+<span class="legend">0%{heat_legend}100%</span></h2>
+<table class="heat">{"".join(rows)}</table>
+<h2>Kept by token kind (pooled over layers and heads)</h2>
+<table class="kinds">{kind_rows}</table>
+<h2>The context ({n_c} tokens), shaded by the share of layer-heads that keep each token
+<span class="legend"><span style="text-decoration: line-through; color: #a7aaad">none</span>
+<span class="gap"></span>fewer than average{tok_legend}more&nbsp;&middot;&nbsp;all</span></h2>
+<div class="text">{"".join(spans)}</div>
+{prefix_html}
+<script>const SUMMARY = {json.dumps(summary)};{_JS}</script>
+</body></html>
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return {"kept": kept, "budgets": budgets, "kinds": by_kind}
+
+
+# -----------------------------------------------------------------------------
+# 4. The walk-through on a real model
+
+def _ids_brief(ids, n=6) -> str:
+    if len(ids) <= 2 * n:
+        return str(list(ids))
+    return f"[{', '.join(map(str, ids[:n]))}, ..., {', '.join(map(str, ids[-n:]))}]"
+
+
+def _quantiles(x: torch.Tensor, qs=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)) -> str:
+    vals = torch.quantile(x.reshape(-1).double(), torch.tensor(qs, dtype=torch.float64))
+    return "  ".join(f"{'min' if q == 0 else 'max' if q == 1 else f'q{round(q * 100)}'} {float(v):.3g}"
+                     for q, v in zip(qs, vals))
+
+
+def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: int = 128,
+                  template: bool = False, out=print) -> dict:
+    """Print KVzip's steps on a real model; probes: [(prompt, expected answer or None)].
+    Returns {"kv", "ckv", "keep", "answers"} for further poking."""
+    cfg = m.cfg
+    prefix_ids = kvzip.prefix_ids(tok)
+    out(f"KVzip, step by step: {cfg.architecture}, L = {cfg.n_layer} layers, {cfg.n_head} query heads "
+        f"sharing Hkv = {cfg.n_kv_head} KV heads (G = {cfg.group}), D = {cfg.head_dim}, {m.dtype}")
+    t0 = time.perf_counter()
+    kv = kvzip.prefill(m, tok, context, chunk_size=chunk_size)
+    t_prefill = time.perf_counter() - t0
+    n_p, n_c, ids = kv.n_prefix, kv.n_context, kv.context_ids
+    out("\n1. The pieces, each encoded on its own (BPE would merge across a joined seam)")
+    out(f"   prefix  n_p = {n_p:4d}: {_ids_brief(prefix_ids[:n_p])}  {tok.decode(prefix_ids[:n_p])[:60]!r}...")
+    out(f"   context n_c = {n_c:4d}: {_ids_brief(ids)}")
+    out(f"           starts {tok.decode(ids[:12])!r} ... ends {tok.decode(ids[-12:])!r}")
+    shape = tuple(kv.cache.keys(0).shape)
+    out(f"\n2. Prefill: prefix + context -> dense cache, per layer K and V {shape} (Hkv, n_p + n_c, D): "
+        f"{kv.nbytes / 2**20:.2f} MiB")
+    out(f"\n3. Scoring by reconstruction, chunks of {chunk_size} context tokens (the paper uses "
+        f"{kvzip.CHUNK_SIZE}); each input = prompt + postfix + chunk, run on top of the cache:")
+    post = tok.encode(tok.postfix)
+    for c, (start, end, r_ids) in enumerate(kvzip.reconstruction_inputs(tok, ids, chunk_size)):
+        n_prompt = len(r_ids) - len(post) - (end - start)
+        out(f"   chunk {c}: context [{start}, {end}), n_q = {len(r_ids)} ids {_ids_brief(r_ids, 4)}")
+        out(f"            = prompt {n_prompt} {tok.decode(r_ids[:n_prompt])!r} + postfix {len(post)} "
+            f"+ chunk {end - start}")
+        out(f"            scorer keys K' = prefix {n_p} + chunk {end - start} + input {len(r_ids)} "
+            f"= {n_p + end - start + len(r_ids)}")
+    out(f"   prefill + scoring: {t_prefill:.1f} s")
+    s = kv.scores
+    out(f"\n4. Scores S (L, Hkv, n_c) = {tuple(s.shape)} {s.dtype}: the max attention each pair gets")
+    out(f"   {_quantiles(s)}")
+    per_layer = s.mean(dim=(1, 2))
+    out("   mean per layer: " + " ".join(f"{float(x):.2f}" for x in per_layer))
+    layer, head = cfg.n_layer // 2, 0
+    top = sorted(token_scores(kv, tok, layer, head), key=lambda p: -p[1])[:8]
+    out(f"   top tokens of layer {layer}, head {head} (token_scores): "
+        + ", ".join(f"{t!r} {v:.2f}" for t, v in top))
+
+    total = cfg.n_layer * cfg.n_kv_head * n_c
+    k = round(ratio * total)
+    thr = float(torch.sort(s.reshape(-1), descending=True, stable=True).values[k - 1])
+    keep = kvzip.keep_mask(s, ratio)
+    ckv = kv.prune(ratio)
+    out(f"\n5. Eviction at ratio {ratio}: one global ranking of all L·Hkv·n_c = {total:,} pairs, keep the "
+        f"top k = round({ratio}·{total}) = {k:,}")
+    out(f"   threshold (the k-th largest score) = {thr:.4g}; kept {int(keep.sum()):,}")
+    budgets = keep.sum(dim=(1, 2))
+    out(f"   kept pairs per layer (of Hkv·n_c = {cfg.n_kv_head * n_c}): "
+        + " ".join(str(int(b)) for b in budgets))
+    frac = keep.float().mean(dim=-1)  # (L, Hkv)
+    out("   kept % per head (rows: KV head, columns: layer 0..L-1):")
+    for h in range(cfg.n_kv_head):
+        out(f"     head {h}: " + " ".join(f"{round(100 * float(x)):3d}" for x in frac[:, h]))
+    out(f"   spread of head budgets: min {float(frac.min()):.0%}, median "
+        f"{statistics.median(frac.reshape(-1).tolist()):.0%}, max {float(frac.max()):.0%}")
+    assert torch.equal(ckv.head_lengths(), keep.sum(dim=-1) + n_p)  # prune packed exactly this mask
+    rows, all_rows = int(ckv.head_lengths().sum()), cfg.n_layer * cfg.n_kv_head * (n_p + n_c)
+    out(f"\n6. Bytes: full {kv.nbytes:,} B -> compressed {ckv.nbytes:,} B ({ckv.nbytes / kv.nbytes:.1%}, not "
+        f"{ratio:.0%}: the ratio counts context pairs only;")
+    out(f"   the prefix is never evicted, so {k:,} + {all_rows - total:,} prefix = {rows:,} of {all_rows:,} rows "
+        f"stay = {rows / all_rows:.1%}, plus {sum(o.numel() for o in ckv.offsets) * 8:,} B of offsets)")
+    kinds = token_kinds(tok, ids)
+    out(f"\n7. Kept by token kind: {format_kinds(kept_by_kind(keep, kinds), kinds)}")
+    out("\n8. Answers, greedy, from the full and the compressed cache:")
+    answers = []
+    for prompt, expected in probes:
+        full = kvzip.generate(m, tok, prompt, kv, 16, template=template).strip().splitlines()
+        comp = kvzip.generate(m, tok, prompt, ckv, 16, template=template).strip().splitlines()
+        full, comp = (full[0] if full else ""), (comp[0] if comp else "")
+        answers.append((full, comp))
+        exp = f" (expected {expected})" if expected else ""
+        mark = lambda a: ("   right" if tasks.check_answer(a, expected) else "   WRONG") if expected else ""  # noqa: E731
+        out(f"   {prompt!r}{exp}\n     full:       {full!r}{mark(full)}\n     compressed: {comp!r}{mark(comp)}")
+    return {"kv": kv, "ckv": ckv, "keep": keep, "answers": answers}
+
+
+# -----------------------------------------------------------------------------
+# 5. Command line
+
+def _read_context(p, path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"cannot read --context {path}: {e}")
+    if not text.strip():
+        p.error(f"--context {path} is empty")
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="KVzip explained: a hand-checkable toy, a step-by-step "
+                                "walk-through, and an HTML picture of what is kept.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--toy", action="store_true", help="the toy example on a hand-set 1-layer model")
+    mode.add_argument("--explain", action="store_true", help="each step on a real model (default: SmolLM2)")
+    mode.add_argument("--html", metavar="PATH", help="write an HTML page of the kept tokens to PATH")
+    p.add_argument("--ratio", type=float, help="fraction of context KV pairs kept "
+                   "(default 0.5 for --toy, 0.3 otherwise; --html also shows " + ", ".join(map(str, HTML_RATIOS)) + ")")
+    p.add_argument("--context", metavar="FILE", help="text file to use as the context "
+                   "(default: a seeded haystack with two pass keys)")
+    p.add_argument("--query", action="append", help="a question for --explain with --context (repeatable)")
+    p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--chunk-size", type=int, default=128,
+                   help="context tokens per reconstruction chunk in --explain (default 128, so that "
+                   f"chunking shows; kvzip's default is {kvzip.CHUNK_SIZE})")
+    args = p.parse_args(argv)
+
+    ratio = args.ratio if args.ratio is not None else (0.5 if args.toy else 0.3)
+    try:
+        kvzip.check_ratio(ratio)
+    except ValueError as e:
+        p.error(str(e))
+    if args.toy and (args.context or args.model or args.query):
+        p.error("--toy uses its own model and context: drop --context, --model and --query")
+    if args.query and not (args.explain and args.context):
+        p.error("--query goes with --explain --context FILE")
+    if args.chunk_size < kvzip.N_OVERLAP:
+        p.error(f"--chunk-size must be at least {kvzip.N_OVERLAP}, got {args.chunk_size}")
+    if args.html:
+        folder = os.path.dirname(os.path.abspath(args.html))
+        if not os.path.isdir(folder):
+            p.error(f"--html: folder {folder} does not exist")
+
+    if args.toy:
+        print(format_toy(toy_example(ratio)))
+        return
+
+    context = _read_context(p, args.context) if args.context else None
+    try:
+        m, tok = model_lib.load(args.model)
+    except (OSError, ValueError) as e:
+        p.error(f"cannot load the model: {e}")
+
+    if args.explain:
+        if context is None:
+            task = tasks.needle_task(300, 2, seed=0, tok=tok)
+            context, probes, template = task["context"], task["probes"], False  # completion probes
+        else:
+            qs = args.query or ["Summarize the context in one sentence.", "What is the last sentence of the context?"]
+            probes, template = [(q, None) for q in qs], True
+        explain_steps(m, tok, context, probes, ratio, args.chunk_size, template)
+        return
+
+    if context is None:
+        context = tasks.needle_task(400, 2, seed=0, tok=tok)["context"]
+    t0 = time.perf_counter()
+    kv = kvzip.prefill(m, tok, context)
+    tokens = token_texts(tok, kv.context_ids)
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct"
+    res = write_kept_html(args.html, tokens, kv.scores, HTML_RATIOS, ratio,
+                          title=f"What KVzip keeps: {name}, {kv.n_context} context tokens",
+                          n_prefix=kv.n_prefix, prefix_text=tok.decode(kvzip.prefix_ids(tok)))
+    print(f"wrote {args.html}: {kv.n_context} context tokens, {m.cfg.n_layer} layers x "
+          f"{m.cfg.n_kv_head} KV heads, ratios {', '.join(_rkey(r) for r in res['kept'])} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    kinds = [tasks.token_kind(t) for t in tokens]
+    for r, fr in res["kinds"].items():
+        print(f"  kept at ratio {_rkey(r)} by token kind: {format_kinds(fr, kinds)}")
+
+
+if __name__ == "__main__":
+    main()
