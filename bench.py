@@ -443,14 +443,18 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
     if at_ratio_16 != comp_bytes:
         raise RuntimeError(f"bits-16 bytes per pair times kept pairs, {at_ratio_16:,}, differ from the "
                            f"layer-by-layer count {comp_bytes:,}")
-    progress(f"quantized cache: timing one layer's decode at bits {QUANT_BITS} side by side, {reps} rounds")
+    # A third of the rounds (at least 3): on a CPU the int8/int4 steps take ~1 s each at 124K, and
+    # this table must not double the main command's minute.
+    rounds = max(3, reps // 3)
+    progress(f"quantized cache: timing one layer's decode at bits {QUANT_BITS} side by side, {rounds} rounds")
     for fn in fns.values():
         fn()  # warm-up
     inner = 20 if device.type == "cuda" else 1
-    med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, reps, inner)
+    med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, inner)
     path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None
                                       else "kvzip.packed_attention")
-    decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path) for b in fns]
+    decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
+              for b in fns]
     return sorted(memory, key=lambda m: (-m["ratio"], -m["bits"])), decode
 
 
@@ -644,8 +648,9 @@ def format_quantized(res: dict) -> list[str]:
         lines.append(f"{row_['bits']:>6}{row_['ratio']:>7}{_gb(row_['bytes']):>12}{row_['fraction_of_full']:>8.3f}"
                      f"{t:>14}{cited:>28}".rstrip())
     path = (res.get("quantized_decode") or [{}])[0].get("path", "")
+    rounds = (res.get("quantized_decode") or [{}])[0].get("rounds", "")
     lines.append(f"decode/layer: one new token over the layer nearest the mean at ratio {r}, bits 16 / 8 / 4 "
-                 f"timed side by side ({path}, int8/int4 dequantized as read).")
+                 f"timed side by side, median of {rounds} ({path}; int8/int4 dequantized as read).")
     return lines
 
 
