@@ -440,6 +440,9 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
 def _check_quantized(q, k_packed, v_packed):
     """A quantized packed cache: K and V quantized alike, in quant.Quantized's layout, on q's device,
     of q's dtype once dequantized."""
+    if k_packed.bits not in quant.BITS or k_packed.shape[1] % k_packed.group:
+        raise ValueError(f"k_packed must hold bits {quant.BITS} codes in whole groups, got bits {k_packed.bits}, "
+                         f"group {k_packed.group}")
     if (k_packed.bits, k_packed.group) != (v_packed.bits, v_packed.group):
         raise ValueError(f"k_packed (bits {k_packed.bits}, group {k_packed.group}) and v_packed (bits "
                          f"{v_packed.bits}, group {v_packed.group}) must be quantized alike")

@@ -24,7 +24,7 @@ length is not a multiple of 32, or the growing tail of new tokens, needs a full-
 until its group fills. Per-token groups make every row self-contained: any row range (a head, or a
 single row appended later) quantizes and dequantizes on its own. They also cost nothing measurable.
 Measured on the default model (SmolLM2-135M-Instruct, float32 on CPU, D = 64) with a 1000-token
-needle context (bench.needle_task(1000, 4, seed=0)): the full dense cache from
+needle context (tasks.needle_task(1000, 4, seed=0)): the full dense cache from
 kvzip.prefill(..., score=False) is fake-quantized (quantize -> dequantize, every layer, K and V),
 then the teacher-forced NLL per token of reconstructing the context (the first 6 reconstruction
 inputs of kvzip.reconstruction_inputs(tok, ids, 64), 384 tokens) and the greedy pass-key answers

@@ -324,6 +324,8 @@ def test_varlen_decode_bad_input(change, match):
         (lambda a: a.update(v_packed=quant.quantize(quant.dequantize(a["v_packed"]), 4)), "quantized alike"),
         (lambda a: a.update(q=a["q"].bfloat16(), k_tail=a["k_tail"].bfloat16(), v_tail=a["v_tail"].bfloat16()),
          "dequantizes to torch.float32, but q is torch.bfloat16"),
+        (lambda a: a.update(k_packed=quant.Quantized(a["k_packed"].data, a["k_packed"].scale, a["k_packed"].zero,
+                                                     8, 5, torch.float32)), "whole groups"),
         (lambda a: a.update(k_packed=quant.Quantized(a["k_packed"].data, a["k_packed"].scale.float(),
                                                      a["k_packed"].zero, 8, 16, torch.float32)), "k_packed.scale"),
         (lambda a: a.update(v_packed=quant.Quantized(a["v_packed"].data[:, ::2], a["v_packed"].scale[:, ::2],
