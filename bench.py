@@ -20,11 +20,21 @@ Llama-3.1-8B is 124,000 tokens, 16.3 GB of bf16 KV):
      memory); the paper reports scoring at about twice the cost of prefill.
   4. quality at this ratio, short version: needle retrieval relative to the full cache and greedy
      answer agreement. The full comparison with query-aware baselines is reuse.py.
+  5. the quantized compressed cache (kv.prune(ratio, bits=16|8|4)): memory at the target geometry
+     for bits 16, 8 and 4 at ratio 1.0 and at --ratio, beside the paper's figures for Llama-3.1-8B
+     at 124K (16.3 GB full, ~1.2 GB with 4-bit KV at ratio 0.3; the paper's, which count no
+     scales), and the decode time of one layer for each bit width, timed side by side.
+     Counting: a kept pair costs the same bytes wherever it sits (codes + one fp16 scale and zero
+     per 32 values, or D values in the cache's dtype), so one real kvzip.CompressedKV per bit
+     width, the decode row's layer at --ratio, gives the bytes per kept pair (K and V); each
+     layer's kept pairs times that, plus the int64 offsets, is the total. At bits 16 the same
+     count is checked against row 1's layer-by-layer real objects. (Quantizing all 32 layers of a
+     124K cache would take minutes on a CPU; a layer of ~300K kept rows takes seconds.)
 The K/V values of rows 1-2 are synthetic (random, at the target geometry); rows 3-4 and the head
 budgets are real (the default model, SmolLM2-135M-Instruct, on haystack contexts).
 
-Map of this file: geometries, arguments, per-head budgets, the four measurements (1 + 2:
-measure_geometry; 3 + 4: real_run, quality_row), the report (summary card, table, last-line
+Map of this file: geometries, arguments, per-head budgets, the five measurements (1 + 2:
+measure_geometry; 3 + 4: real_run, quality_row; 5: measure_quantized), the report (summary card, table, last-line
 JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
 contexts in tasks.py. Nothing imports this file.
 Left out on purpose: batching, throughput of whole-model decoding, other GPUs than one.
@@ -77,6 +87,10 @@ TARGETS = dict(
 N_NEEDLES, N_QUESTIONS = 4, 2  # quality probes in the scoring context (--quick: 2 and 1)
 NEEDLE_MAX_NEW, QA_MAX_NEW = 8, 12  # new tokens for a pass-key completion / a short answer
 GB, MB = 1e9, 1e6  # decimal units, as in the paper's "16.3 GB"
+QUANT_BITS = (16, 8, 4)  # kvzip.BITS: the quantized-cache rows (5)
+# The paper's memory figures for Llama-3.1-8B at 124K tokens (quoted, not measured here): the full
+# FP16 cache, and KVzip at ratio 0.3 with 4-bit KV (scales and zero points not counted).
+PAPER_FULL_GB, PAPER_INT4_RATIO_0_3_GB = 16.3, 1.2
 
 _T0 = time.perf_counter()
 
@@ -394,6 +408,72 @@ def measure_geometry(geo, n_p, n_c, fractions, ratios, device, decode_dtype, rep
 
 
 # -----------------------------------------------------------------------------
+# 5. The quantized compressed cache: memory for bits 16 / 8 / 4, decode time per bit width
+
+def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, device, decode_dtype, reps, kern):
+    """Memory rows for bits 16, 8, 4 at ratio 1.0 and at `ratio`, and one layer's decode time per
+    bit width. counts: (L, Hkv) kept context pairs per head at `ratio` (target_budgets);
+    full_bytes, comp_bytes: row 1's real counts (cache_memory), the check of the bits-16 count.
+
+    Returns (memory rows [{bits, ratio, bytes, fraction_of_full}], decode rows [{bits, ratio,
+    ms_per_layer, layer, path}]). The bytes: see the file's docstring, item 5.
+    """
+    L, Hkv, D = geo.n_layers, geo.n_kv_heads, geo.head_dim
+    layer = representative_layer(counts)
+    kept = counts[layer]  # (Hkv,)
+    # Only the kept rows matter for bytes and decode time, not their positions (as for row 2): a
+    # random layer of n_p + the longest head's kept count, each head keeping its own count of it.
+    n_kept = int(kept.max())
+    src = random_layer(geo, n_p + n_kept, geo.torch_dtype, device, seed=2)  # the cache's own dtype
+    if decode_dtype == geo.torch_dtype:
+        dec = src
+    else:  # CPU: decode in the project's CPU dtype (float32), same values
+        dec = model_lib.KVCache(1, Hkv, D, n_p + n_kept + 1, decode_dtype, device)
+        dec.k[0].copy_(src.k[0])
+        dec.v[0].copy_(src.v[0])
+        dec.seq_len = src.seq_len
+    keep = spread_keep_mask(kept[None], n_kept)  # (1, Hkv, n_kept)
+    backend = "reference" if kern is None else "triton"
+    g = torch.Generator(device=device).manual_seed(3)
+    q, k_new, v_new = (torch.randn(shape, generator=g, device=device).to(decode_dtype)
+                       for shape in ((Hkv, geo.group, 1, D), (Hkv, 1, D), (Hkv, 1, D)))
+    offsets_bytes = (Hkv + 1) * 8  # one int64 offsets tensor per layer
+    rows_at = {1.0: [Hkv * (n_p + n_c)] * L, ratio: (Hkv * n_p + counts.sum(dim=1)).tolist()}
+    memory, fns = [], {}
+    for bits in QUANT_BITS:
+        progress(f"quantized cache: one {geo.name} layer of {n_p * Hkv + int(kept.sum()):,} kept pairs at {bits} bits")
+        ckv = kvzip.CompressedKV.from_full(dec, n_p, keep, backend, bits=bits)  # decoded below
+        # codes, scales and zeros do not depend on the input dtype; bits 16 stores the cache's dtype
+        counted = ckv if bits != 16 or dec is src else kvzip.CompressedKV.from_full(src, n_p, keep, bits=16)
+        n_rows = int(counted.head_lengths().sum())
+        per_row, rest = divmod(counted.nbytes - offsets_bytes, n_rows)  # bytes of one kept pair, K and V
+        per_value = 8 * geo.torch_dtype.itemsize if bits == 16 else bits + 32 / min(32, D)  # + fp16 scale, zero
+        assert rest == 0 and per_row == 2 * D * per_value / 8, (bits, per_row, rest)
+        for r, rows in rows_at.items():
+            total = sum(int(n) * per_row + offsets_bytes for n in rows)
+            memory.append(dict(bits=bits, ratio=r, bytes=total, fraction_of_full=total / full_bytes))
+        ckv.reserve(1)
+        fns[bits] = (lambda c=ckv: c.attend(0, q, k_new, v_new))
+    at_ratio_16 = next(m["bytes"] for m in memory if m["bits"] == 16 and m["ratio"] == ratio)
+    if at_ratio_16 != comp_bytes:
+        raise RuntimeError(f"bits-16 bytes per pair times kept pairs, {at_ratio_16:,}, differ from the "
+                           f"layer-by-layer count {comp_bytes:,}")
+    # A third of the rounds (at least 3): on a CPU the int8/int4 steps take ~1 s each at 124K, and
+    # this table must not double the main command's minute.
+    rounds = max(3, reps // 3)
+    progress(f"quantized cache: timing one layer's decode at bits {QUANT_BITS} side by side, {rounds} rounds")
+    for fn in fns.values():
+        fn()  # warm-up
+    inner = 20 if device.type == "cuda" else 1
+    med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, inner)
+    path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None
+                                      else "kvzip.packed_attention")
+    decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
+              for b in fns]
+    return sorted(memory, key=lambda m: (-m["ratio"], -m["bits"])), decode
+
+
+# -----------------------------------------------------------------------------
 # 3 + 4. Scoring cost and quality with the real model
 
 def quality_context(tok, n_tokens: int, n_needles: int, n_questions: int, seed: int = 0):
@@ -585,6 +665,8 @@ def format_report(res: dict) -> str:
         f"peak memory: {sc['peak_memory']}: weights, caches and activations. * prefill: mean of "
         f"{' and '.join(f'{t:.1f}' for t in sc['prefill_runs_s'])} s, run before and after scoring.",
     ]
+    if res["memory"].get("quantized"):
+        lines += [""] + format_quantized(res)
     if res.get("sweep"):
         lines += ["", f"sweep: {geo['name']} at {res['ctx']:,} tokens (full cache {_gb(mem['full_bytes'])}); "
                       "each row times its compressed layer side by side with the full one",
@@ -597,6 +679,29 @@ def format_report(res: dict) -> str:
                          f"{row_['compressed_ms_per_layer'] / row_['full_ms_per_layer']:>8.3f}"
                          f"{row_['compressed_gbps']:>7.2f}")
     return "\n".join(lines)
+
+
+def format_quantized(res: dict) -> list[str]:
+    """The quantized-cache table: bytes for bits 16 / 8 / 4 at ratio 1.0 and --ratio, the paper's
+    figures beside them (Llama-3.1-8B at 124K only), and the decode time of one layer per bit width."""
+    geo, r = res["geometry"], res["ratio"]
+    ms = {d["bits"]: d["ms_per_layer"] for d in res.get("quantized_decode") or []}
+    paper_geo = geo["name"] == "llama3.1-8b" and res["ctx"] == 124_000
+    paper = {(16, 1.0): f"{PAPER_FULL_GB} GB (FP16 full)", (4, 0.3): f"~{PAPER_INT4_RATIO_0_3_GB} GB (no scales)"}
+    lines = [f"quantized cache, kv.prune(ratio, bits=...): {geo['name']} at {res['ctx']:,} tokens; bytes of "
+             "codes + fp16 scale and zero per 32 values + offsets",
+             f"{'bits':>6}{'ratio':>7}{'KV memory':>12}{'/ full':>8}{'decode/layer':>14}"
+             f"{'paper, Llama-3.1-8B 124K':>28}"]
+    for row_ in res["memory"]["quantized"]:
+        t = _ms(ms[row_["bits"]]) if row_["ratio"] == r and row_["bits"] in ms else ""
+        cited = paper.get((row_["bits"], row_["ratio"]), "") if paper_geo else ""
+        lines.append(f"{row_['bits']:>6}{row_['ratio']:>7}{_gb(row_['bytes']):>12}{row_['fraction_of_full']:>8.3f}"
+                     f"{t:>14}{cited:>28}".rstrip())
+    path = (res.get("quantized_decode") or [{}])[0].get("path", "")
+    rounds = (res.get("quantized_decode") or [{}])[0].get("rounds", "")
+    lines.append(f"decode/layer: one new token over the layer nearest the mean at ratio {r}, bits 16 / 8 / 4 "
+                 f"timed side by side, median of {rounds} ({path}; int8/int4 dequantized as read).")
+    return lines
 
 
 def _ctx_text(n: int) -> str:
@@ -645,6 +750,9 @@ def main(args: argparse.Namespace) -> dict:
     decode_dtype = geo.torch_dtype if device.type == "cuda" else m.dtype
     rows = measure_geometry(geo, n_p, args.ctx, fractions, ratios, device, decode_dtype, reps, kern)
     main_row = rows[0]
+    quantized, quantized_decode = measure_quantized(
+        geo, n_p, args.ctx, target_budgets(fractions[args.ratio], geo, args.ctx, args.ratio), args.ratio,
+        main_row["full_bytes"], main_row["compressed_bytes"], device, decode_dtype, reps, kern)
 
     res = dict(
         ctx=args.ctx,
@@ -654,7 +762,9 @@ def main(args: argparse.Namespace) -> dict:
         geometry=dict(name=geo.name, n_layers=geo.n_layers, n_heads=geo.n_heads,
                       n_kv_heads=geo.n_kv_heads, head_dim=geo.head_dim, dtype=geo.dtype),
         memory=dict(full_bytes=main_row["full_bytes"], compressed_bytes=main_row["compressed_bytes"],
-                    expected_fraction=main_row["expected_fraction"], synthetic=True),
+                    expected_fraction=main_row["expected_fraction"], synthetic=True,
+                    quantized=quantized),
+        quantized_decode=quantized_decode,
         decode={k: main_row[k] for k in (
             "full_ms_per_layer", "compressed_ms_per_layer", "full_gbps", "compressed_gbps",
             "device_gbps", "full_path", "compressed_path", "layer", "layer_kept_fraction",

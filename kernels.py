@@ -11,6 +11,8 @@ This file contains, top to bottom:
    attending over the compressed cache, whose heads keep different numbers of pairs.
    - ``_decode_partial_kernel`` flash-decoding: (head, split of keys) -> partial (max, sum, acc),
      merged afterwards with the log-sum-exp rule (in torch, see ``_merge_partials``).
+   - ``_load_rows`` a tile of K or V rows as float32: plain floats, or int8/int4 codes with their
+     per-group scale and zero (quant.py's layout) dequantized as they are loaded.
 
 The reference scorer in kvzip.py (readable torch, full probability matrix) is the spec; the tests
 check these kernels against naive torch only. Shape alphabet: Hkv (KV heads), G (query heads per
@@ -38,6 +40,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+import quant
 
 # Fixed block sizes (no autotuning). 64 x 64 tiles of float32 fit the registers of one 4-warp
 # program for D <= 128 and keep the interpreter's per-program numpy overhead low. tl.dot needs every
@@ -272,13 +276,47 @@ def _check_common(D, strided=(), **tensors):
 # the same kind of buffer: head h's rows start at h * (rows per head of the tail's storage), which
 # also covers a slice [:, :n_tail] of a preallocated [Hkv, capacity, D] buffer without copying it.
 # So one kernel, launched twice into the same partial buffers, handles both; it knows no tails.
+#
+# A quantized cache (kvzip.CompressedKV with bits 8 or 4) passes quant.Quantized blocks instead of
+# float buffers: the same kernel, compiled once per BITS (a constexpr), reads the codes and their
+# per-group fp16 scale and zero and dequantizes each tile as it loads it (``_load_rows``). The
+# float32 tile is what the torch path computes with quant.dequantize_rows; nothing else changes.
+# The tail is never quantized, so its launch uses BITS = 16.
+
+
+@triton.jit
+def _load_rows(x_ptr, scale_ptr, zero_ptr, rows, row_ok, offs_d,
+               HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """A [BLOCK_N, D] float32 tile of rows (rows past the mask read 0).
+
+    BITS = 16: rows of D floats. BITS = 8 or 4: quant.Quantized's layout, dequantized here as
+    quant.dequantize does (code * scale + zero in float32): rows of D uint8 codes (8) or D / 2
+    bytes holding two codes each, column 2i in the low nibble of byte i, 2i + 1 in the high one
+    (4); scale and zero fp16, one per GROUP consecutive values of a row.
+    """
+    mask = row_ok[:, None]
+    if BITS == 16:
+        x = tl.load(x_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        if BITS == 8:
+            code = tl.load(x_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0)
+        else:  # each byte is loaded twice, once for its low and once for its high nibble
+            byte = tl.load(x_ptr + rows[:, None] * (HEAD_DIM // 2) + (offs_d // 2)[None, :], mask=mask, other=0)
+            code = (byte >> ((offs_d % 2) * 4)[None, :]) & 0xF
+        groups = rows[:, None] * (HEAD_DIM // GROUP) + (offs_d // GROUP)[None, :]
+        scale = tl.load(scale_ptr + groups, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + groups, mask=mask, other=0.0).to(tl.float32)
+        x = code.to(tl.float32) * scale + zero
+    return x
 
 
 @triton.jit
 def _decode_partial_kernel(
     q_ptr,  # [Hkv, G, D], contiguous
-    k_ptr,  # rows of D keys: head h owns rows starts[h]:ends[h]
+    k_ptr,  # rows of D keys: head h owns rows starts[h]:ends[h] (BITS 8 / 4: rows of codes)
     v_ptr,  # rows of D values, same layout as the keys
+    k_scale_ptr, k_zero_ptr,  # BITS 8 / 4: [rows, D // GROUP] float16 each (unused for 16)
+    v_scale_ptr, v_zero_ptr,
     starts_ptr,  # [Hkv] int64
     ends_ptr,  # [Hkv] int64
     m_ptr,  # [Hkv, n_splits_total, G] float32, output: max logit
@@ -286,7 +324,7 @@ def _decode_partial_kernel(
     acc_ptr,  # [Hkv, n_splits_total, G, D] float32, output: sum of exp(logit - m) * v
     G, split0, n_splits_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
 ):
     tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and HEAD_DIM >= 16)  # tl.dot minimum
     tl.static_assert(SPLIT_N % BLOCK_N == 0)
@@ -309,12 +347,11 @@ def _decode_partial_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        # -- load a block of keys and values: [BLOCK_N, D] each
+        # -- load a block of keys and values: [BLOCK_N, D] each, float32 (dequantized if BITS < 16)
         rows = start + offs_n
         key_ok = rows < hi
-        kv_offs = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_ptr + kv_offs, mask=key_ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_offs, mask=key_ok[:, None], other=0.0).to(tl.float32)
+        k = _load_rows(k_ptr, k_scale_ptr, k_zero_ptr, rows, key_ok, offs_d, HEAD_DIM, BITS, GROUP)
+        v = _load_rows(v_ptr, v_scale_ptr, v_zero_ptr, rows, key_ok, offs_d, HEAD_DIM, BITS, GROUP)
         # -- qk: [BLOCK_G, BLOCK_N]; rows past hi are -inf
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -355,9 +392,12 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
     n_kv_head, G, D = q.shape
     if n_kv_head < 1 or G < 1:
         raise ValueError(f"q must have Hkv, G >= 1, got shape {tuple(q.shape)}")
-    if k_packed.ndim != 2 or k_packed.shape[1] != D:
+    quantized = isinstance(k_packed, quant.Quantized)
+    if quantized != isinstance(v_packed, quant.Quantized):
+        raise ValueError("k_packed and v_packed must both be tensors or both quant.Quantized blocks")
+    if len(k_packed.shape) != 2 or k_packed.shape[1] != D:
         raise ValueError(f"k_packed must be [N, D] with D={D}, got shape {tuple(k_packed.shape)}")
-    if v_packed.shape != k_packed.shape:
+    if tuple(v_packed.shape) != tuple(k_packed.shape):
         raise ValueError(f"v_packed must match k_packed {tuple(k_packed.shape)}, got {tuple(v_packed.shape)}")
     if offsets.ndim != 1 or offsets.shape[0] != n_kv_head + 1 or offsets.dtype != torch.int64:
         raise ValueError(
@@ -366,7 +406,9 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
     if (k_tail is None) != (v_tail is None):
         raise ValueError("pass both k_tail and v_tail, or neither")
     n_tail = 0
-    tensors = dict(q=q, k_packed=k_packed, v_packed=v_packed)
+    tensors = dict(q=q) if quantized else dict(q=q, k_packed=k_packed, v_packed=v_packed)
+    if quantized:
+        _check_quantized(q, k_packed, v_packed)
     if k_tail is not None:
         if k_tail.ndim != 3 or k_tail.shape[0] != n_kv_head or k_tail.shape[2] != D:
             raise ValueError(f"k_tail must be [Hkv={n_kv_head}, n_tail, D={D}], got shape {tuple(k_tail.shape)}")
@@ -395,12 +437,37 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
     return n_kv_head, G, D, n_tail, lengths
 
 
+def _check_quantized(q, k_packed, v_packed):
+    """A quantized packed cache: K and V quantized alike, in quant.Quantized's layout, on q's device,
+    of q's dtype once dequantized."""
+    if k_packed.bits not in quant.BITS or k_packed.shape[1] % k_packed.group:
+        raise ValueError(f"k_packed must hold bits {quant.BITS} codes in whole groups, got bits {k_packed.bits}, "
+                         f"group {k_packed.group}")
+    if (k_packed.bits, k_packed.group) != (v_packed.bits, v_packed.group):
+        raise ValueError(f"k_packed (bits {k_packed.bits}, group {k_packed.group}) and v_packed (bits "
+                         f"{v_packed.bits}, group {v_packed.group}) must be quantized alike")
+    N, D = k_packed.shape
+    for name, qx in (("k_packed", k_packed), ("v_packed", v_packed)):
+        if qx.dtype != q.dtype:
+            raise ValueError(f"{name} dequantizes to {qx.dtype}, but q is {q.dtype}")
+        want = dict(data=(torch.uint8, (N, D * qx.bits // 8)), scale=(torch.float16, (N, D // qx.group)),
+                    zero=(torch.float16, (N, D // qx.group)))
+        for part, (dtype, shape) in want.items():
+            t = getattr(qx, part)
+            if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device != q.device:
+                raise ValueError(f"{name}.{part} must be a contiguous {dtype} {shape} tensor on {q.device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                                 + ("" if t.is_contiguous() else ", not contiguous"))
+
+
 def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=None, *, offsets_host=None):
     """Attention of one new token over the compressed cache plus the dense tail.
 
     q: [Hkv, G, D] the new token's query heads (post-RoPE), grouped by KV head.
     k_packed, v_packed: [N, D] kept pairs of all KV heads, head-major; offsets: int64 [Hkv + 1],
-        head h owns rows offsets[h]:offsets[h+1] (a head may own none).
+        head h owns rows offsets[h]:offsets[h+1] (a head may own none). Either tensors of q's dtype,
+        or quant.Quantized blocks (int8/int4 codes + fp16 scale and zero per group), which the
+        kernel dequantizes tile by tile as it reads them.
     k_tail, v_tail: [Hkv, n_tail, D] or None: tokens generated after compression, the new token's
         own K/V included. Each row must be D contiguous values (stride(1) == D, stride(2) == 1), so
         a slice [:, :n_tail] of a preallocated [Hkv, capacity, D] buffer is fine and is not copied.
@@ -422,17 +489,25 @@ def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=
     meta = dict(HEAD_DIM=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, SPLIT_N=SPLIT_N,
                 DOT_PRECISION=_dot_precision(q.dtype))
     sm_scale = 1.0 / math.sqrt(D)
+    if isinstance(k_packed, quant.Quantized):  # codes, and each one's scale and zero
+        packed = (k_packed.data, v_packed.data, k_packed.scale, k_packed.zero, v_packed.scale, v_packed.zero)
+        bits, group = k_packed.bits, k_packed.group
+    else:  # floats: the scale and zero pointers are never read (BITS = 16)
+        packed = (k_packed, v_packed, k_packed, k_packed, v_packed, v_packed)
+        bits, group = 16, D
 
     # -- launch over (split, head) for the packed cache, then for the tail
     if n_split_packed > 0:
         _decode_partial_kernel[(n_split_packed, n_kv_head)](
-            q, k_packed, v_packed, offsets[:-1], offsets[1:], m, l, acc, G, 0, n_splits, sm_scale, **meta
+            q, *packed, offsets[:-1], offsets[1:], m, l, acc, G, 0, n_splits, sm_scale,
+            BITS=bits, GROUP=group, **meta
         )
     if n_split_tail > 0:
         # head h's tail rows start at row h * (stride(0) / D) of the tail's storage
         starts = torch.arange(n_kv_head, dtype=torch.int64, device=q.device) * (k_tail.stride(0) // D)
         _decode_partial_kernel[(n_split_tail, n_kv_head)](
-            q, k_tail, v_tail, starts, starts + n_tail, m, l, acc, G, n_split_packed, n_splits, sm_scale, **meta
+            q, k_tail, v_tail, k_tail, k_tail, v_tail, v_tail, starts, starts + n_tail, m, l, acc, G,
+            n_split_packed, n_splits, sm_scale, BITS=16, GROUP=D, **meta
         )
 
     # -- merge the splits

@@ -14,7 +14,8 @@ Map of this file, in pipeline order:
   2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec)
   3. prefill / score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
   4. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head
-  5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads
+  5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
+                              in the model's dtype or quantized to int8/int4 (quant.py)
   6. generate               - greedy answers from a full or compressed cache, which stays unchanged
   7. a small demo: `python kvzip.py`
 The query-aware baselines that the reuse experiment compares KVzip with are in baselines.py.
@@ -43,6 +44,7 @@ import time
 import torch
 
 import model as model_lib
+import quant
 import tasks
 
 # -----------------------------------------------------------------------------
@@ -185,17 +187,22 @@ class FullKV:
         self.context_ids = context_ids
         self.backend = backend  # scoring, and the decode path of the compressed caches it prunes to
 
-    def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None) -> "CompressedKV":
+    def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None, *,
+              bits: int = 16) -> "CompressedKV":
         """Keep `ratio` of the context's KV pairs (prefix always kept): a new compressed cache.
 
         scores: (L, Hkv, n_c) to rank by; default KVzip's own. layer_budgets: per-layer counts
         (PyramidKV); otherwise one global ranking, or per-head budgets when uniform.
+        bits: 16 stores the kept K/V in the model's dtype; 8 or 4 stores them quantized
+        (quant.py: groups of 32 along D, fp16 scale and zero per group). ratio=1.0 with bits 8 or 4
+        is quantization alone.
         """
+        check_bits(bits)
         scores = self.scores if scores is None else scores
         if scores is None:
             raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=")
         keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
-        return CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend)
+        return CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
 
     # --- the cache protocol, handed to the dense cache ---
     @property
@@ -217,6 +224,15 @@ class FullKV:
     @property
     def nbytes(self) -> int:
         return self.cache.nbytes
+
+
+BITS = (16, 8, 4)  # bits per stored K/V value of a CompressedKV; 16 = the model's dtype, not quantized
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits must be 16 (not quantized), 8 or 4, got {bits!r}")
+    return bits
 
 
 def check_ratio(ratio):
@@ -478,34 +494,49 @@ class CompressedKV:
                              offsets[l][h+1] - 1 belong to KV head h, in increasing position
                              (the n_p prefix pairs first, then that head's kept context pairs)
       offsets[l]  (Hkv + 1,) int64 cumulative row counts; lengths differ between heads
+    bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: they are
+    quant.Quantized blocks (uint8 codes, int4 two per byte, plus an fp16 scale and zero per group
+    of 32 values of a row); decoding dequantizes one head's rows at a time (packed_attention) or
+    inside the kernel's tile loads, never the whole cache.
     Keys were cached after RoPE, so kept pairs need no re-rotation: they keep their positions.
     New tokens (a query and its answer) go to a dense tail, tail_k[l], tail_v[l] (Hkv, cap, D),
-    at positions n_p + n_c + i. `truncate` back to the context drops them, so the same compressed
-    cache serves the next query.
+    at positions n_p + n_c + i, always in the model's dtype (not quantized: it is small, and it is
+    dropped again by `truncate`). `truncate` back to the context drops them, so the same
+    compressed cache serves the next query.
     """
 
     def __init__(self, k, v, offsets, base_len: int, backend: str = "auto"):
-        self.k, self.v, self.offsets = k, v, offsets  # lists over layers
+        self.k, self.v, self.offsets = k, v, offsets  # lists over layers: tensors or quant.Quantized
+        self.bits = k[0].bits if isinstance(k[0], quant.Quantized) else 16
         self._bounds = [o.tolist() for o in offsets]  # the same offsets as Python ints, for slicing
         self.base_len = base_len  # n_p + n_c: positions of new tokens start here
         self.n_tail = 0
         Hkv, D = offsets[0].numel() - 1, k[0].shape[1]
-        self.tail_k = [k[0].new_empty((Hkv, 0, D)) for _ in k]
-        self.tail_v = [k[0].new_empty((Hkv, 0, D)) for _ in k]
+        self.dtype = k[0].dtype  # the model's dtype (a Quantized block keeps its input's): the tail's
+        device = offsets[0].device
+        self.tail_k = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
+        self.tail_v = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
         model_lib.check_backend(backend)
         self.backend = backend  # decode path: packed_attention, or the Triton varlen kernel (see attend)
 
     @classmethod
-    def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto"):
-        """Gather the kept rows of a dense cache. keep: bool (L, Hkv, n_c)."""
+    def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto", bits: int = 16):
+        """Gather the kept rows of a dense cache, stored in its dtype (bits=16) or quantized
+        (bits=8 or 4, see quant.quantize). keep: bool (L, Hkv, n_c)."""
+        check_bits(bits)
         L, Hkv, n_c = keep.shape
         prefix = torch.ones(Hkv, n_prefix, dtype=torch.bool, device=keep.device)
         ks, vs, offs = [], [], []
         for l in range(L):
             rows = torch.cat([prefix, keep[l]], dim=1)  # (Hkv, n_p + n_c): the prefix is never evicted
             # boolean indexing of (Hkv, S, D) by (Hkv, S) walks head by head: exactly head-major packing
-            ks.append(cache.keys(l)[rows].clone())  # (N_l, D)
-            vs.append(cache.values(l)[rows].clone())  # (N_l, D)
+            k, v = cache.keys(l)[rows], cache.values(l)[rows]  # (N_l, D) each, new tensors
+            if bits == 16:
+                ks.append(k)
+                vs.append(v)
+            else:
+                ks.append(quant.quantize(k, bits))
+                vs.append(quant.quantize(v, bits))
             counts = rows.sum(dim=1)  # (Hkv,)
             offs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))  # (Hkv + 1,) int64
         return cls(ks, vs, offs, base_len=n_prefix + n_c, backend=backend)
@@ -546,8 +577,9 @@ class CompressedKV:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for the context: packed K and V, the offsets, and any new tokens' K/V."""
-        packed = sum(t.numel() * t.element_size() for t in self.k + self.v + self.offsets)
+        """Bytes held for the context: packed K and V (quantized: codes, scales and zeros), the
+        offsets, and any new tokens' K/V."""
+        packed = sum(stored_bytes(t) for t in self.k + self.v + self.offsets)
         tail = sum(t[:, :self.n_tail].numel() * t.element_size() for t in self.tail_k + self.tail_v)
         return packed + tail
 
@@ -556,11 +588,25 @@ class CompressedKV:
         return torch.stack([o.diff() for o in self.offsets])
 
 
+def stored_bytes(x) -> int:
+    """Bytes of a tensor, or of a quant.Quantized block (codes + scales + zeros)."""
+    return quant.nbytes(x) if isinstance(x, quant.Quantized) else x.numel() * x.element_size()
+
+
+def packed_rows(x, start: int, end: int, dtype):
+    """Rows start .. end - 1 of a packed buffer as floats (end - start, D): a view of a tensor, or
+    just these rows of a quant.Quantized block dequantized (one head, never the whole cache)."""
+    if isinstance(x, quant.Quantized):
+        return quant.dequantize_rows(x, start, end, dtype)
+    return x[start:end]
+
+
 def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
     """Attention over a packed cache, one KV head at a time (the torch decode path).
 
     q (Hkv, G, T, D): the new tokens, which are the last T rows of the tail; k_packed, v_packed
-    (N, D) with head h in rows bounds[h] .. bounds[h+1] - 1; tail_k, tail_v (Hkv, n_tail, D).
+    (N, D) with head h in rows bounds[h] .. bounds[h+1] - 1 (tensors, or quant.Quantized blocks
+    whose head rows are dequantized to q's dtype just before use); tail_k, tail_v (Hkv, n_tail, D).
     Each head's G query heads become G * T rows; their logits over the head's kept pairs and over
     the tail are concatenated, (G*T, n_h + n_tail): the packed rows are read in place, never copied
     or padded. Returns (Hkv, G, T, D).
@@ -572,7 +618,8 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
     causal = (torch.arange(n_tail, device=q.device)[None, :] > t).repeat(G, 1)  # (G*T, n_tail), row g*T + t
     out = torch.empty_like(q)
     for h in range(Hkv):
-        kh, vh = k_packed[bounds[h]:bounds[h + 1]], v_packed[bounds[h]:bounds[h + 1]]  # (n_h, D)
+        kh = packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        vh = packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
         qh = q[h].reshape(G * T, D) / math.sqrt(D)  # scale the few query rows, not the n_h logits
         # keys on the long side of the product: (n_h, D) @ (D, G*T) is a much faster GEMM shape on
         # a CPU than (G*T, D) @ (D, n_h) (measured 3.6x for n_h = 35k, G*T = 4), same numbers

@@ -9,11 +9,14 @@ query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Fi
 For each seeded context (tasks.py): prefill once, score once per method (baselines.py; SnapKV,
 PyramidKV and H2O see the context's *first* query), prune at every ratio, then answer *all*
 queries of the context from that one cache, as a serving system would reuse it.
+The same context also gives the quantized rows: KVzip caches stored in int8 / int4
+(kv.prune(ratio, bits=...), quant.py), and quantization alone (ratio 1.0, int4); every row has a
+`bits` field (16: the model's dtype, not quantized).
 
 Map of this file: the presets, the evaluation of one cache (_answer, _reconstruction_nll,
-_full_reference, _evaluate, _keep_mask), the intervals, run_quality (the experiment),
-format_quality_table, format_kinds_table (what each method keeps of digits, punctuation and
-words), plot_quality (the figure), main(). Nothing imports this file.
+_full_reference, _evaluate, _keep_mask), the intervals and _summarize (one row), run_quality (the
+experiment), format_quality_table, format_kinds_table (what each method keeps of digits,
+punctuation and words), plot_quality (the figure), main(). Nothing imports this file.
 """
 import argparse
 import json
@@ -61,6 +64,10 @@ QUALITY_PRESETS = {
                   recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8),
 }
 BOOTSTRAP_SAMPLES = 1000
+# The quantized rows: (ratio, bits) of KVzip caches stored quantized (kv.prune(ratio, bits=bits)),
+# evaluated on every context besides the method x ratio grid. Ratio 1.0 keeps every pair: int4
+# quantization alone.
+QUANTIZED_ROWS = ((0.3, 8), (0.3, 4), (0.1, 8), (0.1, 4), (1.0, 4))
 
 
 @torch.no_grad()
@@ -187,11 +194,30 @@ def _bootstrap_ci(num, den, seed):
     return [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]]
 
 
+def _summarize(cs, kinds, seed) -> dict:
+    """One row's measures from its per-context counts cs, with their 95% intervals, and the kept
+    fraction of each token kind (kinds: tasks.token_kind of every context position)."""
+    right, probes = [c["right"] for c in cs], [c["probes"] for c in cs]
+    agree, qs = [c["agree"] for c in cs], [c["questions"] for c in cs]
+    nll, full_nll = [c["nll"] for c in cs], [c["full_nll"] for c in cs]
+    ratio_of = lambda a, b: sum(a) / sum(b) if sum(b) > 0 else None  # noqa: E731
+    return dict(relative_accuracy=ratio_of(right, probes), agreement=ratio_of(agree, qs),
+                reconstruction_nll_ratio=ratio_of(nll, full_nll), n_probes=sum(probes),
+                n_questions=sum(qs),
+                relative_accuracy_ci95=_wilson_ci(sum(right), sum(probes)),
+                agreement_ci95=_wilson_ci(sum(agree), sum(qs)),
+                reconstruction_nll_ratio_ci95=_bootstrap_ci(nll, full_nll, seed),
+                kept_by_kind=tasks.kept_by_kind([f for c in cs for f in c["kept"]], kinds))
+
+
 def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, seed=0, quick=False,
-                progress=True, **overrides) -> dict:
-    """The reuse experiment. Returns {"rows": [{method, ratio, relative_accuracy, agreement,
+                progress=True, quantized=QUANTIZED_ROWS, **overrides) -> dict:
+    """The reuse experiment. Returns {"rows": [{method, ratio, bits, relative_accuracy, agreement,
     reconstruction_nll_ratio, n_probes, kept_by_kind, ...}], plus counts, token_kinds (positions
     of each kind over all contexts), settings and seconds}.
+
+    quantized: (ratio, bits) pairs of the KVzip rows stored quantized (method "kvzip", bits 8 or
+    4), evaluated on the same contexts; () for none.
 
     n_contexts: contexts per task (needle and fact each; default from the preset); quick: the
     small preset; overrides: any QUALITY_PRESETS key (e.g. needle_tokens=(200,) for tests).
@@ -203,6 +229,10 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
         cfg["needle_contexts"] = cfg["fact_contexts"] = n_contexts
     for r in ratios:
         kvzip.check_ratio(r)
+    quantized = tuple((r, bits) for r, bits in quantized)
+    for r, bits in quantized:
+        kvzip.check_ratio(r)
+        kvzip.check_bits(bits)
     t0 = time.perf_counter()
 
     def log(msg):  # progress goes to stderr, so stdout stays the table / JSON
@@ -211,6 +241,7 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
 
     contexts = _quality_contexts(tok, cfg, seed)
     counts = {(meth, r): [] for meth in methods for r in ratios}  # one count dict per context
+    quantized_counts = {rb: [] for rb in quantized}  # the same, for the quantized KVzip caches
     per_context = []
     kinds = []  # tasks.token_kind of every context position, contexts concatenated
     for ci, ctx in enumerate(contexts):
@@ -238,6 +269,11 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
                 kept = _keep_mask(meth, r, s).float().mean(dim=(0, 1)).tolist()  # (n_c,) share of heads
                 counts[(meth, r)].append(dict(res, probes=sum(right), full_nll=full["nll"],
                                               questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
+        for r, bits in quantized:  # KVzip's own scores (kv.scores), stored in int8 / int4
+            res = _evaluate(m, tok, kv.prune(r, bits=bits), ctx, full)
+            kept = _keep_mask("kvzip", r, kv.scores).float().mean(dim=(0, 1)).tolist()  # the same pairs as bits 16
+            quantized_counts[(r, bits)].append(dict(res, probes=sum(right), full_nll=full["nll"],
+                                                    questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
         per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
                                 full_right=sum(right), recon_tokens=full["n_tokens"],
                                 full_nll_per_token=full["nll"] / max(1, full["n_tokens"])))
@@ -245,24 +281,14 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
             + (f", {sum(right)} right with the full cache" if ctx["kind"] == "needle" else "")
             + f"): prefill + scoring {t2 - t1:.0f} s, evaluation {time.perf_counter() - t2:.0f} s")
 
-    rows = []
-    for (meth, r), cs in counts.items():
-        right, probes = [c["right"] for c in cs], [c["probes"] for c in cs]
-        agree, qs = [c["agree"] for c in cs], [c["questions"] for c in cs]
-        nll, full_nll = [c["nll"] for c in cs], [c["full_nll"] for c in cs]
-        ratio_of = lambda a, b: sum(a) / sum(b) if sum(b) > 0 else None  # noqa: E731
-        rows.append(dict(method=meth, ratio=r,
-                         relative_accuracy=ratio_of(right, probes), agreement=ratio_of(agree, qs),
-                         reconstruction_nll_ratio=ratio_of(nll, full_nll), n_probes=sum(probes),
-                         n_questions=sum(qs),
-                         relative_accuracy_ci95=_wilson_ci(sum(right), sum(probes)),
-                         agreement_ci95=_wilson_ci(sum(agree), sum(qs)),
-                         reconstruction_nll_ratio_ci95=_bootstrap_ci(nll, full_nll, seed),
-                         kept_by_kind=tasks.kept_by_kind([f for c in cs for f in c["kept"]], kinds)))
+    rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed)) for (meth, r), cs in counts.items()]
+    rows += [dict(method="kvzip", ratio=r, bits=bits, **_summarize(cs, kinds, seed))
+             for (r, bits), cs in quantized_counts.items()]
     needle = [c for c in per_context if c["kind"] == "needle"]
     fact = [c for c in per_context if c["kind"] == "fact"]
     return dict(
-        rows=rows, methods=list(methods), ratios=list(ratios), seed=seed, quick=quick, config=cfg,
+        rows=rows, methods=list(methods), ratios=list(ratios), quantized=[list(rb) for rb in quantized],
+        seed=seed, quick=quick, config=cfg,
         n_contexts=len(contexts), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
         n_probes_asked=sum(c["n_queries"] for c in needle),
         n_probes=sum(c["full_right"] for c in needle),  # those the full cache gets right: the denominator
@@ -287,10 +313,12 @@ def format_quality_table(result) -> str:
              f"context tokens {result['context_tokens']}; seed {result['seed']}; {result['seconds']:.0f} s",
              "query-aware methods scored with each context's first query; all queries answered from that "
              "one cache; [95% interval: Wilson over queries; NLL: bootstrap over contexts]",
-             f"{'method':<13}{'ratio':>6}  {'relative accuracy':>20}  {'agreement':>20}  "
+             f"{'method':<13}{'ratio':>6}{'bits':>5}  {'relative accuracy':>20}  {'agreement':>20}  "
              f"{'recon. NLL / full':>20}  {'n_probes':>8}"]
-    for row in sorted(result["rows"], key=lambda x: (result["methods"].index(x["method"]), x["ratio"])):
-        lines.append(f"{row['method']:<13}{row['ratio']:>6.2f}  "
+    order = result["methods"]
+    for row in sorted(result["rows"], key=lambda x: (order.index(x["method"]) if x["method"] in order else len(order),
+                                                     x["ratio"], -x.get("bits", 16))):
+        lines.append(f"{row['method']:<13}{row['ratio']:>6.2f}{row.get('bits', 16):>5}  "
                      f"{cell(row['relative_accuracy'], row['relative_accuracy_ci95'])}  "
                      f"{cell(row['agreement'], row['agreement_ci95'])}  "
                      f"{cell(row['reconstruction_nll_ratio'], row['reconstruction_nll_ratio_ci95'])}  "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import kvzip
 from conftest import HERE
 
 
@@ -117,6 +118,39 @@ def test_cache_memory_counts_real_objects():
     assert comp == rows * 2 * 8 * 4 + 3 * (2 + 1) * 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_memory_equals_every_layer_built_for_real(dtype):
+    """measure_quantized's bytes (one real layer's bytes per kept pair, times every layer's kept
+    pairs) equal the nbytes of all L layers' CompressedKV built for real at each bit width."""
+    g = bench.Geometry("t", 3, 4, 2, 64, str(dtype).removeprefix("torch."))
+    n_p, n_c, ratio = 5, 40, 0.3
+    full = bench.random_layer(g, n_p + n_c, dtype, torch.device("cpu"))
+    counts = bench.target_budgets(torch.tensor([[0.1, 0.6], [0.0, 0.5], [0.3, 0.3]]), g, n_c, ratio)
+    full_bytes, comp = bench.cache_memory(full, n_p, n_c, counts)
+    memory, decode = bench.measure_quantized(g, n_p, n_c, counts, ratio, full_bytes, comp, torch.device("cpu"),
+                                             torch.float32, 1, None)
+    assert [(m["bits"], m["ratio"]) for m in memory] == [(16, 1.0), (8, 1.0), (4, 1.0), (16, 0.3), (8, 0.3), (4, 0.3)]
+    for m in memory:
+        keep = torch.ones(3, 2, n_c, dtype=torch.bool) if m["ratio"] == 1.0 else bench.spread_keep_mask(counts, n_c)
+        real = sum(kvzip.CompressedKV.from_full(full, n_p, keep[l:l + 1], bits=m["bits"]).nbytes for l in range(3))
+        assert m["bytes"] == real and m["fraction_of_full"] == real / full_bytes
+    by = {(m["bits"], m["ratio"]): m["bytes"] for m in memory}
+    assert by[(16, 0.3)] == comp
+    assert by[(4, 1.0)] < by[(8, 1.0)] < by[(16, 1.0)]
+    assert [d["bits"] for d in decode] == [16, 8, 4] and all(d["ms_per_layer"] > 0 for d in decode)
+
+
+def test_llama_int4_at_0_3_stays_within_1_6_gb():
+    """The issue's bound at the paper's geometry (124K tokens, Llama-3.1-8B), everything counted:
+    int4 codes, fp16 scale and zero per 32 values, the offsets (here from the formula that
+    test_quantized_memory_equals_every_layer_built_for_real checks against real objects)."""
+    g = bench.get_geometry("llama3.1-8b")
+    n_p, n_c = 30, 124_000
+    rows = round(0.3 * g.n_layers * g.n_kv_heads * n_c) + g.n_layers * g.n_kv_heads * n_p
+    total = rows * 2 * g.head_dim * (4 + 1) / 8 + g.n_layers * (g.n_kv_heads + 1) * 8
+    assert 1.4e9 < total <= 1.6e9
+
+
 def test_decode_paths_agree():
     """Every full-cache path and the compressed path at ratio 1 compute the same attention."""
     g = bench.Geometry("t", 1, 6, 2, 16, "float32")
@@ -157,7 +191,7 @@ def test_kernel_decode_path_agrees():
 REQUIRED_KEYS = {
     "ctx": None, "ratio": None, "device": None,
     "geometry": {"name", "n_layers", "n_heads", "n_kv_heads", "head_dim", "dtype"},
-    "memory": {"full_bytes", "compressed_bytes"},
+    "memory": {"full_bytes", "compressed_bytes", "quantized"},
     "decode": {"full_ms_per_layer", "compressed_ms_per_layer", "full_gbps", "compressed_gbps",
                "device_gbps"},
     "scoring": {"ctx", "prefill_s", "scoring_s", "prefill_peak_bytes", "scoring_peak_bytes"},
@@ -190,6 +224,14 @@ def test_tiny_run_json_keys(tiny_run):
     assert data["quality"]["n_probes"] == 2 and data["quality"]["ratio"] == 0.5
     frac = data["memory"]["compressed_bytes"] / data["memory"]["full_bytes"]
     assert abs(frac / data["memory"]["expected_fraction"] - 1) < 0.02
+    quantized = data["memory"]["quantized"]
+    assert {(q["bits"], q["ratio"]) for q in quantized} == {(b, r) for b in (16, 8, 4) for r in (1.0, 0.5)}
+    for q in quantized:
+        assert set(q) == {"bits", "ratio", "bytes", "fraction_of_full"}
+        assert q["fraction_of_full"] == q["bytes"] / data["memory"]["full_bytes"]
+        if (q["bits"], q["ratio"]) == (16, 0.5):
+            assert q["bytes"] == data["memory"]["compressed_bytes"]
+    assert [d["bits"] for d in data["quantized_decode"]] == [16, 8, 4]
 
 
 def test_tiny_run_report(tiny_run):
@@ -197,6 +239,7 @@ def test_tiny_run_report(tiny_run):
     lines = out.strip().splitlines()
     assert lines[0].startswith("KVzip benchmark") and "geometry model" in out
     assert "1,000 tokens" in out and "python reuse.py" in out
+    assert "quantized cache, kv.prune(ratio, bits=...)" in out
     last = json.loads(lines[-1])  # the last line is a one-line JSON summary
     assert last["ctx"] == 1000 and last["geometry"] == "model"
 

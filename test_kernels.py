@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st  
 
 import kernels  # noqa: E402
 import kvzip  # noqa: E402
+import quant  # noqa: E402
 from conftest import tiny_context  # noqa: E402
 
 
@@ -210,6 +211,48 @@ def test_varlen_decode_long_and_empty_heads(dtype):
     assert_decode_close(got, naive_decode_attention(q, kp, vp, offsets), q, kp, vp, None, None)
 
 
+@KERNEL_SETTINGS
+@given(
+    bits=st.sampled_from([8, 4]),
+    G=st.sampled_from([1, 3, 4]),
+    D=st.sampled_from([16, 64, 128]),
+    lengths=st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    n_tail=st.integers(0, 4),
+    tail_capacity=st.sampled_from([0, 8]),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(bits=4, G=3, D=64, lengths=[0, 270, 1], n_tail=2, tail_capacity=8, dtype="float32", seed=0)
+def test_quantized_varlen_decode_equals_dequantize_then_attend(bits, G, D, lengths, n_tail, tail_capacity, dtype,
+                                                               seed):
+    """The kernel reading int8/int4 codes with their scales and zeros against the naive attention
+    over the dequantized buffers (quant.dequantize), heads that keep nothing and a tail included."""
+    if n_tail == 0:
+        lengths = [max(n, 1) for n in lengths]
+    q, kp, vp, offsets, kt, vt = _random_cache(seed, lengths, n_tail, G, D, 1.0, DTYPES[dtype], tail_capacity)
+    kq, vq = quant.quantize(kp, bits), quant.quantize(vp, bits)
+    kd, vd = quant.dequantize(kq, torch.float32), quant.dequantize(vq, torch.float32)  # what the kernel computes with
+    got = kernels.varlen_decode_attention(q, kq, vq, offsets, kt, vt)
+    want = naive_decode_attention(q, kd, vd, offsets, kt, vt)
+    assert_decode_close(got, want, q, kd, vd, kt, vt)
+    if dtype == "float32":  # the same kernel on the dequantized floats: the same tiles, the same sums
+        same = kernels.varlen_decode_attention(q, kd, vd, offsets, kt, vt)
+        torch.testing.assert_close(got, same, atol=1e-6, rtol=1e-6)
+
+
+def test_quantized_decode_reads_the_int4_nibbles_in_order():
+    """One row of int4 codes 0, 1, ..., 15, 0, ... (scale 1, zero 0): with a single key the output
+    is that value row itself, so any nibble swap or misplaced group shows up exactly."""
+    D = 32
+    codes = (torch.arange(D) % 16).to(torch.uint8)[None]  # (1, D)
+    ones, zeros = torch.ones(1, 1, dtype=torch.float16), torch.zeros(1, 1, dtype=torch.float16)
+    vq = quant.Quantized(quant.pack_int4(codes), ones, zeros, 4, 32, torch.float32)
+    kq = quant.Quantized(quant.pack_int4(codes), ones, zeros, 4, 32, torch.float32)
+    q = torch.randn(1, 2, D)
+    out = kernels.varlen_decode_attention(q, kq, vq, torch.tensor([0, 1]))
+    assert torch.equal(out, torch.arange(D).remainder(16).float().expand(1, 2, D))
+
+
 # %%
 # Bad input: clear ValueErrors, never a crash inside the kernel or a silent NaN
 
@@ -272,6 +315,48 @@ def test_varlen_decode_bad_input(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         kernels.varlen_decode_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: a.update(v_packed=quant.dequantize(a["v_packed"])), "must both be tensors or both quant.Quantized"),
+        (lambda a: a.update(v_packed=quant.quantize(quant.dequantize(a["v_packed"]), 4)), "quantized alike"),
+        (lambda a: a.update(q=a["q"].bfloat16(), k_tail=a["k_tail"].bfloat16(), v_tail=a["v_tail"].bfloat16()),
+         "dequantizes to torch.float32, but q is torch.bfloat16"),
+        (lambda a: a.update(k_packed=quant.Quantized(a["k_packed"].data, a["k_packed"].scale, a["k_packed"].zero,
+                                                     8, 5, torch.float32)), "whole groups"),
+        (lambda a: a.update(k_packed=quant.Quantized(a["k_packed"].data, a["k_packed"].scale.float(),
+                                                     a["k_packed"].zero, 8, 16, torch.float32)), "k_packed.scale"),
+        (lambda a: a.update(v_packed=quant.Quantized(a["v_packed"].data[:, ::2], a["v_packed"].scale[:, ::2],
+                                                     a["v_packed"].zero[:, ::2], 4, 16, torch.float32),
+                            k_packed=quant.quantize(quant.dequantize(a["k_packed"]), 4, 16)), "v_packed.data"),
+    ],
+)
+def test_quantized_varlen_decode_bad_input(change, match):
+    args = _good_decode_inputs()
+    args.update(k_packed=quant.quantize(args["k_packed"], 8, 16), v_packed=quant.quantize(args["v_packed"], 8, 16))
+    kernels.varlen_decode_attention(**args)  # the good inputs decode
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        kernels.varlen_decode_attention(**args)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_cache_decodes_alike_through_kernel_and_torch(tiny, bits):
+    """A quantized CompressedKV decodes single tokens through the kernel as through packed_attention."""
+    m, tok, _ = tiny
+    kv = kvzip.prefill(m, tok, tiny_context(tok, 45, seed=5), chunk_size=20, backend="reference")
+    torch_ckv, triton_ckv = kv.prune(0.3, bits=bits), kv.prune(0.3, bits=bits)
+    triton_ckv.backend = "triton"
+    n = torch_ckv.seq_len
+    ids = torch.tensor(kvzip.query_ids(tok, "the fox"))
+    for c in (torch_ckv, triton_ckv):
+        m(ids, c)
+    a = [m(torch.tensor([t]), torch_ckv) for t in (7, 8)]
+    b = [m(torch.tensor([t]), triton_ckv) for t in (7, 8)]
+    torch.testing.assert_close(torch.cat(b), torch.cat(a), atol=1e-4, rtol=1e-4)
+    torch_ckv.truncate(n), triton_ckv.truncate(n)
 
 
 def test_kvzip_uses_the_kernels_end_to_end(tiny):

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import kvzip
 import model
+import quant
 import tasks
 from conftest import TINY_CONTEXT, reference_forward, tiny_context
 
@@ -214,8 +215,14 @@ def test_ratio_one_reproduces_the_full_cache(tiny):
         assert tok.encode(a) == tok.encode(b) and len(a) > 0
 
 
+def stored_tensors(ckv):
+    """Every tensor the compressed cache holds for the context (a Quantized block: codes, scales, zeros)."""
+    parts = lambda x: [x.data, x.scale, x.zero] if isinstance(x, quant.Quantized) else [x]  # noqa: E731
+    return [t for x in ckv.k + ckv.v for t in parts(x)] + ckv.offsets
+
+
 def snapshot(ckv):
-    return [t.clone() for t in ckv.k + ckv.v + ckv.offsets], ckv.seq_len, ckv.nbytes
+    return [t.clone() for t in stored_tensors(ckv)], ckv.seq_len, ckv.nbytes
 
 
 def test_generate_leaves_the_compressed_cache_unchanged(tiny):
@@ -303,3 +310,84 @@ def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, mo
     assert "Q: Where is the mill?\n" in out and "(expected" not in out
     assert not re.search(r"   (right|WRONG)$", out, flags=re.M) and "right: full cache" not in out
     assert re.search(r"\(first lines (agree|differ)\)", out)
+
+
+# -----------------------------------------------------------------------------
+# The quantized compressed cache (bits 8 and 4)
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_prune_stores_codes_and_counts_every_byte(tiny, bits):
+    m, tok, _ = tiny
+    kv = kvzip.prefill(m, tok, tiny_context(tok, 60, seed=2), chunk_size=25)
+    L, Hkv, D = m.cfg.n_layer, m.cfg.n_kv_head, m.cfg.head_dim
+    plain, ckv = kv.prune(0.3), kv.prune(0.3, bits=bits)
+    assert (plain.bits, ckv.bits) == (16, bits)
+    assert torch.equal(ckv.head_lengths(), plain.head_lengths())  # same pairs kept
+    group = min(32, D)
+    for l in range(L):
+        for name in ("k", "v"):
+            qx, dense = getattr(ckv, name)[l], getattr(plain, name)[l]  # Quantized, (N_l, D)
+            assert isinstance(qx, quant.Quantized) and (qx.bits, qx.group) == (bits, group)
+            ref = quant.quantize(dense, bits)  # the very rows of the 16-bit cache, quantized
+            assert torch.equal(qx.data, ref.data) and torch.equal(qx.scale, ref.scale)
+            assert torch.equal(qx.zero, ref.zero)
+    # nbytes: codes (bits per value) + fp16 scale and zero per group + int64 offsets, exactly
+    rows = int(ckv.head_lengths().sum())  # kept pairs over all layers and heads
+    codes, params = 2 * rows * D * bits // 8, 2 * rows * (D // group) * 2 * 2
+    assert ckv.nbytes == codes + params + L * (Hkv + 1) * 8
+    # ... and the dense tail of new tokens, in the model's dtype, once some are stored
+    ids = torch.tensor(kvzip.query_ids(tok, "the fox"))
+    m(ids, ckv)
+    assert ckv.nbytes == codes + params + L * (Hkv + 1) * 8 + 2 * L * Hkv * len(ids) * D * 4
+    assert ckv.tail_k[0].dtype == m.dtype
+
+
+@settings(max_examples=30, deadline=None)
+@given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 3]), n_p=st.integers(0, 3), n_c=st.integers(1, 40),
+       T=st.sampled_from([1, 3]), n_old=st.integers(0, 3), bits=st.sampled_from([8, 4]),
+       seed=st.integers(0, 2**16))
+def test_quantized_packed_attention_equals_dequantize_then_attend(Hkv, G, n_p, n_c, T, n_old, bits, seed):
+    """The torch decode path over a quantized cache (each head dequantized on the fly) against the
+    existing packed attention over the dequantized buffers; head 0 keeps no context pair and, with
+    n_p = 0, no row at all (tail only)."""
+    g = torch.Generator().manual_seed(seed)
+    D, S = 32, n_p + n_c
+    cache = model.KVCache(1, Hkv, D, S, torch.float32, "cpu")
+    cache.attend(0, torch.zeros(Hkv, 1, S, D), 2 * torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g))
+    cache.advance(S)
+    keep = torch.rand(1, Hkv, n_c, generator=g) < 0.6
+    keep[0, 0] = False
+    ckv = kvzip.CompressedKV.from_full(cache, n_p, keep, bits=bits)
+    kd, vd = quant.dequantize(ckv.k[0]), quant.dequantize(ckv.v[0])  # (N, D): the whole cache, test only
+    new_k, new_v = torch.randn(Hkv, n_old + T, D, generator=g), torch.randn(Hkv, n_old + T, D, generator=g)
+    q = torch.randn(Hkv, G, n_old + T, D, generator=g)
+    ckv.reserve(n_old + T)
+    if n_old:
+        ckv.attend(0, q[:, :, :n_old], new_k[:, :n_old], new_v[:, :n_old])
+        ckv.advance(n_old)
+    got = ckv.attend(0, q[:, :, n_old:], new_k[:, n_old:], new_v[:, n_old:])  # (Hkv, G, T, D)
+    tk, tv = ckv.tail_k[0][:, :n_old + T], ckv.tail_v[0][:, :n_old + T]
+    want = kvzip.packed_attention(q[:, :, n_old:], kd, vd, ckv._bounds[0], tk, tv)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_generate_twice_from_a_quantized_cache(tiny, bits):
+    m, tok, _ = tiny
+    kv = kvzip.prefill(m, tok, tiny_context(tok, 50, seed=4), chunk_size=20)
+    ckv = kv.prune(0.4, bits=bits)
+    before = snapshot(ckv)
+    first = kvzip.generate(m, tok, "where is the market?", ckv, max_new_tokens=10)
+    after = snapshot(ckv)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[1:] == after[1:]
+    assert kvzip.generate(m, tok, "where is the market?", ckv, max_new_tokens=10) == first
+    assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(ckv)[0]))
+
+
+@pytest.mark.parametrize("bits", [3, 2, 32, 0, "4", 8.0, True, None])
+def test_bad_bits_is_a_clear_error_before_any_work(tiny, tiny_kv, bits, monkeypatch):
+    called = []
+    monkeypatch.setattr(kvzip, "keep_mask", lambda *a, **k: called.append(1))
+    with pytest.raises(ValueError, match=r"bits must be 16 \(not quantized\), 8 or 4, got " + repr(bits)):
+        tiny_kv.prune(0.3, bits=bits)
+    assert not called

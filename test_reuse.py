@@ -10,17 +10,22 @@ import kvzip
 import reuse
 import tasks
 
+
 def test_quality_driver_reports_every_key(tiny, tmp_path):
     m, tok, _ = tiny
     res = reuse.run_quality(m, tok, ratios=(0.5, 1.0), n_contexts=1, seed=0, quick=True, progress=False,
                       needle_tokens=(150,), needles=(4,), fact_entities=2, fact_filler_words=40,
-                      questions_per_context=2, recon_span_tokens=32, needle_max_new=4, qa_max_new=4)
+                      questions_per_context=2, recon_span_tokens=32, needle_max_new=4, qa_max_new=4,
+                      quantized=((0.5, 8), (0.5, 4), (1.0, 4)))
     res = json.loads(json.dumps(res))  # plain JSON all the way down
-    for key in ("rows", "n_contexts", "n_probes", "n_probes_asked", "n_questions", "seconds", "methods", "ratios"):
+    for key in ("rows", "n_contexts", "n_probes", "n_probes_asked", "n_questions", "seconds", "methods", "ratios",
+                "quantized"):
         assert key in res
-    assert len(res["rows"]) == len(baselines.METHODS) * 2
+    plain = [r for r in res["rows"] if r["bits"] == 16]
+    assert len(plain) == len(baselines.METHODS) * 2 and len(res["rows"]) == len(plain) + 3
     for row in res["rows"]:
-        for key in ("method", "ratio", "relative_accuracy", "agreement", "reconstruction_nll_ratio", "n_probes"):
+        for key in ("method", "ratio", "bits", "relative_accuracy", "agreement", "reconstruction_nll_ratio",
+                    "n_probes"):
             assert key in row
         assert row["method"] in baselines.METHODS
         fr = row["kept_by_kind"]
@@ -32,13 +37,47 @@ def test_quality_driver_reports_every_key(tiny, tmp_path):
     for row in res["rows"]:
         mean = sum(row["kept_by_kind"][k] * c for k, c in res["token_kinds"].items()) / n
         assert mean == pytest.approx(row["ratio"], abs=0.01), row["method"]
-    at_one = [r for r in res["rows"] if r["ratio"] == 1.0]
+    at_one = [r for r in plain if r["ratio"] == 1.0]
     assert all(r["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=1e-3) for r in at_one)
-    assert "kvzip" in reuse.format_quality_table(res)
-    table = reuse.format_kinds_table(res)
-    assert "digit" in table and "kvzip" in table
+    table = reuse.format_quality_table(res)
+    assert "kvzip" in table
+    # the quantized rows: KVzip's caches stored in int8 / int4, measured like the others
+    quantized = {(r["ratio"], r["bits"]): r for r in res["rows"] if r["bits"] != 16}
+    assert set(quantized) == {(0.5, 8), (0.5, 4), (1.0, 4)} and all(r["method"] == "kvzip" for r in quantized.values())
+    kvzip_half = next(r for r in plain if r["method"] == "kvzip" and r["ratio"] == 0.5)
+    assert quantized[(0.5, 8)]["n_probes"] == kvzip_half["n_probes"]
+    assert quantized[(0.5, 8)]["kept_by_kind"] == kvzip_half["kept_by_kind"]  # the same pairs, stored smaller
+    # int8 is close to the 16-bit cache; int4 alone (ratio 1) moves the NLL, but only a little
+    assert quantized[(0.5, 8)]["reconstruction_nll_ratio"] == pytest.approx(kvzip_half["reconstruction_nll_ratio"],
+                                                                           abs=0.01)
+    assert quantized[(1.0, 4)]["reconstruction_nll_ratio"] != 1.0
+    assert quantized[(1.0, 4)]["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=0.2)
+    assert "kvzip          1.00    4" in table
+    kinds_table = reuse.format_kinds_table(res)
+    assert "digit" in kinds_table and "kvzip" in kinds_table
     png = tmp_path / "quality.png"
     assert reuse.plot_quality(res, png) and png.exists()
+
+
+def test_quantized_rows_use_quantized_caches(tiny, monkeypatch):
+    """The quantized rows prune with bits=..., and bad configs fail before any work."""
+    m, tok, _ = tiny
+    calls = []
+    prune = kvzip.FullKV.prune
+
+    def spy(self, ratio, *a, **k):
+        calls.append((ratio, k.get("bits", 16)))
+        return prune(self, ratio, *a, **k)
+
+    monkeypatch.setattr(kvzip.FullKV, "prune", spy)
+    reuse.run_quality(m, tok, ratios=(0.5,), methods=("kvzip",), n_contexts=1, quick=True, progress=False,
+                      needle_tokens=(120,), needles=(2,), fact_entities=1, fact_filler_words=20,
+                      questions_per_context=1, recon_span_tokens=32, needle_max_new=2, qa_max_new=2,
+                      quantized=((0.3, 4), (1.0, 8)))
+    assert sorted(calls) == sorted([(0.5, 16), (0.3, 4), (1.0, 8)] * 2)  # needle and fact context
+    for bad, match in [(((0.3, 3),), "bits must be"), (((0.0, 4),), "ratio must be")]:
+        with pytest.raises(ValueError, match=match):
+            reuse.run_quality(m, tok, quantized=bad, progress=False)
 
 
 def test_answer_shortcut_equals_generate(tiny, tiny_kv):
