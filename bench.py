@@ -305,6 +305,9 @@ def full_decode_paths(cache, q, kern) -> dict:
     bounds = [h * (S + 1) for h in range(Hkv + 1)]
     empty = K.new_empty((Hkv, 0, D))  # no tail: the new token is already each head's last row
     paths["kvzip.packed_attention"] = lambda: kvzip.packed_attention(q, flat_k, flat_v, bounds, empty, empty)
+    if q.device.type == "cpu":  # torch's fused CPU attention with each row's log-sum-exp
+        paths["kvzip.packed_attention_fused"] = (
+            lambda: kvzip.packed_attention_fused(q, flat_k, flat_v, bounds, empty, empty))
     if kern is not None:
         offsets = torch.tensor(bounds, dtype=torch.int64, device=q.device)
         q3 = q[:, :, 0].contiguous()  # (Hkv, G, D)
@@ -316,14 +319,14 @@ def compressed_decode_path(full, n_p: int, n_c: int, counts, q, k_new, v_new, ke
     """The compressed cache's decode step for one layer with per-head budgets counts (Hkv,).
 
     Returns (name, fn, bytes of K and V read): fn is CompressedKV.attend, which stores the new
-    token in the tail and attends over [kept pairs ; tail] (kvzip.packed_attention on CPU, the
-    Triton varlen kernel on CUDA).
+    token in the tail and attends over [kept pairs ; tail] through the project's default decode
+    path for the device (kvzip.packed_attention_fused on a CPU, the Triton varlen kernel on CUDA).
     """
-    backend = "reference" if kern is None else "triton"
+    backend = "auto" if kern is None else "triton"
     ckv = kvzip.CompressedKV.from_full(full, n_p, spread_keep_mask(counts[None], n_c), backend)
     ckv.reserve(1)
     name = ("CompressedKV.attend: kernels.varlen_decode_attention" if kern is not None
-            else "CompressedKV.attend: kvzip.packed_attention")
+            else "CompressedKV.attend: kvzip.packed_attention_fused")
     nbytes = sum(t.numel() * t.element_size() for t in (ckv.k[0], ckv.v[0], k_new, v_new))
     return name, (lambda: ckv.attend(0, q, k_new, v_new)), nbytes
 

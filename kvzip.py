@@ -494,6 +494,9 @@ class CompressedKV:
                              offsets[l][h+1] - 1 belong to KV head h, in increasing position
                              (the n_p prefix pairs first, then that head's kept context pairs)
       offsets[l]  (Hkv + 1,) int64 cumulative row counts; lengths differ between heads
+    Decoding: the Triton varlen kernel for single tokens (backend "triton", or "auto" on CUDA);
+    packed_attention (the readable reference, backend "reference"); packed_attention_fused (torch's
+    fused CPU attention per head, backend "auto" on a CPU), tested against the reference.
     bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: they are
     quant.Quantized blocks (uint8 codes, int4 two per byte, plus an fp16 scale and zero per group
     of 32 values of a row); decoding dequantizes one head's rows at a time (packed_attention) or
@@ -565,6 +568,8 @@ class CompressedKV:
                 q[:, :, 0], self.k[layer], self.v[layer], self.offsets[layer], tk, tv,
                 offsets_host=self._bounds[layer])  # (Hkv, G, D)
             return out.unsqueeze(2)
+        if self.backend == "auto" and q.device.type == "cpu":
+            return packed_attention_fused(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
     def advance(self, n: int):
@@ -628,6 +633,47 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
         p = torch.softmax(torch.cat([ctx, new], dim=-1).float(), dim=-1).to(vh.dtype)  # (G*T, n_h + n_tail)
         y = p[:, :kh.shape[0]] @ vh + p[:, kh.shape[0]:] @ tail_v[h]  # (G*T, D)
         out[h] = y.view(G, T, D)
+    return out
+
+
+def packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v):
+    """packed_attention through torch's fused CPU attention: same arguments, same result.
+
+    Each head's kept pairs are seen by every new row, so that part needs no mask; the tail is split
+    into its older rows (no mask either) and the T new rows (causal). Every part goes through
+    `attention_lse` with the group's G query heads folded into G * T rows of one head, so each
+    K/V row is read once for the whole group, and the parts are merged by their log-sum-exps.
+    One new token (decode) has only G rows per head, too few to share among threads: its kept
+    rows are cut into one piece per torch thread, each piece a "head" of one call (views, no copy),
+    and merged the same way. Measured at the Llama-3.1-8B geometry (124,000 keys, ratio 0.3,
+    float32 CPU): see bench.py's decode row. Returns (Hkv, G, T, D).
+    """
+    Hkv, G, T, D = q.shape
+    n_tail = tail_k.shape[1]  # 0 only when the new tokens' K/V are already packed rows (bench.py)
+    qs = q / math.sqrt(D)  # (Hkv, G, T, D)
+    tail = []
+    if n_tail:
+        n_old = n_tail - T  # tail rows from earlier calls: visible to every new row
+        tail.append(attention_lse(qs, tail_k[:, n_old:], tail_v[:, n_old:], causal=T > 1))
+        if n_old:
+            tail.append(attention_lse(qs, tail_k[:, :n_old], tail_v[:, :n_old]))
+        tail_out, tail_lse = merge_attention(tail)  # (Hkv, G, T, D), (Hkv, G, T)
+    pieces = torch.get_num_threads() if T == 1 else 1  # many rows already keep every thread busy
+    out = torch.empty_like(q)
+    for h in range(Hkv):
+        kh = packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        vh = packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        rows = qs[h].reshape(1, 1, G * T, D)  # the group's query heads as rows of one head
+        parts = [(tail_out[h].reshape(G * T, D), tail_lse[h].reshape(G * T))] if n_tail else []
+        size = kh.shape[0] // pieces  # rows per piece; the last n_h % pieces rows form one more
+        if size > 0:
+            o, l = attention_lse(rows.expand(pieces, 1, G * T, D), kh[:pieces * size].view(pieces, size, D),
+                                 vh[:pieces * size].view(pieces, size, D))  # (pieces, 1, G*T, D), (pieces, 1, G*T)
+            parts += [(o[i, 0], l[i, 0]) for i in range(pieces)]
+        if pieces * size < kh.shape[0]:
+            o, l = attention_lse(rows, kh[None, pieces * size:], vh[None, pieces * size:])
+            parts.append((o[0, 0], l[0, 0]))
+        out[h] = merge_attention(parts)[0].view(G, T, D)
     return out
 
 
