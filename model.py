@@ -30,7 +30,6 @@ than Llama 3's, quantized inference (the default model's 4-bit weights are dequa
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
