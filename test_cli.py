@@ -234,6 +234,8 @@ def test_scripts_fail_in_one_line_fast_without_loading(good_checkpoint, tmp_path
     assert r.returncode == want_code, r.stderr
     assert_one_line(r.stderr, argv[0], *words)
     assert r.stdout == "" and list(cache.iterdir()) == []  # the default model was never loaded
-    # no model work: the time is Python and torch starting up (~2 s on a quiet 2-core machine;
-    # generous for a loaded one). The model load, prefill and scoring of the demo take ~20 s.
-    assert seconds < 20, seconds
+    # No model work: the time is Python and torch starting up, ~2 s on a quiet 2-core machine but
+    # 19-21 s measured for `import torch` alone on this project's 2-core machine at load 9. The
+    # empty cache folder above is the precise check; this bound is a coarse backstop (the demo's
+    # load, prefill and scoring took 128 s at that load, ~20 s on a quiet machine).
+    assert seconds < 60, seconds
