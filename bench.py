@@ -23,7 +23,8 @@ Llama-3.1-8B is 124,000 tokens, 16.3 GB of bf16 KV):
 The K/V values of rows 1-2 are synthetic (random, at the target geometry); rows 3-4 and the head
 budgets are real (the default model, SmolLM2-135M-Instruct, on haystack contexts).
 
-Map of this file: geometries, arguments, per-head budgets, the four measurements (1 + 2:
+Map of this file: geometries, arguments, per-head budgets, the memory check (before any model
+work: check_memory), the four measurements (1 + 2:
 measure_geometry; 3 + 4: real_run, quality_row), the report (summary card, table, last-line
 JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
 contexts in tasks.py. Nothing imports this file.

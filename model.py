@@ -12,7 +12,8 @@ What is in this file, top to bottom:
   5. Tokenizer     - a `tokenizers` object plus its model family's chat-template pieces
   6. loading       - Hugging Face folders (safetensors, single or sharded); load() with no path
                      gives the embedded default model, SmolLM2-135M-Instruct, converted once from
-                     its GGUF file by convert_gguf.py
+                     its GGUF file by convert_gguf.py. A malformed file is reported with its path
+                     (errors.InputError, a ValueError)
 
 It serves kvzip.py, which needs three things from the model: a cache it can read keys from, a
 way to run tokens on top of a cache and roll them back, and the per-layer queries and keys of the
