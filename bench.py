@@ -33,28 +33,30 @@ Llama-3.1-8B is 124,000 tokens, 16.3 GB of bf16 KV):
 The K/V values of rows 1-2 are synthetic (random, at the target geometry); rows 3-4 and the head
 budgets are real (the default model, SmolLM2-135M-Instruct, on haystack contexts).
 
-Map of this file: geometries, arguments, per-head budgets, the five measurements (1 + 2:
-measure_geometry; 3 + 4: real_run, quality_row; 5: measure_quantized), the report (summary card, table, last-line
+Map of this file: geometries, arguments, per-head budgets, the memory check (before any model
+work: check_memory), the five measurements (1 + 2: measure_geometry; 3 + 4: real_run,
+quality_row; 5: measure_quantized), the report (summary card, table, last-line
 JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
 contexts in tasks.py. Nothing imports this file.
 Left out on purpose: batching, throughput of whole-model decoding, other GPUs than one.
 """
+import argparse
+import dataclasses
+import json
+import math
 import os
+import re
+import sys
+import time
+from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning. This must happen before torch loads its OpenMP
-# runtime, and an explicit setting by the user wins. Measured on this project's 2-core machine,
-# shared with other processes: with the default (spinning) policy one decode step of the default
-# model over a compressed cache took 3.6 s instead of 0.09 s, because each of its ~600 small torch
-# ops waited for a spinning thread to hand a core back. The header line prints the policy used.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import errors
+from errors import InputError
 
-import argparse  # noqa: E402 (after the OpenMP setting above)
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+if __name__ == "__main__":
+    # Idle OpenMP threads sleep instead of spinning, before torch loads OpenMP; an explicit setting
+    # by the user wins (see errors.passive_openmp). The header line prints the policy used.
+    errors.passive_openmp()
 
 import torch  # noqa: E402
 
@@ -181,14 +183,8 @@ def parse_positive(text) -> int:
     return int(text)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Bad arguments: one line on stderr and exit code 2 (argparse would add the usage)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="bench.py", description="KVzip's efficiency results, measured on this machine.")
+    p = errors.ArgumentParser(prog="bench.py", description="KVzip's efficiency results, measured on this machine.")
     p.add_argument("--ctx", type=parse_ctx, default="124k",
                    help="context tokens of the target cache; k = 1000 (default 124k)")
     p.add_argument("--ratio", type=parse_ratio, default=0.3,
@@ -210,8 +206,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=parse_positive, default=None,
                    help="timed repeats of each decode path (default 15 on CPU, 30 on CUDA; --quick 3)")
     args = p.parse_args(argv)
+    # cheap checks first, so that a long run cannot fail at its end (memory: check_memory in main)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here")
+    if args.json and (why := errors.check_output(args.json, "--json")):
+        p.error(why)
+    if args.model and (why := errors.check_folder(args.model, "--model")):
+        p.error(why)
     return args
 
 
@@ -257,6 +258,54 @@ def representative_layer(counts) -> int:
     """The layer whose kept total is nearest the mean over layers: the one the decode row times."""
     per_layer = counts.sum(dim=1).double()  # (L,)
     return int((per_layer - per_layer.mean()).abs().argmin())
+
+
+# -----------------------------------------------------------------------------
+# Memory needed, checked before any model work
+
+def geometry_before_load(args, device) -> Geometry:
+    """The target geometry without loading the model (--geometry model reads its config.json),
+    in the dtype model.load will use on this device."""
+    if args.geometry != "model":
+        return get_geometry(args.geometry)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"  # model.load's defaults
+    folder = Path(args.model) if args.model else model_lib.default_model_dir()
+    if not args.model and not (folder / "config.json").exists():  # not converted yet: its known shape
+        return dataclasses.replace(GEOMETRIES["smollm2-135m"], name="model", dtype=dtype)
+    c = model_lib.read_config(folder)
+    return Geometry("model", c.n_layer, c.n_head, c.n_kv_head, c.head_dim, dtype)
+
+
+def synthetic_bytes(geo: Geometry, n_tokens: int, ratios, decode_dtype) -> int:
+    """Peak bytes of the memory and decode rows (measure_geometry): one layer of random K/V at the
+    target geometry, its copy in the decode dtype where that differs (float32 on a CPU), and a
+    compressed copy of each at the largest ratio (the one being timed, the one being counted)."""
+    per_elem = torch.empty((), dtype=geo.torch_dtype).element_size()
+    if decode_dtype != geo.torch_dtype:
+        per_elem += torch.empty((), dtype=decode_dtype).element_size()
+    layer_elems = 2 * geo.n_kv_heads * (n_tokens + 1) * geo.head_dim  # K and V, plus the new token
+    return math.ceil(layer_elems * per_elem * (1 + max(ratios)))
+
+
+def check_memory(args, device):
+    """Refuse a target whose synthetic layer and caches cannot fit, before any model work."""
+    geo = geometry_before_load(args, device)
+    decode_dtype = geo.torch_dtype if device.type == "cuda" else torch.float32
+    ratios = [args.ratio] + (list(SWEEP_RATIOS) if args.sweep else [])
+    need = synthetic_bytes(geo, args.ctx, ratios, decode_dtype)
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        have, where = measure.available_bytes(), "available (MemAvailable)"
+    if have is not None and need > have:
+        raise InputError(f"--ctx {args.ctx:,} needs about {_size(need)} ({need:,} bytes) for one {geo.name} "
+                         f"layer of synthetic K/V and its copies; {_size(have)} ({have:,} bytes) {where}")
+
+
+def _size(n: int) -> str:
+    """Bytes in decimal units: 16.3 GB, 4.1 TB."""
+    unit = next((u for u in ("TB", "GB", "MB") if n >= {"TB": 1e12, "GB": GB, "MB": MB}[u]), "kB")
+    return f"{n / {'TB': 1e12, 'GB': GB, 'MB': MB, 'kB': 1e3}[unit]:,.1f} {unit}"
 
 
 # -----------------------------------------------------------------------------
@@ -725,6 +774,7 @@ def main(args: argparse.Namespace) -> dict:
     base = (proc_status("VmRSS") or 0) if device.type == "cpu" else 0  # runtime, before the model
     reps = args.reps or (3 if args.quick else 30 if device.type == "cuda" else 15)
     n_needles, n_questions = (2, 1) if args.quick else (N_NEEDLES, N_QUESTIONS)
+    check_memory(args, device)
 
     progress(f"loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})")
     m, tok = model_lib.load(args.model, device=device)
@@ -805,4 +855,4 @@ def _device_name(device) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    errors.run(lambda: main(parse_args()), prog="bench.py")

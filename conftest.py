@@ -1,6 +1,7 @@
 """
 Shared test fixtures: tiny random checkpoints in Hugging Face layout, an independent reference
-forward, the embedded default model, and the Triton interpreter switch.
+forward, the embedded default model, the Triton interpreter switch, and passive OpenMP waiting
+(errors.passive_openmp; an OMP_WAIT_POLICY set by the user wins).
 
 Everything runs on the CPU. Without CUDA, the Triton kernels run through Triton's interpreter:
 TRITON_INTERPRET=1 is set here, before any test module imports triton. Tests that need other
@@ -9,7 +10,11 @@ downloaded.
 """
 import os
 
-import torch
+import errors
+
+errors.passive_openmp()  # the tests and the command lines they start: idle OpenMP threads sleep
+
+import torch  # noqa: E402 (after the OpenMP setting above)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`

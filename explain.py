@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning (must precede torch's import): on a small shared CPU
-# a spinning policy made each decode step ~40x slower (measured in bench.py, which does the same).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import errors
 
-import argparse  # noqa: E402
+if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
+    errors.passive_openmp()
+
 import html  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -677,7 +677,7 @@ def _read_context(p, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="KVzip explained: a hand-checkable toy, a step-by-step "
+    p = errors.ArgumentParser(prog="explain.py", description="KVzip explained: a hand-checkable toy, a step-by-step "
                                 "walk-through, and an HTML picture of what is kept.")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--toy", action="store_true", help="the toy example on a hand-set 1-layer model")
@@ -748,4 +748,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, prog="explain.py")

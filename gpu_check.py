@@ -19,7 +19,6 @@ step 4's command only as far as bench.py's device check (its arguments must pars
 must stop there with one line), and skips step 1 (the test suite runs those tests anyway). The test suite runs --dry, so a typo cannot wait for the first GPU.
 Nothing imports this file.
 """
-import argparse
 import json
 import math
 import os
@@ -27,6 +26,10 @@ import subprocess
 import sys
 import time
 
+import errors
+
+if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
+    errors.passive_openmp()
 DRY = "--dry" in sys.argv[1:]
 if DRY:  # the interpreter must be chosen before triton is imported (kvzip imports it on first use)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -121,7 +124,7 @@ def run_step(name, fn, summary):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="gpu_check.py", description="The project's CUDA checks in one run.")
+    p = errors.ArgumentParser(prog="gpu_check.py", description="The project's CUDA checks in one run.")
     p.add_argument("--dry", action="store_true", help="tiny shapes, anywhere (interpreter on a CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -186,4 +189,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, prog="gpu_check.py")

@@ -35,17 +35,21 @@ Left out on purpose: batching several contexts, and the authors' other eviction 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import time
 
-import torch
+import errors
+from errors import InputError
 
-import model as model_lib
-import quant
-import tasks
+if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
+    errors.passive_openmp()
+
+import torch  # noqa: E402 (after the OpenMP setting above)
+
+import model as model_lib  # noqa: E402
+import quant  # noqa: E402
+import tasks  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. The prompts
@@ -236,8 +240,15 @@ def check_bits(bits) -> int:
 
 
 def check_ratio(ratio):
-    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
+    """A ratio is a Python int or float (numpy's float64 is one) in (0, 1]. A torch tensor is
+    refused rather than converted: float() of a CUDA tensor waits for the GPU, and a tensor here is
+    most often a score or a mean passed by mistake; a bool is refused because True would mean 1.0."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        kind = "torch.Tensor (pass float(ratio))" if torch.is_tensor(ratio) else type(ratio).__name__
+        raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept) as a Python "
+                         f"float, got a {kind}: {ratio!r}")
+    if not 0 < ratio <= 1:  # also refuses nan
+        raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
 
 
 @torch.no_grad()
@@ -395,15 +406,19 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     score_context(m, tok, kv) then scores the same FullKV).
     """
     model_lib.check_backend(backend)
-    if not isinstance(context, str) or not context.strip():
-        raise ValueError("empty context: nothing to prefill and compress")
-    if chunk_size < N_OVERLAP:
-        raise ValueError(f"chunk_size must be at least {N_OVERLAP}, got {chunk_size}")
+    if context is None or (isinstance(context, str) and not context.strip()):
+        raise InputError(f"empty context ({context!r}): nothing to prefill and compress")
+    if not isinstance(context, str):
+        hint = " (decode it first: data.decode('utf-8'))" if isinstance(context, (bytes, bytearray)) else ""
+        raise InputError(f"context must be a str, got {type(context).__name__}{hint}")
+    for name, value, least in (("chunk_size", chunk_size, N_OVERLAP), ("prefill_chunk", prefill_chunk, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
     p_ids, context_ids = prefix_ids(tok), tok.encode(context)
     n_p, n_c = len(p_ids), len(context_ids)
     limit = max_context_tokens(m, tok, chunk_size, score)
     if n_c > limit:
-        raise ValueError(f"context too long: {n_c} tokens; the model's "
+        raise InputError(f"context too long: {n_c} tokens; the model's "
                          f"{m.cfg.max_position_embeddings}-token limit leaves room for at most {limit} "
                          f"context tokens after the {n_p}-token prefix"
                          + (" and the reconstruction input" if score else ""))
@@ -506,6 +521,12 @@ class CompressedKV:
     at positions n_p + n_c + i, always in the model's dtype (not quantized: it is small, and it is
     dropped again by `truncate`). `truncate` back to the context drops them, so the same
     compressed cache serves the next query.
+
+    Memory: `nbytes` counts the packed K and V, the offsets, and the n_tail tail rows in use. The
+    tail buffers are allocated by `reserve` (room for a query and its answer, grown by doubling)
+    and released when `truncate` returns to the context (n_tail = 0): between queries the cache
+    holds exactly nbytes, however long the last query was. (Keeping the buffer for the next query
+    would save one small allocation per query, and hold memory that nbytes does not report.)
     """
 
     def __init__(self, k, v, offsets, base_len: int, backend: str = "auto"):
@@ -579,6 +600,9 @@ class CompressedKV:
         if not self.base_len <= seq_len <= self.seq_len:
             raise ValueError(f"can truncate only to [{self.base_len}, {self.seq_len}], got {seq_len}")
         self.n_tail = seq_len - self.base_len
+        if self.n_tail == 0:  # back to the context: release the tail buffers (see the class docstring)
+            self.tail_k = [t.new_empty((t.shape[0], 0, t.shape[2])) for t in self.tail_k]  # (Hkv, 0, D)
+            self.tail_v = [t.new_empty((t.shape[0], 0, t.shape[2])) for t in self.tail_v]
 
     @property
     def nbytes(self) -> int:
@@ -684,7 +708,7 @@ def query_ids(tok, query: str, template: bool = True) -> list[int]:
     """A query as token ids: "\\n\\n" + query, then the assistant postfix, each encoded on its own;
     or the raw text (template=False) for completion probes."""
     if not isinstance(query, str) or not query.strip():
-        raise ValueError("empty query")
+        raise InputError("empty query")
     if not template:
         return tok.encode(query)
     return tok.encode("\n\n" + query) + tok.encode(tok.postfix)
@@ -696,9 +720,10 @@ def generate_ids(m, tok, ids: list[int], kv, max_new_tokens: int = 64, keep: boo
     FullKV or a CompressedKV). By default the cache goes back to its state before the call (the
     input and answer are dropped), so the same cache serves the next query; keep=True leaves them
     in (multi-turn use)."""
+    model_lib.check_max_new_tokens(max_new_tokens)
     limit = m.cfg.max_position_embeddings
     if kv.seq_len + len(ids) + max_new_tokens > limit:
-        raise ValueError(f"query of {len(ids)} tokens plus {max_new_tokens} new tokens does not fit "
+        raise InputError(f"query of {len(ids)} tokens plus {max_new_tokens} new tokens does not fit "
                          f"after the {kv.seq_len} cached positions (model limit {limit})")
     start = kv.seq_len
     kv.reserve(len(ids) + max_new_tokens)
@@ -736,32 +761,36 @@ def _first_line(text: str, width: int = 72) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="KVzip demo: full-cache vs compressed-cache answers.")
+    p = errors.ArgumentParser(prog="kvzip.py", description="KVzip demo: full-cache vs compressed-cache answers.")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
     p.add_argument("--context", help="a text file to use as the context (default: built-in)")
     p.add_argument("--query", action="append", help="a question (repeatable)")
     p.add_argument("--model", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
+    # cheap checks first: nothing is loaded, prefilled or scored before the arguments are usable
     try:
         check_ratio(args.ratio)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--ratio: {e}")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    for q in args.query or []:
+        if not q.strip():
+            p.error(f"--query {q!r}: empty question")
+    if args.model and (why := errors.check_folder(args.model, "--model")):
+        p.error(why)
     context = None
     if args.context:
-        try:
-            with open(args.context, encoding="utf-8") as f:
-                context = f.read()
-        except OSError as e:
-            p.error(f"cannot read --context: {e}")
+        context = errors.read_text(args.context, "--context")  # UTF-8, not empty; else one line
 
     t0 = time.perf_counter()
 
-    def progress(msg):  # the slow steps, on stderr: stdout stays the demo's output
-        print(f"[{time.perf_counter() - t0:5.1f} s] {msg}", file=sys.stderr, flush=True)
+    def progress(msg):  # the slow steps; on stdout, so that stderr holds only an error's one line
+        print(f"[{time.perf_counter() - t0:5.1f} s] {msg}", flush=True)
 
-    progress("loading the model")
-    m, tok = model_lib.load(args.model)
+    m, tok = model_lib.load(args.model)  # fails in one line for a broken checkpoint, before any output
+    progress("model loaded")
     if context is None:
         task = tasks.needle_task(**DEMO_TASK, tok=tok)
         context = task["context"]
@@ -778,7 +807,10 @@ def main(argv=None):
 
     progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
     t1 = time.perf_counter()
-    kv = prefill(m, tok, context)
+    try:
+        kv = prefill(m, tok, context)
+    except InputError as e:  # too long for this model: name the file it came from
+        raise InputError(f"--context {args.context}: {e}" if args.context else str(e)) from None
     t_prefill = time.perf_counter() - t1
     ckv = kv.prune(args.ratio)
     n_p, n_c = kv.n_prefix, kv.n_context
@@ -817,4 +849,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, prog="kvzip.py")

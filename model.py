@@ -12,7 +12,8 @@ What is in this file, top to bottom:
   5. Tokenizer     - a `tokenizers` object plus its model family's chat-template pieces
   6. loading       - Hugging Face folders (safetensors, single or sharded); load() with no path
                      gives the embedded default model, SmolLM2-135M-Instruct, converted once from
-                     its GGUF file by convert_gguf.py
+                     its GGUF file by convert_gguf.py. A malformed file is reported with its path
+                     (errors.InputError, a ValueError)
 
 It serves kvzip.py, which needs three things from the model: a cache it can read keys from, a
 way to run tokens on top of a cache and roll them back, and the per-layer queries and keys of the
@@ -30,7 +31,6 @@ than Llama 3's, quantized inference (the default model's 4-bit weights are dequa
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -40,13 +40,19 @@ import sys
 import time
 from pathlib import Path
 
-import tokenizers
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors import safe_open
+import errors
+from errors import InputError
 
-import convert_gguf
+if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
+    errors.passive_openmp()
+
+import tokenizers  # noqa: E402 (after the OpenMP setting above)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+
+import convert_gguf  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -97,6 +103,19 @@ class ModelConfig:
                 scaling = None
             elif kind != "llama3":
                 raise ValueError(f"unsupported rope_scaling type {kind!r}; only 'llama3'")
+            else:
+                needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                absent = [key for key in needed if key not in scaling]
+                if absent:
+                    raise ValueError(f"rope_scaling 'llama3' lacks {', '.join(absent)}")
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size")
+        for key in required + ("num_key_value_heads", "head_dim"):
+            value = cfg.get(key)
+            if value is None and key not in required:
+                continue  # optional: defaults below
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
         n_head = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         return cls(
@@ -426,14 +445,19 @@ def prefill(model: Transformer, ids, cache, chunk_size: int = 1024, observe=None
     """
     ids = torch.as_tensor(ids, dtype=torch.long, device=model.device)
     if ids.numel() == 0:
-        raise ValueError("empty input: nothing to prefill")
+        raise InputError("empty input: nothing to prefill")
     if cache.seq_len + ids.numel() > model.cfg.max_position_embeddings:
-        raise ValueError(f"input of {cache.seq_len + ids.numel()} tokens is longer than the model "
+        raise InputError(f"input of {cache.seq_len + ids.numel()} tokens is longer than the model "
                          f"allows (max_position_embeddings={model.cfg.max_position_embeddings})")
     cache.reserve(ids.numel())
     for i in range(0, ids.numel(), chunk_size):
         logits = model(ids[i:i + chunk_size], cache, last_only=True, observe=observe)
     return logits
+
+
+def check_max_new_tokens(n):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {n!r}")
 
 
 @torch.no_grad()
@@ -443,6 +467,7 @@ def generate(model: Transformer, ids, cache, max_new_tokens: int, stop_ids=()) -
     Every emitted token except the last one ends up in the cache (the last one's K/V would only be
     needed to predict a token after it).
     """
+    check_max_new_tokens(max_new_tokens)
     logits = prefill(model, ids, cache)
     out = []
     for _ in range(max_new_tokens):
@@ -483,7 +508,10 @@ class Tokenizer:
     """
 
     def __init__(self, path):
-        self.tk = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self.tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a plain Exception for a malformed file
+            raise InputError(f"{path}: not a valid tokenizer file ({e})") from e
         vocab = self.tk.get_vocab(with_added_tokens=True)
         if "<|im_start|>" in vocab:  # ChatML: SmolLM2, Qwen
             self.prefix = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
@@ -495,7 +523,7 @@ class Tokenizer:
             self.postfix = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
             stops = ["<|eot_id|>", "<|end_of_text|>"]
         else:
-            raise ValueError(f"{path}: unsupported chat template: the tokenizer defines neither "
+            raise InputError(f"{path}: unsupported chat template: the tokenizer defines neither "
                              "ChatML's <|im_start|> nor Llama 3's <|start_header_id|>")
         self.stop_ids = {vocab[s] for s in stops if s in vocab}
 
@@ -545,13 +573,36 @@ def local_name(hf_name: str) -> str | None:
     return ours.format(layer) if ours is not None and layer is not None else ours
 
 
+def read_json(path: Path):
+    """A JSON file of a checkpoint; a malformed one is reported with its path."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_config(path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder's config.json; problems are reported with its path."""
+    file = Path(path).expanduser() / "config.json"
+    cfg = read_json(file)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        return ModelConfig.from_hf(cfg)
+    except (ValueError, TypeError) as e:  # unsupported or malformed entries
+        raise InputError(f"{file}: {e}") from e
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
         return [single]
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index}: no \"weight_map\" of tensor names to shard files")
         files = [path / f for f in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -561,14 +612,18 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
-    """Load a Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer.json."""
+    """Load a Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer.json.
+    The small files are read first, so a broken one is reported before the weights are read."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
+        raise FileNotFoundError(f"model folder not found: {path}" if not path.exists()
+                                else f"{path} is a file, not a model folder")
     for name in ("config.json", "tokenizer.json"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path}: missing {name}")
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    cfg = read_config(path)
+    tok = Tokenizer(path / "tokenizer.json")
+    files = checkpoint_files(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -578,31 +633,34 @@ def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
         model = Transformer(cfg)
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed.weight
     loaded = set()
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                ours = local_name(hf_name)
-                if ours == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some tied checkpoints also store the copy; the embedding is used
-                if ours not in params:
-                    raise ValueError(f"{file.name}: unexpected tensor {hf_name!r} for {cfg.architecture}")
-                t = f.get_tensor(hf_name)
-                if tuple(t.shape) != tuple(params[ours].shape):
-                    raise ValueError(f"{file.name}: {hf_name} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(params[ours].shape)}")
-                module_name, _, attr = ours.rpartition(".")
-                setattr(model.get_submodule(module_name), attr,
-                        nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-                loaded.add(ours)
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    ours = local_name(hf_name)
+                    if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some tied checkpoints also store the copy; the embedding is used
+                    if ours not in params:
+                        raise InputError(f"{file}: unexpected tensor {hf_name!r} for {cfg.architecture}")
+                    t = f.get_tensor(hf_name)
+                    if tuple(t.shape) != tuple(params[ours].shape):
+                        raise InputError(f"{file}: {hf_name} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(params[ours].shape)}")
+                    module_name, _, attr = ours.rpartition(".")
+                    setattr(model.get_submodule(module_name), attr,
+                            nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+                    loaded.add(ours)
+        except SafetensorError as e:  # a malformed or truncated file
+            raise InputError(f"{file}: not a valid safetensors file ({e})") from e
     missing = sorted(set(params) - loaded)
     if missing:
-        raise ValueError(f"{path}: checkpoint is missing tensors: {', '.join(missing[:5])}"
+        raise InputError(f"{path}: checkpoint is missing tensors: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight  # re-tie: assignment above replaced the Parameter
     model.inv_freq = rope_frequencies(cfg).to(device)
     model.eval()
-    return model, Tokenizer(path / "tokenizer.json")
+    return model, tok
 
 
 def default_model_dir() -> Path:
@@ -631,13 +689,19 @@ def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
 # A short generation demo: python model.py "Tell me about the sea."
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Greedy chat generation with the default model (or --model).")
+    p = errors.ArgumentParser(prog="model.py", description="Greedy chat generation with the default "
+                              "model (or --model).")
     p.add_argument("prompt")
     p.add_argument("--model", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
+    # cheap checks first: nothing is loaded before the arguments are known to be usable
     if not args.prompt.strip():
         p.error("empty prompt")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.model and (why := errors.check_folder(args.model, "--model")):
+        p.error(why)
     t0 = time.perf_counter()
     m, tok = load(args.model)
     print(f"loaded {m.cfg.architecture} ({m.cfg.n_layer} layers, {m.cfg.n_head} query heads, "
@@ -647,4 +711,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, prog="model.py")

@@ -25,12 +25,17 @@ import random
 import sys
 import time
 
-import torch
+import errors
 
-import baselines
-import kvzip
-import model as model_lib
-import tasks
+if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
+    errors.passive_openmp()
+
+import torch  # noqa: E402 (after the OpenMP setting above)
+
+import baselines  # noqa: E402
+import kvzip  # noqa: E402
+import model as model_lib  # noqa: E402
+import tasks  # noqa: E402
 
 #
 # For each context: prefill once, score once per method (the query-aware ones see the context's
@@ -412,7 +417,7 @@ def plot_quality(result, path) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
+    p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
     p.add_argument("--quick", action="store_true", help="one needle and one fact context (~3 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated contexts (default 0)")
@@ -421,7 +426,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the figure, as a PNG: relative accuracy and reconstruction NLL vs ratio, one "
                    "line per method (default quality.png)")
     p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # cheap checks first: the outputs are written after a run of minutes, which must not be lost
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and (why := errors.check_output(path, option)):
+            p.error(why)
+    if args.model and (why := errors.check_folder(args.model, "--model")):
+        p.error(why)
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -440,4 +452,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    errors.run(lambda: main(parse_args()), prog="reuse.py")

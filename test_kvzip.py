@@ -1,7 +1,10 @@
 """Tests of kvzip.py: the reconstruction prompts, the scorer against a first-principles
 recomputation, eviction, the packed cache, generation and reuse, bad input, and the default model."""
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import kvzip
 import model
 import quant
 import tasks
-from conftest import TINY_CONTEXT, reference_forward, tiny_context
+from conftest import HERE, TINY_CONTEXT, reference_forward, tiny_context
 
 
 
@@ -284,6 +287,65 @@ def test_bad_kvzip_input_gives_clear_errors(tiny):
         kvzip.generate(m, tok, "  ", kvzip.prefill(m, tok, "Some context here.", score=False))
 
 
+def test_type_checks_say_what_they_found(tiny, tiny_kv):
+    m, tok, _ = tiny
+    with pytest.raises(ValueError, match="context must be a str, got bytes"):
+        kvzip.prefill(m, tok, b"hello")
+    with pytest.raises(ValueError, match="context must be a str, got list"):
+        kvzip.prefill(m, tok, ["hello"])
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\].*Python float, got a torch.Tensor"):
+        tiny_kv.prune(torch.tensor(0.3))
+    with pytest.raises(ValueError, match="got a bool"):
+        tiny_kv.prune(True)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 8, got 4"):
+        kvzip.prefill(m, tok, "some words", chunk_size=4)
+    for n in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an integer >= 1, got {n!r}"):
+            kvzip.generate(m, tok, "the fox", tiny_kv, max_new_tokens=n)
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            kvzip.generate_ids(m, tok, tok.encode("the fox"), tiny_kv, max_new_tokens=n)
+    # every one of these is a ValueError and an errors.InputError, which the command lines report in one line
+    with pytest.raises(kvzip.InputError):
+        tiny_kv.prune(2.0)
+
+
+def held_bytes(ckv):
+    """Bytes of every buffer the compressed cache holds (storage, not the rows in use)."""
+    return sum(t.untyped_storage().nbytes() for t in ckv.k + ckv.v + ckv.offsets + ckv.tail_k + ckv.tail_v)
+
+
+def test_compressed_cache_holds_what_it_reports_after_a_long_query(tiny, tiny_kv):
+    m, tok, _ = tiny
+    ckv = tiny_kv.prune(0.3)
+    base = ckv.seq_len
+    assert held_bytes(ckv) == ckv.nbytes
+    long_query = tiny_context(tok, 300, seed=7)  # a query longer than the compressed context itself
+    kvzip.generate(m, tok, long_query, ckv, max_new_tokens=3)  # keep=False: truncates back to the context
+    assert ckv.seq_len == base and ckv.n_tail == 0
+    assert held_bytes(ckv) == ckv.nbytes  # the tail's buffers were released, not just marked unused
+    # a kept turn: the tail rows in use are reported; the buffer holds at most its reserved room
+    kvzip.generate(m, tok, "the dog", ckv, max_new_tokens=4, template=False, keep=True)
+    assert ckv.nbytes < held_bytes(ckv)
+    ckv.truncate(base)
+    assert held_bytes(ckv) == ckv.nbytes
+    # and it still answers as a fresh compressed cache does
+    assert kvzip.generate(m, tok, "the dog", ckv, 4) == kvzip.generate(m, tok, "the dog", tiny_kv.prune(0.3), 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the Triton backend runs compiled")
+def test_triton_backend_on_a_cpu_says_how_to_run_it():
+    """Without TRITON_INTERPRET=1 (which conftest sets for this process), asking for the Triton
+    backend on a CPU explains the two ways to run it, instead of Triton's "0 active drivers"."""
+    code = ("import torch, kvzip\n"
+            "q, k = torch.randn(1, 1, 3, 16), torch.randn(1, 2 + 4 + 3, 16)\n"
+            "kvzip.chunk_scores(q, k, 2, 4, backend='triton')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: backend='triton' needs a CUDA GPU") and "TRITON_INTERPRET=1" in last
+
+
 def test_default_model_keeps_every_pass_key_at_ratio_0_3(smol):
     m, tok = smol
     task = tasks.needle_task(1500, n_needles=4, seed=0, tok=tok)
@@ -325,7 +387,8 @@ def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, mo
     n_comp = sum(c == "compressed" and m == "right" for c, m in marks)
     assert f"right: full cache {n_full}/2, compressed cache {n_comp}/2 at ratio 0.3" in out
     assert "prefix (chat template + KVzip's instruction) is never evicted" in out
-    assert "prefill and scoring by reconstruction" in err and "answering 2/2" in err  # progress on stderr
+    assert "prefill and scoring by reconstruction" in out and "answering 2/2" in out  # progress lines
+    assert err == ""  # stderr is for an error's one line
 
     ctx = tmp_path / "ctx.txt"
     ctx.write_text(TINY_CONTEXT, encoding="utf-8")

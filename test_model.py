@@ -142,3 +142,33 @@ def test_generate_stops_at_stop_token(tiny):
     assert len(out) == 5 and cache.seq_len == len(ids) + 4  # the last token's K/V is never needed
     first = out[0]
     assert model.generate(m, ids, m.new_cache(), 5, stop_ids={first}) == []
+
+
+def test_malformed_checkpoint_files_are_named(tmp_path):
+    """Each malformed file raises errors.InputError (a ValueError) naming its path and the problem."""
+    from errors import InputError
+    d = tmp_path / "ck"
+    write_tiny_checkpoint(d)
+    good = {name: (d / name).read_bytes() for name in ("config.json", "tokenizer.json", "model.safetensors")}
+    cases = [("model.safetensors", (2**40).to_bytes(8, "little") + b"{}", "not a valid safetensors file"),
+             ("model.safetensors", good["model.safetensors"][:200], "not a valid safetensors file"),
+             ("config.json", b'{"architectures": [', "not valid JSON"),
+             ("config.json", b"\xff\xfe", "not valid JSON"),
+             ("config.json", b'"LlamaForCausalLM"', "expected a JSON object, got str"),
+             ("config.json", json.dumps({**json.loads(good["config.json"]), "hidden_size": "64"}).encode(),
+              "hidden_size must be a positive integer, got '64'"),
+             ("tokenizer.json", b"{", "not a valid tokenizer file")]
+    for name, data, words in cases:
+        (d / name).write_bytes(data)
+        with pytest.raises(InputError, match=words) as e:
+            model.load(d)
+        assert str(d / name) in str(e.value)
+        (d / name).write_bytes(good[name])
+    model.load(d)  # restored: loads again
+
+
+def test_generate_refuses_a_bad_max_new_tokens(tiny):
+    m, tok, _ = tiny
+    for n in (-3, 0, 1.5):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            model.generate(m, tok.chat("hi"), m.new_cache(), n)
