@@ -4,7 +4,7 @@ tasks.py: seeded long contexts for the tests, the benchmark and the experiments,
 Everything here is written for this project (no third-party text) and uses the standard library
 only, so every context is the same on every machine for a given seed:
   - haystack(n_words, seed)           filler prose: towns, rivers, gardens, trains, markets, weather
-  - needle_task(n_tokens, n_needles)  labelled 5-digit pass keys hidden at evenly spaced depths,
+  - needle_task(n_tokens, n_needles)  labelled pass keys (5 digits, or key_digits) hidden at evenly spaced depths,
                                       with completion probes ("The pass key for the red door is")
   - fact_task(n_entities)             invented facts about invented people, with short questions
   - check_answer / first_line         how a generated answer is judged
@@ -179,11 +179,12 @@ def _needle_context(sentences, needles, depths):
     return _join(out)
 
 
-def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None) -> dict:
+def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None, key_digits: int = 5) -> dict:
     """Labelled pass keys hidden in filler prose of about n_tokens tokens.
 
     Needles read "The pass key for the red door is 48213." (distinct colours, distinct objects,
-    distinct 5-digit keys) and sit at depths evenly spaced from 10% to 90% of the filler, in that
+    distinct keys of key_digits digits, 5 by default; shorter keys are easier for a small model to
+    copy, and the reuse experiment uses 3) and sit at depths evenly spaced from 10% to 90% of the filler, in that
     order. With `tok` (anything whose .encode(str) result has a len(): a list of ids, or a
     `tokenizers.Encoding`) the whole context is sized to be within ~3% of n_tokens (binary search
     over whole filler sentences, so this holds from about 300 tokens up; below that one sentence
@@ -194,10 +195,12 @@ def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None) -> d
              "needles": [{"label", "key", "sentence", "depth"}, ...]}   # in context order
     """
     assert 1 <= n_needles <= len(_NEEDLE_COLOURS), f"n_needles must be in 1..{len(_NEEDLE_COLOURS)}"
+    if not (isinstance(key_digits, int) and 2 <= key_digits <= 9):
+        raise ValueError(f"key_digits must be an integer in 2..9, got {key_digits!r}")
     rng = random.Random(f"needles-{seed}")
     labels = [f"{c} {o}" for c, o in zip(rng.sample(_NEEDLE_COLOURS, n_needles),
                                          rng.sample(_NEEDLE_OBJECTS, n_needles))]
-    keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]  # distinct 5-digit keys
+    keys = [str(k) for k in rng.sample(range(10 ** (key_digits - 1), 10 ** key_digits), n_needles)]  # distinct
     sentences_n = [_NEEDLE_TEMPLATE.format(label=lab, key=key) for lab, key in zip(labels, keys)]
     depths = [0.5] if n_needles == 1 else [0.1 + 0.8 * i / (n_needles - 1) for i in range(n_needles)]
 

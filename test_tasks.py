@@ -114,3 +114,14 @@ def test_check_answer():
     assert tasks.check_answer("\nPort Ellery, by the sea.", "Port Ellery")
     assert tasks.check_answer("She lives in port  ellery", "Port Ellery")
     assert not tasks.check_answer("", "x") and not tasks.check_answer("anything", "")
+
+
+def test_needle_task_key_digits():
+    t = tasks.needle_task(1500, n_needles=12, seed=3, key_digits=3)
+    keys = [n["key"] for n in t["needles"]]
+    assert len(set(keys)) == 12 and all(len(k) == 3 and k.isdigit() and k[0] != "0" for k in keys)
+    assert sorted(re.findall(r"\d+", t["context"])) == sorted(keys)  # the only digits are the keys
+    assert [len(n["key"]) for n in tasks.needle_task(500, seed=3)["needles"]] == [5] * 4  # default: 5 digits
+    for bad in (1, 10, 3.0, "3"):
+        with pytest.raises(ValueError, match="key_digits"):
+            tasks.needle_task(500, key_digits=bad)
