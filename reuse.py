@@ -17,6 +17,7 @@ plot_quality, main(). Nothing imports this file.
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -41,21 +42,43 @@ import tasks
 # queries of one context as independent: with few contexts they understate the spread), and a
 # bootstrap over contexts for the NLL ratio.
 
-QUALITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# KVzip's ablations, computed here from kvzip.py's functions (baselines.py holds the query-aware
+# methods); each is pruned by FullKV.prune into the same packed cache:
+#   kvzip-head          whole KV heads ranked by head scores computed once per model on calibration
+#                       contexts (other seeds than the evaluation's), no scoring pass per context
+#   kvzip-uniform       KVzip's scores, the same budget for every head (uniform=True)
+#   kvzip-softmax-free  the max scaled logit instead of the max attention probability (scorer="logits")
+#   kvzip-c500/-c1000   KVzip with reconstruction chunks of 500 / 1000 tokens instead of 2000
+KVZIP_VARIANTS = ("kvzip-head", "kvzip-uniform", "kvzip-softmax-free", "kvzip-c500", "kvzip-c1000")
+METHODS = baselines.METHODS + KVZIP_VARIANTS
+VARIANT_CHUNKS = {"kvzip": kvzip.CHUNK_SIZE, "kvzip-c500": 500, "kvzip-c1000": 1000}
+CALIBRATION_SEED = 10 ** 6  # head scores are calibrated on contexts of seed CALIBRATION_SEED + seed
+
+QUALITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # every method, when run_quality is given no ratios
 QUALITY_PRESETS = {
     # needle_tokens / needles cycle over the needle contexts; a fact context holds fact_entities
     # invented people (4 questions each, questions_per_context of them asked) among
     # fact_filler_words words of haystack; recon_spans spans of recon_span_tokens context tokens
-    # per context are reconstructed. Sized for a 2-core CPU: the 31 caches per context (6 methods
-    # x 5 ratios, plus ratio 1 shared) each answer every query, and decoding dominates.
-    # qa_max_new = 8 is short: the 135M model often restates the question first, so agreement
-    # measures how faithfully the compressed cache reproduces the full cache's greedy continuation.
-    "default": dict(needle_contexts=4, needle_tokens=(1000, 2000, 1500, 2500), needles=(8, 6, 8, 7),
+    # per context are reconstructed. qa_max_new = 8 is short: the 135M model often restates the
+    # question first, so agreement measures how faithfully the compressed cache reproduces the
+    # full cache's greedy continuation.
+    # Pass keys have key_digits = 3 digits: the 135M model copies 5-digit keys from its full cache
+    # for only about a third of the probes, and only probes the full cache gets right count. Twelve
+    # needles per context (one per colour) give many counted probes per prefill and scoring pass.
+    # Ratios: the main methods at `main_ratios`; KVzip's pair-level ablations at `ablation_ratios`, the
+    # low ratios where KVzip itself starts to lose probes (above 0.3 it keeps them all, so the
+    # ablations could not differ there); head-level at `head_ratios` around the paper's 0.6; ratio
+    # 1 once, shared. Decoding dominates the run time: every cache answers every query.
+    "default": dict(needle_contexts=4, needle_tokens=(1000, 2000, 1500, 2000), needles=(12,), key_digits=3,
                     fact_contexts=2, fact_entities=6, fact_filler_words=400, questions_per_context=6,
-                    recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8),
-    "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(6,),
+                    recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8,
+                    main_ratios=(0.1, 0.2, 0.3, 0.5, 0.7), ablation_ratios=(0.1, 0.2, 0.3),
+                    head_ratios=(0.4, 0.6, 0.8), calibration_tokens=1500),
+    "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(12,), key_digits=3,
                   fact_contexts=1, fact_entities=4, fact_filler_words=200, questions_per_context=3,
-                  recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8),
+                  recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8,
+                  main_ratios=(0.1, 0.3, 0.5), ablation_ratios=(0.1, 0.3), head_ratios=(0.6,),
+                  calibration_tokens=1000),
 }
 BOOTSTRAP_SAMPLES = 1000
 
@@ -108,7 +131,8 @@ def _quality_contexts(tok, cfg, seed):
     for i in range(cfg["needle_contexts"]):
         n_tokens = cfg["needle_tokens"][i % len(cfg["needle_tokens"])]
         n_needles = cfg["needles"][i % len(cfg["needles"])]
-        t = tasks.needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok)
+        t = tasks.needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok,
+                              key_digits=cfg["key_digits"])
         probes = random.Random(f"quality-needle-{seed}-{i}").sample(t["probes"], n_needles)  # asking order
         out.append(dict(kind="needle", context=t["context"], template=False, queries=probes))
     for i in range(cfg["fact_contexts"]):
@@ -116,6 +140,50 @@ def _quality_contexts(tok, cfg, seed):
         qs = random.Random(f"quality-fact-{seed}-{i}").sample(t["questions"], cfg["questions_per_context"])
         out.append(dict(kind="fact", context=t["context"], template=True, queries=qs))
     return out
+
+
+def _calibration_contexts(tok, cfg, seed):
+    """Head-score calibration texts: one needle and one fact context from the same generators as
+    the evaluation, with other seeds (CALIBRATION_SEED + seed), so no evaluation context is seen."""
+    cal = CALIBRATION_SEED + seed
+    return [tasks.needle_task(cfg["calibration_tokens"], n_needles=cfg["needles"][0], seed=cal, tok=tok,
+                              key_digits=cfg["key_digits"])["context"],
+            tasks.fact_task(cfg["fact_entities"], seed=cal, filler_words=cfg["fact_filler_words"])["context"]]
+
+
+def method_ratios(method, cfg) -> tuple:
+    """The ratios a method is evaluated at in a preset (see QUALITY_PRESETS), ratio 1 included."""
+    key = "head_ratios" if method == "kvzip-head" else "ablation_ratios" if method in KVZIP_VARIANTS else "main_ratios"
+    return tuple(sorted(set(cfg[key]) | {1.0}))
+
+
+def _score_kvzip_variants(m, tok, kv, methods) -> tuple[dict, dict]:
+    """Scores (L, Hkv, n_c) and scoring seconds of KVzip and its pair-level ablations that
+    `methods` asks for; kv.scores is left as KVzip's own (chunk size CHUNK_SIZE, softmax)."""
+    scores, seconds = {}, {}
+    wanted = [x for x in ("kvzip-softmax-free", "kvzip-c500", "kvzip-c1000", "kvzip") if x in methods]
+    if "kvzip-uniform" in methods and "kvzip" not in wanted:
+        wanted.append("kvzip")
+    for meth in wanted:  # kvzip last, so kv.scores ends as its own
+        t = time.perf_counter()
+        scores[meth] = kvzip.score_context(m, tok, kv, chunk_size=VARIANT_CHUNKS.get(meth, kvzip.CHUNK_SIZE),
+                                           scorer="logits" if meth == "kvzip-softmax-free" else "softmax")
+        seconds[meth] = time.perf_counter() - t
+    if "kvzip-uniform" in methods:  # the same scores, another budget rule
+        scores["kvzip-uniform"], seconds["kvzip-uniform"] = scores["kvzip"], seconds["kvzip"]
+    return scores, seconds
+
+
+def _compress(kv, method, ratio, scores, head_scores, budget):
+    """The compressed cache of one method at one ratio: KVzip's variants through kv.prune, the
+    baselines through baselines.compress (with their budget rule)."""
+    if method == "kvzip-head":
+        return kv.prune(ratio, level="head", head_scores=head_scores)
+    if method == "kvzip-uniform":
+        return kv.prune(ratio, uniform=True, scores=scores[method])
+    if method in KVZIP_VARIANTS:
+        return kv.prune(ratio, scores=scores[method])
+    return baselines.compress(kv, method, ratio, scores["snapkv" if method == "pyramidkv" else method], budget)
 
 
 def _full_reference(m, tok, kv, ctx, cfg, offset=0.5) -> dict:
@@ -171,58 +239,86 @@ def _bootstrap_ci(num, den, seed):
     return [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]]
 
 
-def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, seed=0, quick=False,
-                progress=True, **overrides) -> dict:
+def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quick=False,
+                progress=True, budget=baselines.DEFAULT_BUDGET, head_scores=None, **overrides) -> dict:
     """The reuse experiment. Returns {"rows": [{method, ratio, relative_accuracy, agreement,
-    reconstruction_nll_ratio, n_probes, ...}], plus counts, settings and seconds}.
+    reconstruction_nll_ratio, n_probes, kept_ratio, ...}], plus counts, settings and seconds}.
 
-    n_contexts: contexts per task (needle and fact each; default from the preset); quick: the
-    small preset; overrides: any QUALITY_PRESETS key (e.g. needle_tokens=(200,) for tests).
-    A measure with nothing to count (no probe the full cache gets right) is None.
+    ratios: every method at these (default: per method from the preset, see method_ratios);
+    methods: default METHODS (the baselines and KVzip's ablations); n_contexts: contexts per task
+    (needle and fact each; default from the preset); quick: the small preset; budget: the
+    baselines' budget rule (baselines.BUDGETS); head_scores: (L, Hkv) for kvzip-head (default:
+    computed here on calibration contexts); overrides: any QUALITY_PRESETS key (e.g.
+    needle_tokens=(200,) for tests). A measure with nothing to count is None.
     """
-    methods = tuple(methods or baselines.METHODS)
+    methods = tuple(methods or METHODS)
+    for meth in methods:
+        if meth not in METHODS:
+            raise ValueError(f"unknown method {meth!r}; choose from {', '.join(METHODS)}")
+    if budget not in baselines.BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(baselines.BUDGETS)}, got {budget!r}")
     cfg = dict(QUALITY_PRESETS["quick" if quick else "default"], **overrides)
     if n_contexts is not None:
         cfg["needle_contexts"] = cfg["fact_contexts"] = n_contexts
-    for r in ratios:
-        kvzip.check_ratio(r)
+    if ratios is not None:
+        for r in ratios:
+            kvzip.check_ratio(r)
+    ratios_of = {meth: tuple(sorted(set(ratios))) if ratios is not None else method_ratios(meth, cfg)
+                 for meth in methods}
     t0 = time.perf_counter()
 
     def log(msg):  # progress goes to stderr, so stdout stays the table / JSON
         if progress:
             print(f"[quality {time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    head_seconds = 0.0
+    if "kvzip-head" in methods and head_scores is None:  # once per model, on other contexts
+        head_seconds = time.perf_counter()
+        head_scores = kvzip.head_scores(m, tok, _calibration_contexts(tok, cfg, seed))
+        head_seconds = time.perf_counter() - head_seconds
+        log(f"head scores from 2 calibration contexts: {head_seconds:.0f} s")
+
     contexts = _quality_contexts(tok, cfg, seed)
-    counts = {(meth, r): [] for meth in methods for r in ratios}  # one count dict per context
+    counts = {(meth, r): [] for meth in methods for r in ratios_of[meth]}  # one count dict per context
+    scoring_seconds = {meth: 0.0 for meth in methods}  # summed over contexts
     per_context = []
     for ci, ctx in enumerate(contexts):
         t1 = time.perf_counter()
-        kv = kvzip.prefill(m, tok, ctx["context"])
+        kv = kvzip.prefill(m, tok, ctx["context"], score=False)
+        prefill_s = time.perf_counter() - t1
+        scores, seconds = _score_kvzip_variants(m, tok, kv, methods)
         full = _full_reference(m, tok, kv, ctx, cfg, offset=(ci + 0.5) / len(contexts))
         right, n_q = full["right"], len(full["ref"])
         # score once per method: query-aware methods see the first query only
         first_query = ctx["queries"][0][0]
-        scores = {}
         for meth in methods:
             key = "snapkv" if meth == "pyramidkv" else meth  # PyramidKV = SnapKV scores + layer budgets
-            if key not in scores:
-                scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"],
-                                                      seed=seed + ci)
+            if meth in baselines.METHODS and key not in scores:
+                t = time.perf_counter()
+                scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"], seed=seed + ci)
+                seconds[key] = time.perf_counter() - t
+            scoring_seconds[meth] += 0.0 if meth == "kvzip-head" else seconds[key]
         t2 = time.perf_counter()
-        for r in ratios:
-            res = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
-            for meth in methods:
-                if r < 1 or res is None:
-                    ckv = baselines.compress(kv, meth, r, scores["snapkv" if meth == "pyramidkv" else meth])
-                    res = _evaluate(m, tok, ckv, ctx, full)
+        res_full = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
+        for meth in methods:
+            for r in ratios_of[meth]:
+                if r < 1 or res_full is None:
+                    ckv = _compress(kv, meth, r, scores, head_scores, budget)
+                    res = dict(_evaluate(m, tok, ckv, ctx, full), kept=ckv.kept_ratio)
+                    if r == 1:
+                        res_full = res
+                res = res_full if r == 1 else res
                 counts[(meth, r)].append(dict(res, probes=sum(right), full_nll=full["nll"],
                                               questions=n_q if ctx["kind"] == "fact" else 0))
         per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
                                 full_right=sum(right), recon_tokens=full["n_tokens"],
-                                full_nll_per_token=full["nll"] / max(1, full["n_tokens"])))
+                                full_nll_per_token=full["nll"] / max(1, full["n_tokens"]),
+                                prefill_seconds=round(prefill_s, 2),
+                                scoring_seconds={k: round(v, 2) for k, v in seconds.items()}))
         log(f"context {ci + 1}/{len(contexts)} ({ctx['kind']}, {kv.n_context} tokens, {n_q} queries"
             + (f", {sum(right)} right with the full cache" if ctx["kind"] == "needle" else "")
-            + f"): prefill + scoring {t2 - t1:.0f} s, evaluation {time.perf_counter() - t2:.0f} s")
+            + f"): prefill {prefill_s:.0f} s, scoring {sum(seconds.values()):.0f} s, "
+            f"evaluation {time.perf_counter() - t2:.0f} s")
 
     rows = []
     for (meth, r), cs in counts.items():
@@ -234,13 +330,15 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
                          relative_accuracy=ratio_of(right, probes), agreement=ratio_of(agree, qs),
                          reconstruction_nll_ratio=ratio_of(nll, full_nll), n_probes=sum(probes),
                          n_questions=sum(qs),
+                         kept_ratio=sum(c["kept"] for c in cs) / len(cs),  # mean over contexts
                          relative_accuracy_ci95=_wilson_ci(sum(right), sum(probes)),
                          agreement_ci95=_wilson_ci(sum(agree), sum(qs)),
                          reconstruction_nll_ratio_ci95=_bootstrap_ci(nll, full_nll, seed)))
     needle = [c for c in per_context if c["kind"] == "needle"]
     fact = [c for c in per_context if c["kind"] == "fact"]
     return dict(
-        rows=rows, methods=list(methods), ratios=list(ratios), seed=seed, quick=quick, config=cfg,
+        rows=rows, methods=list(methods), ratios=sorted({r for rs in ratios_of.values() for r in rs}),
+        seed=seed, quick=quick, config=cfg, baseline_budget=budget,
         n_contexts=len(contexts), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
         n_probes_asked=sum(c["n_queries"] for c in needle),
         n_probes=sum(c["full_right"] for c in needle),  # those the full cache gets right: the denominator
@@ -248,6 +346,11 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
         n_recon_tokens=sum(c["recon_tokens"] for c in per_context),
         full_nll_per_token=sum(c["full_nll_per_token"] for c in per_context) / max(1, len(per_context)),
         context_tokens=[c["n_context"] for c in per_context],
+        prefill_seconds=round(sum(c["prefill_seconds"] for c in per_context), 1),
+        scoring_seconds={k: round(v, 3) for k, v in scoring_seconds.items()},  # per method, all contexts
+        head_scores_seconds=round(head_seconds, 1),  # once per model (kvzip-head), not per context
+        head_scores=None if head_scores is None else head_scores.tolist(),  # (L, Hkv)
+        per_context=per_context,
         seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -263,15 +366,23 @@ def format_quality_table(result) -> str:
              f"{result['n_fact_contexts']} fact contexts ({result['n_questions']} questions); "
              f"context tokens {result['context_tokens']}; seed {result['seed']}; {result['seconds']:.0f} s",
              "query-aware methods scored with each context's first query; all queries answered from that "
-             "one cache; [95% interval: Wilson over queries; NLL: bootstrap over contexts]",
-             f"{'method':<13}{'ratio':>6}  {'relative accuracy':>20}  {'agreement':>20}  "
-             f"{'recon. NLL / full':>20}  {'n_probes':>8}"]
+             "one cache; [95% interval: Wilson over queries; NLL: bootstrap over contexts]; "
+             f"baselines' budget rule: {result.get('baseline_budget', baselines.DEFAULT_BUDGET)}; "
+             "kept: context pairs actually kept",
+             f"{'method':<19}{'ratio':>6}  {'relative accuracy':>20}  {'agreement':>20}  "
+             f"{'recon. NLL / full':>20}  {'n_probes':>8}  {'kept':>5}"]
     for row in sorted(result["rows"], key=lambda x: (result["methods"].index(x["method"]), x["ratio"])):
-        lines.append(f"{row['method']:<13}{row['ratio']:>6.2f}  "
+        lines.append(f"{row['method']:<19}{row['ratio']:>6.2f}  "
                      f"{cell(row['relative_accuracy'], row['relative_accuracy_ci95'])}  "
                      f"{cell(row['agreement'], row['agreement_ci95'])}  "
                      f"{cell(row['reconstruction_nll_ratio'], row['reconstruction_nll_ratio_ci95'])}  "
-                     f"{row['n_probes']:>8}")
+                     f"{row['n_probes']:>8}  {row.get('kept_ratio', row['ratio']):>5.3f}")
+    if "scoring_seconds" in result:
+        lines.append(f"scoring seconds, all {result['n_contexts']} contexts: "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in result["scoring_seconds"].items())
+                     + f"; prefill {result['prefill_seconds']:.1f}"
+                     + (f"; head scores (once per model) {result['head_scores_seconds']:.1f}"
+                        if "kvzip-head" in result["methods"] else ""))
     return "\n".join(lines)
 
 
@@ -309,12 +420,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE", default="quality.png",
                    help="relative accuracy vs ratio per method, as a PNG (needs matplotlib; default quality.png)")
     p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    return p.parse_args(argv)
+    p.add_argument("--baseline-budget", choices=baselines.BUDGETS, default=baselines.DEFAULT_BUDGET,
+                   help="the baselines' budget rule: 'layer' (equal layer budgets, heads ranked within each "
+                        "layer: the paper's setup, the default) or 'global' (one ranking over all layers)")
+    p.add_argument("--methods", type=lambda x: [s.strip() for s in x.split(",") if s.strip()],
+                   help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--head-scores", metavar="FILE",
+                   help="kvzip-head's head scores: read FILE if it exists (kvzip.load_head_scores), "
+                        "otherwise compute them on calibration contexts and write FILE")
+    args = p.parse_args(argv)
+    for meth in args.methods or ():
+        if meth not in METHODS:
+            p.error(f"unknown method {meth!r} in --methods; choose from {', '.join(METHODS)}")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
     m, tok = model_lib.load(args.model)
-    result = run_quality(m, tok, seed=args.seed, quick=args.quick)
+    hs = None
+    if args.head_scores and os.path.exists(args.head_scores):
+        hs = kvzip.load_head_scores(args.head_scores, m)
+    result = run_quality(m, tok, seed=args.seed, quick=args.quick, methods=args.methods,
+                         budget=args.baseline_budget, head_scores=hs)
+    if args.head_scores and hs is None and result.get("head_scores") is not None:
+        kvzip.save_head_scores(args.head_scores, torch.tensor(result["head_scores"]), m)
+        print(f"wrote {args.head_scores}", file=sys.stderr)
     print(format_quality_table(result))
     if plot_quality(result, args.plot):
         print(f"wrote {args.plot}", file=sys.stderr)
