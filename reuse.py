@@ -2,17 +2,22 @@
 reuse.py: the reuse experiment. One compressed cache answers every query of its context:
 query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Figures 2 and 10).
 
-    python reuse.py                        # the default run (~17 min on a 2-core CPU)
-    python reuse.py --quick                # one needle and one fact context (~3 min)
+    python reuse.py                        # the default run (RUNTIME_DEFAULT)
+    python reuse.py --quick                # one needle and one fact context (RUNTIME_QUICK)
     python reuse.py --json out.json --plot quality.png
+    python reuse.py --baseline-budget global --methods snapkv,h2o   # the baselines' other budget rule
+    python reuse.py --head-scores heads.safetensors                 # reuse kvzip-head's head scores
 
 For each seeded context (tasks.py): prefill once, score once per method (baselines.py; SnapKV,
-PyramidKV and H2O see the context's *first* query), prune at every ratio, then answer *all*
-queries of the context from that one cache, as a serving system would reuse it.
+PyramidKV and H2O see the context's *first* query; KVzip's ablations are scored here with
+kvzip.py's functions), prune at the method's ratios, then answer *all* queries of the context
+from that one cache, as a serving system would reuse it.
 
-Map of this file: the presets, the evaluation of one cache (_answer, _reconstruction_nll,
-_full_reference, _evaluate), the intervals, run_quality (the experiment), format_quality_table,
-plot_quality, main(). Nothing imports this file.
+Map of this file: the methods and presets, the evaluation of one cache (_answer,
+_reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
+(_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _compress), the
+intervals, run_quality (the experiment), format_quality_table, plot_quality, main(). Nothing
+imports this file.
 """
 import argparse
 import json
@@ -62,23 +67,31 @@ QUALITY_PRESETS = {
     # per context are reconstructed. qa_max_new = 8 is short: the 135M model often restates the
     # question first, so agreement measures how faithfully the compressed cache reproduces the
     # full cache's greedy continuation.
-    # Pass keys have key_digits = 3 digits: the 135M model copies 5-digit keys from its full cache
-    # for only about a third of the probes, and only probes the full cache gets right count. Twelve
-    # needles per context (one per colour) give many counted probes per prefill and scoring pass.
-    # Ratios: the main methods at `main_ratios`; KVzip's pair-level ablations at `ablation_ratios`, the
-    # low ratios where KVzip itself starts to lose probes (above 0.3 it keeps them all, so the
-    # ablations could not differ there); head-level at `head_ratios` around the paper's 0.6; ratio
-    # 1 once, shared. Decoding dominates the run time: every cache answers every query.
-    "default": dict(needle_contexts=4, needle_tokens=(1000, 2000, 1500, 2000), needles=(12,), key_digits=3,
+    # Needles (tasks.varied_needle_task) are each a different sentence with a 3-digit number: with
+    # needle_task's shared template ("The pass key for the red door is 48213.") the 135M model's
+    # full cache answered only 10 of 32 probes (1.5K tokens, 8 needles, 5 digits; 8 of 32 with 3
+    # digits, 7 of 48 with 12 needles in 1K tokens): it answers with another needle's key. Varied
+    # sentences: 35 of 36 (1K tokens, 12 needles), 33 of 36 (2K tokens). Only probes the full
+    # cache gets right count, so sixteen needles per context give many counted probes per prefill
+    # and scoring pass. needle_max_new = 5 covers a 3-digit answer and the token after it (which
+    # tells "432" from "4321"); longer answers only cost decoding.
+    # Ratios: decoding dominates the run time (every cache answers every query), so each method is
+    # run only where it can tell us something: KVzip at kvzip_ratios; the query-aware baselines
+    # at baseline_ratios (at 0.1 and 0.2 they kept almost no probe in earlier runs); the controls (StreamingLLM,
+    # random) at control_ratios; KVzip's pair-level ablations at ablation_ratios, the low ratios
+    # where KVzip itself starts to lose probes (above them it keeps them all, so an ablation
+    # could not differ); head-level at head_ratios around the paper's 0.6; ratio 1 once, shared.
+    "default": dict(needle_contexts=3, needle_tokens=(1000, 2000, 1500), needles=(16,), key_digits=3,
                     fact_contexts=2, fact_entities=6, fact_filler_words=400, questions_per_context=6,
-                    recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8,
-                    main_ratios=(0.1, 0.2, 0.3, 0.5, 0.7), ablation_ratios=(0.1, 0.2, 0.3),
-                    head_ratios=(0.4, 0.6, 0.8), calibration_tokens=1500),
-    "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(12,), key_digits=3,
+                    recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
+                    kvzip_ratios=(0.1, 0.2, 0.3, 0.5, 0.7), baseline_ratios=(0.3, 0.5, 0.7),
+                    control_ratios=(0.3, 0.7), ablation_ratios=(0.1, 0.2), head_ratios=(0.4, 0.6, 0.8),
+                    calibration_tokens=1500),
+    "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(16,), key_digits=3,
                   fact_contexts=1, fact_entities=4, fact_filler_words=200, questions_per_context=3,
-                  recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8,
-                  main_ratios=(0.1, 0.3, 0.5), ablation_ratios=(0.1, 0.3), head_ratios=(0.6,),
-                  calibration_tokens=1000),
+                  recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
+                  kvzip_ratios=(0.1, 0.3), baseline_ratios=(0.3,), control_ratios=(0.3,),
+                  ablation_ratios=(0.1,), head_ratios=(0.6,), calibration_tokens=1000),
 }
 BOOTSTRAP_SAMPLES = 1000
 
@@ -131,8 +144,8 @@ def _quality_contexts(tok, cfg, seed):
     for i in range(cfg["needle_contexts"]):
         n_tokens = cfg["needle_tokens"][i % len(cfg["needle_tokens"])]
         n_needles = cfg["needles"][i % len(cfg["needles"])]
-        t = tasks.needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok,
-                              key_digits=cfg["key_digits"])
+        t = tasks.varied_needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok,
+                                     key_digits=cfg["key_digits"])
         probes = random.Random(f"quality-needle-{seed}-{i}").sample(t["probes"], n_needles)  # asking order
         out.append(dict(kind="needle", context=t["context"], template=False, queries=probes))
     for i in range(cfg["fact_contexts"]):
@@ -146,14 +159,16 @@ def _calibration_contexts(tok, cfg, seed):
     """Head-score calibration texts: one needle and one fact context from the same generators as
     the evaluation, with other seeds (CALIBRATION_SEED + seed), so no evaluation context is seen."""
     cal = CALIBRATION_SEED + seed
-    return [tasks.needle_task(cfg["calibration_tokens"], n_needles=cfg["needles"][0], seed=cal, tok=tok,
-                              key_digits=cfg["key_digits"])["context"],
+    return [tasks.varied_needle_task(cfg["calibration_tokens"], n_needles=cfg["needles"][0], seed=cal, tok=tok,
+                                     key_digits=cfg["key_digits"])["context"],
             tasks.fact_task(cfg["fact_entities"], seed=cal, filler_words=cfg["fact_filler_words"])["context"]]
 
 
 def method_ratios(method, cfg) -> tuple:
     """The ratios a method is evaluated at in a preset (see QUALITY_PRESETS), ratio 1 included."""
-    key = "head_ratios" if method == "kvzip-head" else "ablation_ratios" if method in KVZIP_VARIANTS else "main_ratios"
+    key = ("kvzip_ratios" if method == "kvzip" else "head_ratios" if method == "kvzip-head"
+           else "ablation_ratios" if method in KVZIP_VARIANTS
+           else "control_ratios" if method in ("streamingllm", "random") else "baseline_ratios")
     return tuple(sorted(set(cfg[key]) | {1.0}))
 
 

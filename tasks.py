@@ -262,6 +262,10 @@ _VARIED_NEEDLES = [
     "The rowing club's fastest boat is registered as number {key}.",
     "The village well is exactly {key} feet deep.",
     "The organist has played the evening hymn {key} times this year.",
+    "The kite festival on the downs drew {key} visitors last spring.",
+    "The clock on the town hall has been wound {key} times since it was repaired.",
+    "The potter fired {key} blue bowls for the harvest supper.",
+    "The beekeeper's hives gave {key} jars of honey after the long summer.",
 ]
 
 
