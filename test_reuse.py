@@ -85,7 +85,7 @@ def test_kvzip_variants_are_rows_with_their_ratios_kept_fractions_and_scoring_ti
     L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
     methods = ("kvzip",) + reuse.KVZIP_VARIANTS
     res = reuse.run_quality(m, tok, methods=methods, n_contexts=1, quick=True, progress=False,
-                            **dict(TINY_PRESET, main_ratios=(0.5,), ablation_ratios=(0.3,), head_ratios=(0.3, 0.6)))
+                            **dict(TINY_PRESET, kvzip_ratios=(0.5,), ablation_ratios=(0.3,), head_ratios=(0.3, 0.6)))
     got = {(r["method"], r["ratio"]) for r in res["rows"]}
     want = {("kvzip", 0.5), ("kvzip", 1.0), ("kvzip-head", 0.3), ("kvzip-head", 0.6), ("kvzip-head", 1.0)}
     want |= {(v, r) for v in reuse.KVZIP_VARIANTS[1:] for r in (0.3, 1.0)}
@@ -135,3 +135,12 @@ def test_variant_caches_are_kvzip_prunes_and_layer_budgets_hold(tiny, tiny_kv, m
     assert (ckv.head_lengths() - kv.n_prefix).sum(1).tolist() == baselines.layer_budgets(0.3, L, Hkv, n_c)
     assert reuse.parse_args(["--baseline-budget", "global"]).baseline_budget == "global"
     assert reuse.parse_args([]).baseline_budget == baselines.DEFAULT_BUDGET == "layer"
+
+
+def test_each_method_runs_at_its_presets_ratios():
+    cfg = reuse.QUALITY_PRESETS["default"]
+    assert reuse.method_ratios("kvzip", cfg) == tuple(sorted(cfg["kvzip_ratios"])) + (1.0,)
+    assert reuse.method_ratios("snapkv", cfg) == reuse.method_ratios("h2o", cfg) == tuple(cfg["baseline_ratios"]) + (1.0,)
+    assert reuse.method_ratios("random", cfg) == tuple(cfg["control_ratios"]) + (1.0,)
+    assert reuse.method_ratios("kvzip-c500", cfg) == tuple(cfg["ablation_ratios"]) + (1.0,)
+    assert reuse.method_ratios("kvzip-head", cfg) == tuple(cfg["head_ratios"]) + (1.0,)
