@@ -153,9 +153,10 @@ def chunk_scores_logits(q, k, n_prefix: int, n_chunk: int):
     Ranking on one scale: Eq. 2's probabilities are comparable across heads and layers because each
     row sums to 1; raw logits are not normalized, so a head whose queries and keys have larger
     norms scores every pair higher. The authors' public code has no softmax-free variant, and we
-    found no description of a per-head normalization for it in the paper, so we take the ablation
-    at its word: the scaled logits are ranked as they are, within each head and across all heads
-    and layers in the one global ranking (keep_mask), exactly like Eq. 2's scores. This readable
+    could not confirm from the paper whether its variant rescales the logits of different heads,
+    so we take the ablation at its word: the scaled logits are ranked as they are, within each
+    head and across all heads and layers in the one global ranking (keep_mask), exactly like
+    Eq. 2's scores; the comparison then includes that loss of a common scale. This readable
     reference is the only implementation (no Triton path): it is an ablation, not a fast path.
     """
     Hkv, G, n_q, D = q.shape
