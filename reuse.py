@@ -79,10 +79,11 @@ QUALITY_PRESETS = {
     # on one CPU thread; 17 caches per context by default), so each method runs only where it can
     # tell us something: KVzip at kvzip_ratios (beside the baselines at 0.3, the ablations at 0.1
     # and head-level at 0.6); the query-aware baselines at baseline_ratios (below 0.3 they kept
-    # almost no probe in earlier runs, at 0.7 some); the controls (StreamingLLM, random) at one ratio; KVzip's pair-level
-    # ablations at 0.1, where KVzip itself loses probes (where it keeps them all an ablation
-    # cannot differ); head-level at the paper's 0.6; ratio 1 once, shared. Scoring is the other
-    # large cost (four KVzip passes per context for the ablations), hence contexts of 1-1.5K tokens.
+    # almost no probe in earlier runs, at 0.7 some); the controls (StreamingLLM, random) at one
+    # ratio; KVzip's pair-level ablations at 0.1, where KVzip itself loses probes (where it keeps
+    # them all an ablation cannot differ); head-level at the paper's 0.6; ratio 1 once, shared.
+    # Scoring is the other large cost (four KVzip passes per context for the ablations), hence
+    # contexts of 1-1.5K tokens.
     "default": dict(needle_contexts=3, needle_tokens=(1000, 1500, 1000), needles=(16,), key_digits=3,
                     fact_contexts=1, fact_entities=6, fact_filler_words=400, questions_per_context=6,
                     recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
