@@ -219,9 +219,8 @@ def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None, key_
     """Labelled pass keys hidden in filler prose of about n_tokens tokens.
 
     Needles read "The pass key for the red door is 48213." (distinct colours, distinct objects,
-    distinct keys of key_digits digits, 5 by default; shorter keys are easier for a small model to
-    copy, and the reuse experiment uses 3) and sit at depths evenly spaced from 10% to 90% of the filler, in that
-    order. With `tok` (anything whose .encode(str) result has a len(): a list of ids, or a
+    distinct keys of key_digits digits, 5 by default) and sit at depths evenly spaced from 10% to
+    90% of the filler, in that order. With `tok` (anything whose .encode(str) result has a len(): a list of ids, or a
     `tokenizers.Encoding`) the whole context is sized to be within ~3% of n_tokens (binary search
     over whole filler sentences, so this holds from about 300 tokens up; below that one sentence
     is more than 3%); without it we assume _TOKENS_PER_WORD.
