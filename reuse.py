@@ -366,7 +366,7 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
         context_tokens=[c["n_context"] for c in per_context],
         prefill_seconds=round(sum(c["prefill_seconds"] for c in per_context), 1),
         scoring_seconds={k: round(v, 3) for k, v in scoring_seconds.items()},  # per method, all contexts
-        head_scores_seconds=round(head_seconds, 1),  # once per model (kvzip-head), not per context
+        head_scores_seconds=round(head_seconds, 3),  # once per model (kvzip-head), not per context
         head_scores=None if head_scores is None else head_scores.tolist(),  # (L, Hkv)
         per_context=per_context,
         seconds=round(time.perf_counter() - t0, 1))
