@@ -2,13 +2,15 @@
 baselines.py: the query-aware methods KVzip is compared with, and two controls.
 
 Every method turns into scores of the same shape as KVzip's, (L, Hkv, n_c), so one eviction rule
-(kvzip.keep_mask: the global ranking, or PyramidKV's per-layer budgets) and one packed cache
+(kvzip.keep_mask: the global ranking, or per-layer budgets) and one packed cache
 (kvzip.CompressedKV) serve them all:
   - snapkv_scores      SnapKV (Li et al., 2024): attention from an observation window at the end
   - pyramid_budgets    PyramidKV (Cai et al., 2024): SnapKV's scores, layer budgets shrinking with depth
   - h2o_scores         H2O (Zhang et al., 2023): accumulated attention
   - streamingllm_scores StreamingLLM (Xiao et al., 2024): attention sinks + the most recent tokens
   - random_scores      seeded random scores, what any scorer must beat
+  - layer_budgets      the baselines' budget rule in the paper (AdaKV-style): equal layer budgets,
+                       heads ranked against each other within each layer
   - method_scores / compress: one entry point for the reuse experiment (reuse.py)
 
 The query-aware ones (SnapKV, PyramidKV, H2O) look at one query while scoring; in the reuse
@@ -30,6 +32,13 @@ SNAP_KERNEL = 7  # SnapKV's pooling width over positions (max-pool, as in AdaKV'
 #                  SnapKV repo defaults to avg-pool of width 5 -- both only smooth the ranking)
 PYRAMID_BETA = 20  # PyramidKV: the top layer's budget is 1/beta of the average layer budget
 STREAMING_SINKS = 4  # StreamingLLM's attention sinks: the first 4 context tokens
+# The baselines' budget rule (compress's `budget`): "layer" gives every layer the same budget and
+# ranks the pairs of its heads against each other (AdaKV-style non-uniform head budgets, the
+# setup the paper gives its baselines), "global" ranks all layers at once as KVzip does. "layer"
+# is the default because it is the paper's setup: the comparison then measures the scores, not
+# a budget rule the baselines were not designed for.
+BUDGETS = ("layer", "global")
+DEFAULT_BUDGET = "layer"
 
 
 @torch.no_grad()
@@ -107,6 +116,15 @@ def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: 
     return kvzip.integer_budgets(line, total, cap)
 
 
+def layer_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int):
+    """Equal per-layer budgets (AdaKV-style): round(ratio * Hkv * n_c) pairs per layer, as integers
+    that sum exactly to the global total round(ratio * (L * Hkv * n_c)) (kvzip.integer_budgets,
+    largest remainder); within a layer the heads compete (kvzip.keep_mask's layer_budgets path)."""
+    kvzip.check_ratio(ratio)
+    cap = n_kv_head * n_c
+    return kvzip.integer_budgets([1.0] * n_layer, round(ratio * (n_layer * cap)), cap)
+
+
 def h2o_scores(m, tok, kv: kvzip.FullKV, query: str, template: bool = True):
     """H2O (Zhang et al., 2023): the attention each context key receives from every later context
     and query position (itself included), divided by the number of positions that see it; mean
@@ -154,10 +172,21 @@ def method_scores(method: str, m, tok, kv: kvzip.FullKV, query: str | None = Non
     return random_scores(kv, seed)
 
 
-def compress(kv: kvzip.FullKV, method: str, ratio: float, scores):
-    """kv.prune(ratio) with a method's scores and eviction rule: PyramidKV's per-layer budgets,
-    otherwise the global ranking over all layers and heads. (The paper gives the baselines
-    AdaKV-style non-uniform budgets across the heads of a layer; the global ranking also moves
-    budget between layers.)"""
-    budgets = pyramid_budgets(ratio, *scores.shape) if method == "pyramidkv" else None
-    return kv.prune(ratio, scores=scores, layer_budgets=budgets)
+def eviction_budgets(method: str, ratio: float, shape, budget: str = DEFAULT_BUDGET):
+    """The per-layer budgets a method's scores of `shape` (L, Hkv, n_c) are ranked under, for
+    kvzip.keep_mask(layer_budgets=...): PyramidKV's shrinking layer budgets; for the other
+    baselines `budget`: "layer" (equal layer budgets, heads ranked within each layer, as the paper
+    sets up its baselines) or "global" (None: one ranking over all layers, which also moves budget
+    between layers); KVzip always None (its own global ranking)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if method == "pyramidkv":
+        return pyramid_budgets(ratio, *shape)
+    if method != "kvzip" and budget == "layer":
+        return layer_budgets(ratio, *shape)
+    return None
+
+
+def compress(kv: kvzip.FullKV, method: str, ratio: float, scores, budget: str = DEFAULT_BUDGET):
+    """kv.prune(ratio) with a method's scores and eviction rule (eviction_budgets)."""
+    return kv.prune(ratio, scores=scores, layer_budgets=eviction_budgets(method, ratio, scores.shape, budget))

@@ -11,9 +11,12 @@ are evicted once and the compressed cache serves every future query with no furt
 
 Map of this file, in pipeline order:
   1. the prompts            - KVzip's instruction before the context, the reconstruction prompts
-  2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec)
+  2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec);
+     chunk_scores_logits    - the paper's softmax-free ablation (max scaled logit), for comparison
   3. prefill / score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
-  4. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head
+     head_scores            - the scores reduced to one per KV head, once per model (save/load_head_scores)
+  4. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head;
+     head_keep_mask         - head-level eviction: whole heads, no reconstruction pass per context
   5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
                               in the model's dtype or quantized to int8/int4 (quant.py)
   6. generate               - greedy answers from a full or compressed cache, which stays unchanged
@@ -30,8 +33,7 @@ Shape alphabet (one sequence, no batch dimension):
 The `backend` argument is model.py's one switch between the readable reference code and the fast
 paths ("auto", "reference", "triton"); the fast paths are tested against the reference.
 
-Left out on purpose: batching several contexts, and the authors' other eviction granularity
-(KVzip's "head-level" variant that evicts whole heads).
+Left out on purpose: batching several contexts.
 """
 from __future__ import annotations
 
@@ -144,6 +146,35 @@ def chunk_scores_reference(q, k, n_prefix: int, n_chunk: int):
     return scores  # (Hkv, n_chunk)
 
 
+SCORERS = ("softmax", "logits")  # score_context's choice: Eq. 2, or the softmax-free ablation
+
+
+def chunk_scores_logits(q, k, n_prefix: int, n_chunk: int):
+    """The paper's softmax-free ablation for one chunk: the max *scaled logit* each chunk key gets.
+
+    Same arguments as chunk_scores_reference, same rows (every query head of the group, every input
+    row) and the same K'. Returns (Hkv, n_chunk) float32:
+        S[h, j] = max over g, t of q[h,g,t] . k[h,j] / sqrt(D).
+    A chunk key is visible to every input row (the causal mask acts only among the input's own
+    keys), so no mask is needed, and the prefix and input keys do not enter at all: without the
+    softmax nothing normalizes a row.
+
+    Ranking on one scale: Eq. 2's probabilities are comparable across heads and layers because each
+    row sums to 1; raw logits are not normalized, so a head whose queries and keys have larger
+    norms scores every pair higher. The authors' public code has no softmax-free variant, and we
+    could not confirm from the paper whether its variant rescales the logits of different heads,
+    so we take the ablation at its word: the scaled logits are ranked as they are, within each
+    head and across all heads and layers in the one global ranking (keep_mask), exactly like
+    Eq. 2's scores; the comparison then includes that loss of a common scale. This readable
+    reference is the only implementation (no Triton path): it is an ablation, not a fast path.
+    """
+    Hkv, G, n_q, D = q.shape
+    assert k.shape[1] == n_prefix + n_chunk + n_q, (k.shape, n_prefix, n_chunk, n_q)
+    chunk_keys = k[:, n_prefix:n_prefix + n_chunk].float()  # (Hkv, n_chunk, D)
+    logits = (q.float() / math.sqrt(D)) @ chunk_keys.unsqueeze(1).transpose(-1, -2)  # (Hkv, G, n_q, n_chunk)
+    return logits.amax(dim=(1, 2))  # (Hkv, n_chunk)
+
+
 def use_triton(backend: str, device) -> bool:
     """Whether `backend` means the Triton kernels for tensors on `device` (see model.BACKENDS)."""
     model_lib.check_backend(backend)
@@ -191,22 +222,49 @@ class FullKV:
         self.context_ids = context_ids
         self.backend = backend  # scoring, and the decode path of the compressed caches it prunes to
 
-    def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None, *,
-              bits: int = 16) -> "CompressedKV":
+    def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None,
+              level: str = "pair", head_scores=None, *, bits: int = 16) -> "CompressedKV":
         """Keep `ratio` of the context's KV pairs (prefix always kept): a new compressed cache.
 
-        scores: (L, Hkv, n_c) to rank by; default KVzip's own. layer_budgets: per-layer counts
-        (PyramidKV); otherwise one global ranking, or per-head budgets when uniform.
+        level="pair" (default): scores (L, Hkv, n_c) to rank by, default KVzip's own;
+        layer_budgets: per-layer counts (PyramidKV); otherwise one global ranking, or per-head
+        budgets when uniform.
+        level="head": keep the whole context of the round(ratio * L * Hkv) heads ranked highest by
+        head_scores (L, Hkv) (see head_scores()) and nothing of the others'; needs no pair scores,
+        so no reconstruction pass (prefill(..., score=False) is enough).
         bits: 16 stores the kept K/V in the model's dtype; 8 or 4 stores them quantized
         (quant.py: groups of 32 along D, fp16 scale and zero per group). ratio=1.0 with bits 8 or 4
         is quantization alone.
+        The returned cache's kept_ratio is the fraction of context pairs actually kept (at head
+        level a whole number of heads, so it can differ from ratio by up to half a head).
         """
         check_bits(bits)
-        scores = self.scores if scores is None else scores
-        if scores is None:
-            raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=")
-        keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
-        return CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}, got {level!r}")
+        if level == "head":
+            if head_scores is None:
+                raise ValueError("level='head' needs head_scores= (L, Hkv), e.g. from kvzip.head_scores "
+                                 "or kvzip.load_head_scores")
+            if uniform or scores is not None or layer_budgets is not None:
+                raise ValueError("level='head' ranks whole heads by head_scores; uniform=, scores= and "
+                                 "layer_budgets= apply to level='pair' only")
+            want = (len(self.cache.k), self.cache.k[0].shape[0])  # (L, Hkv) of this cache
+            if not torch.is_tensor(head_scores) or tuple(head_scores.shape) != want:
+                got = tuple(head_scores.shape) if torch.is_tensor(head_scores) else type(head_scores).__name__
+                raise ValueError(f"head_scores must have shape (n_layer, n_kv_head) = {want} for this "
+                                 f"cache, got {got}")
+            keep = head_keep_mask(head_scores.to(self.cache.k[0].device), ratio, self.n_context)
+        else:
+            if head_scores is not None:
+                raise ValueError("head_scores= is used only with level='head'")
+            scores = self.scores if scores is None else scores
+            if scores is None:
+                raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=, "
+                                 "or prune at level='head' with head_scores=")
+            keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
+        ckv = CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
+        ckv.kept_ratio = keep.sum().item() / max(1, keep.numel())  # context pairs kept, as a fraction
+        return ckv
 
     # --- the cache protocol, handed to the dense cache ---
     @property
@@ -252,7 +310,8 @@ def check_ratio(ratio):
 
 
 @torch.no_grad()
-def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str | None = None):
+def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str | None = None,
+                  scorer: str = "softmax"):
     """KVzip scores (L, Hkv, n_c) of the context pairs in kv, by context reconstruction; also
     stored as kv.scores.
 
@@ -262,10 +321,14 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
     K' = [prefix ; chunk ; input]. The input's K/V is removed afterwards: the cache is left as found.
     backend: default kv.backend. On a CPU, "auto" takes the fused path instead (ScoringCache below:
     the same scores, from the forward's own attention); "reference" always takes this one.
+    scorer: "softmax" (Eq. 2) or "logits" (the softmax-free ablation, chunk_scores_logits, always
+    on this path with the reference code).
     """
+    if scorer not in SCORERS:
+        raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     backend = kv.backend if backend is None else backend
     cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
-    fused = backend == "auto" and m.device.type == "cpu"
+    fused = backend == "auto" and m.device.type == "cpu" and scorer == "softmax"
     scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
     for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
         ids = torch.tensor(ids, device=m.device)
@@ -276,7 +339,10 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
         def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
             cached = cache.keys(layer)  # (Hkv, n_p + n_c, D); the input is not stored yet
             keys = torch.cat([cached[:, :n_p], cached[:, n_p + start:n_p + end], k], dim=1)  # (Hkv, |K'|, D)
-            scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
+            if scorer == "logits":
+                scores[layer, :, start:end] = chunk_scores_logits(q, keys, n_p, end - start)
+            else:
+                scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
 
         with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
             m(ids, cache, last_only=True, observe=observe)
@@ -398,14 +464,17 @@ class ScoringCache:
 
 @torch.no_grad()
 def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "auto",
-            score: bool = True, prefill_chunk: int = 1024) -> FullKV:
+            score: bool = True, prefill_chunk: int = 1024, scorer: str = "softmax") -> FullKV:
     """Prefill the template prefix and the context into a full cache, then score it (KVzip).
 
     backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, the reference scorer on a CPU).
     score=False skips scoring (for the baselines, which score themselves, or to time it apart:
-    score_context(m, tok, kv) then scores the same FullKV).
+    score_context(m, tok, kv) then scores the same FullKV, and head-level pruning needs no scores).
+    scorer: see score_context ("logits": the softmax-free ablation).
     """
     model_lib.check_backend(backend)
+    if scorer not in SCORERS:
+        raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     if context is None or (isinstance(context, str) and not context.strip()):
         raise InputError(f"empty context ({context!r}): nothing to prefill and compress")
     if not isinstance(context, str):
@@ -429,8 +498,77 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
     kv = FullKV(cache, None, n_p, context_ids, backend)
     if score:
-        score_context(m, tok, kv, chunk_size)
+        score_context(m, tok, kv, chunk_size, scorer=scorer)
     return kv
+
+
+# -----------------------------------------------------------------------------
+# 3b. Head scores: KVzip's scores reduced to one number per KV head, computed once per model
+#
+# Head-level eviction (the paper's context-independent variant, in the spirit of DuoAttention)
+# drops the whole context KV of the lowest-ranked heads. The ranking comes from a few calibration
+# contexts scored once; every later context is pruned with it, with no reconstruction pass.
+
+@torch.no_grad()
+def head_scores(m, tok, contexts, chunk_size: int = CHUNK_SIZE, backend: str = "auto"):
+    """Head scores (L, Hkv) float32 from calibration contexts: for each context, KVzip's pair scores
+    (prefill + score_context) reduced by the max over context positions; then the max over contexts.
+
+    A head that ever pays high attention to some context pair while reconstructing some context
+    scores high. Use contexts unlike the ones you will evaluate on (the reuse experiment draws
+    them from other seeds).
+    """
+    if isinstance(contexts, str) or not contexts:
+        raise ValueError("contexts must be a non-empty list of strings (calibration texts)")
+    per_context = [prefill(m, tok, c, chunk_size=chunk_size, backend=backend).scores.amax(dim=-1)
+                   for c in contexts]  # each (L, Hkv)
+    return torch.stack(per_context).amax(dim=0).float().cpu()  # (L, Hkv)
+
+
+def model_identity(m) -> dict:
+    """What identifies a model's head scores, as strings (safetensors metadata): the architecture,
+    the shapes, and a fingerprint: a hash of a few weights rounded to bfloat16 (so the same
+    checkpoint loaded in float32 or bfloat16 matches, and a different checkpoint of the same shape
+    does not)."""
+    import hashlib
+    cfg = m.cfg
+    h = hashlib.sha256()
+    for w in (m.embed.weight, m.layers[0].attn.k_proj.weight, m.layers[-1].attn.k_proj.weight):
+        h.update(w.detach().flatten()[:256].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return dict(architecture=cfg.architecture, n_layer=str(cfg.n_layer), n_kv_head=str(cfg.n_kv_head),
+                head_dim=str(cfg.head_dim), n_embd=str(cfg.n_embd), vocab_size=str(cfg.vocab_size),
+                weights_sha256=h.hexdigest()[:16])
+
+
+def save_head_scores(path, hs, m):
+    """Write head scores (L, Hkv) to a small safetensors file, with the model's identity
+    (model_identity) in its metadata."""
+    from safetensors.torch import save_file
+    ident = model_identity(m)
+    want = (m.cfg.n_layer, m.cfg.n_kv_head)
+    if not torch.is_tensor(hs) or tuple(hs.shape) != want:
+        raise ValueError(f"head scores must have shape (n_layer, n_kv_head) = {want}, got "
+                         f"{tuple(hs.shape) if torch.is_tensor(hs) else type(hs).__name__}")
+    save_file({"head_scores": hs.detach().float().cpu().contiguous()}, str(path), metadata=ident)
+
+
+def load_head_scores(path, m):
+    """Read head scores saved by save_head_scores; a ValueError naming both models if the file
+    was written for another model (architecture, shape or weights)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        saved = f.metadata() or {}
+        hs = f.get_tensor("head_scores")
+    ident = model_identity(m)
+
+    def describe(d):
+        return (f"{d.get('architecture')} with {d.get('n_layer')} layers x {d.get('n_kv_head')} KV heads "
+                f"x head_dim {d.get('head_dim')}, weights {d.get('weights_sha256')}")
+
+    if saved != ident or tuple(hs.shape) != (m.cfg.n_layer, m.cfg.n_kv_head):
+        raise ValueError(f"head scores in {path} were computed for another model: file {describe(saved)}, "
+                         f"shape {tuple(hs.shape)}; this model {describe(ident)}")
+    return hs.to(m.device)
 
 
 # -----------------------------------------------------------------------------
@@ -465,6 +603,29 @@ def keep_mask(scores, ratio: float, uniform: bool = False, layer_budgets=None):
     return top(scores.reshape(-1), round(ratio * (L * Hkv * n_c))).view(L, Hkv, n_c)
 
 
+LEVELS = ("pair", "head")  # eviction granularity of FullKV.prune
+
+
+def head_keep_mask(head_scores, ratio: float, n_c: int):
+    """Head-level eviction: bool (L, Hkv, n_c), True for every context position of the
+    k = round(ratio * L * Hkv) heads with the highest head scores, False for the others.
+
+    It is keep_mask's global ranking with every position of a head given its head's score: the
+    kept count k * n_c is a whole number of heads, and a stable sort over the flat (layer, head,
+    position) index keeps a head's contiguous positions together, so ties between heads go to the
+    lower (layer, head) as a whole. (The authors also spread the head score over the positions and
+    threshold the global ranking.)
+    """
+    check_ratio(ratio)
+    if not torch.is_tensor(head_scores) or head_scores.dim() != 2:
+        raise ValueError(f"head_scores must be a (n_layer, n_kv_head) tensor, got "
+                         f"{tuple(head_scores.shape) if torch.is_tensor(head_scores) else type(head_scores).__name__}")
+    L, Hkv = head_scores.shape
+    k = round(ratio * (L * Hkv))  # whole heads
+    if k == 0 or n_c == 0:
+        return torch.zeros(L, Hkv, n_c, dtype=torch.bool, device=head_scores.device)
+    per_pair = head_scores.float()[:, :, None].expand(L, Hkv, n_c)  # (L, Hkv, n_c)
+    return keep_mask(per_pair, k / (L * Hkv))  # round(k / (L*Hkv) * L*Hkv*n_c) = k * n_c pairs
 
 
 def integer_budgets(weights, total: int, cap: int) -> list[int]:

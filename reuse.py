@@ -2,25 +2,31 @@
 reuse.py: the reuse experiment. One compressed cache answers every query of its context:
 query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Figures 2 and 10).
 
-    python reuse.py                        # the default run (~17 min on a 2-core CPU)
-    python reuse.py --quick                # one needle and one fact context (~3 min)
+    python reuse.py                        # the default run (~10 min on an idle 2-core CPU)
+    python reuse.py --quick                # one needle and one fact context (~2.5 min)
     python reuse.py --json out.json --plot quality.png   # the figure: accuracy and NLL vs ratio
+    python reuse.py --baseline-budget global --methods snapkv,h2o   # the baselines' other budget rule
+    python reuse.py --head-scores heads.safetensors                 # reuse kvzip-head's head scores
 
 For each seeded context (tasks.py): prefill once, score once per method (baselines.py; SnapKV,
-PyramidKV and H2O see the context's *first* query), prune at every ratio, then answer *all*
-queries of the context from that one cache, as a serving system would reuse it.
+PyramidKV and H2O see the context's *first* query; KVzip's ablations are scored here with
+kvzip.py's functions), prune at the method's ratios, then answer *all* queries of the context
+from that one cache, as a serving system would reuse it.
 The same context also gives the quantized rows: KVzip caches stored in int8 / int4
 (kv.prune(ratio, bits=...), quant.py), and quantization alone (ratio 1.0, int4); every row has a
 `bits` field (16: the model's dtype, not quantized).
 
-Map of this file: the presets, the evaluation of one cache (_answer, _reconstruction_nll,
-_full_reference, _evaluate, _keep_mask), the intervals and _summarize (one row), run_quality (the
-experiment), format_quality_table, format_kinds_table (what each method keeps of digits,
-punctuation and words), plot_quality (the figure), main(). Nothing imports this file.
+Map of this file: the methods and presets, the evaluation of one cache (_answer,
+_reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
+(_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _compress,
+_keep_mask), the intervals and _summarize (one row), run_quality (the experiment),
+format_quality_table, format_kinds_table (what each method keeps of digits, punctuation and
+words), plot_quality (the figure), main(). Nothing imports this file.
 """
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -52,21 +58,54 @@ import tasks  # noqa: E402
 # queries of one context as independent: with few contexts they understate the spread), and a
 # bootstrap over contexts for the NLL ratio.
 
-QUALITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# KVzip's ablations, computed here from kvzip.py's functions (baselines.py holds the query-aware
+# methods); each is pruned by FullKV.prune into the same packed cache:
+#   kvzip-head          whole KV heads ranked by head scores computed once per model on calibration
+#                       contexts (other seeds than the evaluation's), no scoring pass per context
+#   kvzip-uniform       KVzip's scores, the same budget for every head (uniform=True)
+#   kvzip-softmax-free  the max scaled logit instead of the max attention probability (scorer="logits")
+#   kvzip-c500/-c1000   KVzip with reconstruction chunks of 500 / 1000 tokens instead of 2000
+KVZIP_VARIANTS = ("kvzip-head", "kvzip-uniform", "kvzip-softmax-free", "kvzip-c500", "kvzip-c1000")
+METHODS = baselines.METHODS + KVZIP_VARIANTS
+VARIANT_CHUNKS = {"kvzip": kvzip.CHUNK_SIZE, "kvzip-c500": 500, "kvzip-c1000": 1000}
+CALIBRATION_SEED = 10 ** 6  # head scores are calibrated on contexts of seed CALIBRATION_SEED + seed
+
+QUALITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # every method, when run_quality is given no ratios
 QUALITY_PRESETS = {
     # needle_tokens / needles cycle over the needle contexts; a fact context holds fact_entities
     # invented people (4 questions each, questions_per_context of them asked) among
     # fact_filler_words words of haystack; recon_spans spans of recon_span_tokens context tokens
-    # per context are reconstructed. Sized for a 2-core CPU: the 31 caches per context (6 methods
-    # x 5 ratios, plus ratio 1 shared) each answer every query, and decoding dominates.
-    # qa_max_new = 8 is short: the 135M model often restates the question first, so agreement
-    # measures how faithfully the compressed cache reproduces the full cache's greedy continuation.
-    "default": dict(needle_contexts=4, needle_tokens=(1000, 2000, 1500, 2500), needles=(8, 6, 8, 7),
-                    fact_contexts=2, fact_entities=6, fact_filler_words=400, questions_per_context=6,
-                    recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8),
-    "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(6,),
+    # per context are reconstructed. qa_max_new = 8 is short: the 135M model often restates the
+    # question first, so agreement measures how faithfully the compressed cache reproduces the
+    # full cache's greedy continuation.
+    # Needles (tasks.varied_needle_task) are each a different sentence with a 3-digit number: with
+    # needle_task's shared template ("The pass key for the red door is 48213.") the 135M model's
+    # full cache answered only 10 of 32 probes (1.5K tokens, 8 needles, 5 digits; 8 of 32 with 3
+    # digits, 7 of 48 with 12 needles in 1K tokens): it answers with another needle's key. Varied
+    # sentences: 35 of 36 (1K tokens, 12 needles), 33 of 36 (2K tokens). Only probes the full
+    # cache gets right count, so sixteen needles per context give many counted probes per prefill
+    # and scoring pass. needle_max_new = 5 covers a 3-digit answer and the token after it (which
+    # tells "432" from "4321"); longer answers only cost decoding.
+    # Ratios: answering dominates the run time (every cache answers every query, ~0.4 s per probe
+    # on one CPU thread; 17 caches per context by default), so each method runs only where it can
+    # tell us something: KVzip at kvzip_ratios (beside the baselines at 0.3, the ablations at 0.1
+    # and head-level at 0.6); the query-aware baselines at baseline_ratios (below 0.3 they kept
+    # almost no probe in earlier runs, at 0.7 some); the controls (StreamingLLM, random) at one
+    # ratio; KVzip's pair-level ablations at 0.1, where KVzip itself loses probes (where it keeps
+    # them all an ablation cannot differ); head-level at the paper's 0.6; ratio 1 once, shared.
+    # Scoring is the other large cost (four KVzip passes per context for the ablations), hence
+    # contexts of 1-1.5K tokens.
+    "default": dict(needle_contexts=3, needle_tokens=(1000, 1500, 1000), needles=(16,), key_digits=3,
+                    fact_contexts=1, fact_entities=6, fact_filler_words=400, questions_per_context=6,
+                    recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
+                    kvzip_ratios=(0.1, 0.3, 0.5), baseline_ratios=(0.3, 0.7),
+                    control_ratios=(0.5,), ablation_ratios=(0.1,), head_ratios=(0.6,),
+                    calibration_tokens=1500),
+    "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(8,), key_digits=3,
                   fact_contexts=1, fact_entities=4, fact_filler_words=200, questions_per_context=3,
-                  recon_spans=1, recon_span_tokens=64, needle_max_new=7, qa_max_new=8),
+                  recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
+                  kvzip_ratios=(0.1, 0.3), baseline_ratios=(0.3,), control_ratios=(0.3,),
+                  ablation_ratios=(0.1,), head_ratios=(0.6,), calibration_tokens=1000),
 }
 BOOTSTRAP_SAMPLES = 1000
 # The quantized rows: (ratio, bits) of KVzip caches stored quantized (kv.prune(ratio, bits=bits)),
@@ -123,7 +162,8 @@ def _quality_contexts(tok, cfg, seed):
     for i in range(cfg["needle_contexts"]):
         n_tokens = cfg["needle_tokens"][i % len(cfg["needle_tokens"])]
         n_needles = cfg["needles"][i % len(cfg["needles"])]
-        t = tasks.needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok)
+        t = tasks.varied_needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok,
+                                     key_digits=cfg["key_digits"])
         probes = random.Random(f"quality-needle-{seed}-{i}").sample(t["probes"], n_needles)  # asking order
         out.append(dict(kind="needle", context=t["context"], template=False, queries=probes))
     for i in range(cfg["fact_contexts"]):
@@ -131,6 +171,52 @@ def _quality_contexts(tok, cfg, seed):
         qs = random.Random(f"quality-fact-{seed}-{i}").sample(t["questions"], cfg["questions_per_context"])
         out.append(dict(kind="fact", context=t["context"], template=True, queries=qs))
     return out
+
+
+def _calibration_contexts(tok, cfg, seed):
+    """Head-score calibration texts: one needle and one fact context from the same generators as
+    the evaluation, with other seeds (CALIBRATION_SEED + seed), so no evaluation context is seen."""
+    cal = CALIBRATION_SEED + seed
+    return [tasks.varied_needle_task(cfg["calibration_tokens"], n_needles=cfg["needles"][0], seed=cal, tok=tok,
+                                     key_digits=cfg["key_digits"])["context"],
+            tasks.fact_task(cfg["fact_entities"], seed=cal, filler_words=cfg["fact_filler_words"])["context"]]
+
+
+def method_ratios(method, cfg) -> tuple:
+    """The ratios a method is evaluated at in a preset (see QUALITY_PRESETS), ratio 1 included."""
+    key = ("kvzip_ratios" if method == "kvzip" else "head_ratios" if method == "kvzip-head"
+           else "ablation_ratios" if method in KVZIP_VARIANTS
+           else "control_ratios" if method in ("streamingllm", "random") else "baseline_ratios")
+    return tuple(sorted(set(cfg[key]) | {1.0}))
+
+
+def _score_kvzip_variants(m, tok, kv, methods) -> tuple[dict, dict]:
+    """Scores (L, Hkv, n_c) and scoring seconds of KVzip and its pair-level ablations that
+    `methods` asks for; kv.scores is left as KVzip's own (chunk size CHUNK_SIZE, softmax)."""
+    scores, seconds = {}, {}
+    wanted = [x for x in ("kvzip-softmax-free", "kvzip-c500", "kvzip-c1000", "kvzip") if x in methods]
+    if "kvzip-uniform" in methods and "kvzip" not in wanted:
+        wanted.append("kvzip")
+    for meth in wanted:  # kvzip last, so kv.scores ends as its own
+        t = time.perf_counter()
+        scores[meth] = kvzip.score_context(m, tok, kv, chunk_size=VARIANT_CHUNKS.get(meth, kvzip.CHUNK_SIZE),
+                                           scorer="logits" if meth == "kvzip-softmax-free" else "softmax")
+        seconds[meth] = time.perf_counter() - t
+    if "kvzip-uniform" in methods:  # the same scores, another budget rule
+        scores["kvzip-uniform"], seconds["kvzip-uniform"] = scores["kvzip"], seconds["kvzip"]
+    return scores, seconds
+
+
+def _compress(kv, method, ratio, scores, head_scores, budget):
+    """The compressed cache of one method at one ratio: KVzip's variants through kv.prune, the
+    baselines through baselines.compress (with their budget rule)."""
+    if method == "kvzip-head":
+        return kv.prune(ratio, level="head", head_scores=head_scores)
+    if method == "kvzip-uniform":
+        return kv.prune(ratio, uniform=True, scores=scores[method])
+    if method in KVZIP_VARIANTS:
+        return kv.prune(ratio, scores=scores[method])
+    return baselines.compress(kv, method, ratio, scores["snapkv" if method == "pyramidkv" else method], budget)
 
 
 def _full_reference(m, tok, kv, ctx, cfg, offset=0.5) -> dict:
@@ -170,12 +256,17 @@ def _kind_order(kind):
     return (tasks.TOKEN_KINDS.index(kind), "") if kind in tasks.TOKEN_KINDS else (len(tasks.TOKEN_KINDS), kind)
 
 
-def _keep_mask(meth, ratio, scores):
-    """The keep mask (L, Hkv, n_c) that baselines.compress packs for this method: PyramidKV's
-    per-layer budgets, otherwise the global ranking (test_reuse checks the two agree for every
-    method in baselines.METHODS)."""
-    budgets = baselines.pyramid_budgets(ratio, *scores.shape) if meth == "pyramidkv" else None
-    return kvzip.keep_mask(scores, ratio, layer_budgets=budgets)
+def _keep_mask(kv, method, ratio, scores, head_scores, budget):
+    """The keep mask (L, Hkv, n_c) that _compress packs for this method (test_reuse checks the two
+    agree for every method): it gives the kept share of each token kind."""
+    if method == "kvzip-head":
+        return kvzip.head_keep_mask(head_scores.to(kv.cache.k[0].device), ratio, kv.n_context)
+    if method == "kvzip-uniform":
+        return kvzip.keep_mask(scores[method], ratio, uniform=True)
+    if method in KVZIP_VARIANTS:
+        return kvzip.keep_mask(scores[method], ratio)
+    s = scores["snapkv" if method == "pyramidkv" else method]
+    return kvzip.keep_mask(s, ratio, layer_budgets=baselines.eviction_budgets(method, ratio, s.shape, budget))
 
 
 def _wilson_ci(k, n, z=1.96):
@@ -200,8 +291,9 @@ def _bootstrap_ci(num, den, seed):
 
 
 def _summarize(cs, kinds, seed) -> dict:
-    """One row's measures from its per-context counts cs, with their 95% intervals, and the kept
-    fraction of each token kind (kinds: tasks.token_kind of every context position)."""
+    """One row's measures from its per-context counts cs, with their 95% intervals, the context
+    pairs actually kept, and the kept fraction of each token kind (kinds: tasks.token_kind of
+    every context position)."""
     right, probes = [c["right"] for c in cs], [c["probes"] for c in cs]
     agree, qs = [c["agree"] for c in cs], [c["questions"] for c in cs]
     nll, full_nll = [c["nll"] for c in cs], [c["full_nll"] for c in cs]
@@ -209,31 +301,44 @@ def _summarize(cs, kinds, seed) -> dict:
     return dict(relative_accuracy=ratio_of(right, probes), agreement=ratio_of(agree, qs),
                 reconstruction_nll_ratio=ratio_of(nll, full_nll), n_probes=sum(probes),
                 n_questions=sum(qs),
+                kept_ratio=sum(c["kept_ratio"] for c in cs) / len(cs),  # mean over contexts
                 relative_accuracy_ci95=_wilson_ci(sum(right), sum(probes)),
                 agreement_ci95=_wilson_ci(sum(agree), sum(qs)),
                 reconstruction_nll_ratio_ci95=_bootstrap_ci(nll, full_nll, seed),
                 kept_by_kind=tasks.kept_by_kind([f for c in cs for f in c["kept"]], kinds))
 
 
-def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, seed=0, quick=False,
-                progress=True, quantized=QUANTIZED_ROWS, **overrides) -> dict:
+def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quick=False,
+                progress=True, budget=baselines.DEFAULT_BUDGET, head_scores=None,
+                quantized=QUANTIZED_ROWS, **overrides) -> dict:
     """The reuse experiment. Returns {"rows": [{method, ratio, bits, relative_accuracy, agreement,
-    reconstruction_nll_ratio, n_probes, kept_by_kind, ...}], plus counts, token_kinds (positions
-    of each kind over all contexts), settings and seconds}.
+    reconstruction_nll_ratio, n_probes, kept_ratio, kept_by_kind, ...}], plus counts,
+    token_kinds (positions of each kind over all contexts), settings and seconds}.
 
     quantized: (ratio, bits) pairs of the KVzip rows stored quantized (method "kvzip", bits 8 or
     4), evaluated on the same contexts; () for none.
 
-    n_contexts: contexts per task (needle and fact each; default from the preset); quick: the
-    small preset; overrides: any QUALITY_PRESETS key (e.g. needle_tokens=(200,) for tests).
-    A measure with nothing to count (no probe the full cache gets right) is None.
+    ratios: every method at these (default: per method from the preset, see method_ratios);
+    methods: default METHODS (the baselines and KVzip's ablations); n_contexts: contexts per task
+    (needle and fact each; default from the preset); quick: the small preset; budget: the
+    baselines' budget rule (baselines.BUDGETS); head_scores: (L, Hkv) for kvzip-head (default:
+    computed here on calibration contexts); overrides: any QUALITY_PRESETS key (e.g.
+    needle_tokens=(200,) for tests). A measure with nothing to count is None.
     """
-    methods = tuple(methods or baselines.METHODS)
+    methods = tuple(methods or METHODS)
+    for meth in methods:
+        if meth not in METHODS:
+            raise ValueError(f"unknown method {meth!r}; choose from {', '.join(METHODS)}")
+    if budget not in baselines.BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(baselines.BUDGETS)}, got {budget!r}")
     cfg = dict(QUALITY_PRESETS["quick" if quick else "default"], **overrides)
     if n_contexts is not None:
         cfg["needle_contexts"] = cfg["fact_contexts"] = n_contexts
-    for r in ratios:
-        kvzip.check_ratio(r)
+    if ratios is not None:
+        for r in ratios:
+            kvzip.check_ratio(r)
+    ratios_of = {meth: tuple(sorted(set(ratios))) if ratios is not None else method_ratios(meth, cfg)
+                 for meth in methods}
     quantized = tuple((r, bits) for r, bits in quantized)
     for r, bits in quantized:
         kvzip.check_ratio(r)
@@ -244,56 +349,75 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
         if progress:
             print(f"[quality {time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    head_seconds = 0.0
+    if "kvzip-head" in methods and head_scores is None:  # once per model, on other contexts
+        head_seconds = time.perf_counter()
+        head_scores = kvzip.head_scores(m, tok, _calibration_contexts(tok, cfg, seed))
+        head_seconds = time.perf_counter() - head_seconds
+        log(f"head scores from 2 calibration contexts: {head_seconds:.0f} s")
+
     contexts = _quality_contexts(tok, cfg, seed)
-    counts = {(meth, r): [] for meth in methods for r in ratios}  # one count dict per context
+    counts = {(meth, r): [] for meth in methods for r in ratios_of[meth]}  # one count dict per context
+    scoring_seconds = {meth: 0.0 for meth in methods}  # summed over contexts
     quantized_counts = {rb: [] for rb in quantized}  # the same, for the quantized KVzip caches
     per_context = []
     kinds = []  # tasks.token_kind of every context position, contexts concatenated
     for ci, ctx in enumerate(contexts):
         t1 = time.perf_counter()
-        kv = kvzip.prefill(m, tok, ctx["context"])
+        kv = kvzip.prefill(m, tok, ctx["context"], score=False)
+        prefill_s = time.perf_counter() - t1
+        scores, seconds = _score_kvzip_variants(m, tok, kv, methods)
         full = _full_reference(m, tok, kv, ctx, cfg, offset=(ci + 0.5) / len(contexts))
         right, n_q = full["right"], len(full["ref"])
         # score once per method: query-aware methods see the first query only
         first_query = ctx["queries"][0][0]
-        scores = {}
         for meth in methods:
             key = "snapkv" if meth == "pyramidkv" else meth  # PyramidKV = SnapKV scores + layer budgets
-            if key not in scores:
-                scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"],
-                                                      seed=seed + ci)
+            if meth in baselines.METHODS and key not in scores:
+                t = time.perf_counter()
+                scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"], seed=seed + ci)
+                seconds[key] = time.perf_counter() - t
+            scoring_seconds[meth] += 0.0 if meth == "kvzip-head" else seconds[key]
         t2 = time.perf_counter()
         kinds += [tasks.token_kind(tok.decode([i])) for i in kv.context_ids]
-        for r in ratios:
-            res = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
-            for meth in methods:
-                s = scores["snapkv" if meth == "pyramidkv" else meth]
-                if r < 1 or res is None:
-                    ckv = baselines.compress(kv, meth, r, s)
-                    res = _evaluate(m, tok, ckv, ctx, full)
-                kept = _keep_mask(meth, r, s).float().mean(dim=(0, 1)).tolist()  # (n_c,) share of heads
+        res_full = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
+        for meth in methods:
+            for r in ratios_of[meth]:
+                if r < 1 or res_full is None:
+                    ckv = _compress(kv, meth, r, scores, head_scores, budget)
+                    res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
+                    if r == 1:
+                        res_full = res
+                res = res_full if r == 1 else res
+                kept = _keep_mask(kv, meth, r, scores, head_scores, budget).float().mean(dim=(0, 1)).tolist()
                 counts[(meth, r)].append(dict(res, probes=sum(right), full_nll=full["nll"],
                                               questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
-        for r, bits in quantized:  # KVzip's own scores (kv.scores), stored in int8 / int4
-            res = _evaluate(m, tok, kv.prune(r, bits=bits), ctx, full)
-            kept = _keep_mask("kvzip", r, kv.scores).float().mean(dim=(0, 1)).tolist()  # the same pairs as bits 16
+        for r, bits in quantized if "kvzip" in scores else ():  # KVzip's own scores, stored in int8 / int4
+            ckv = kv.prune(r, scores=scores["kvzip"], bits=bits)
+            res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
+            kept = _keep_mask(kv, "kvzip", r, scores, head_scores, budget).float().mean(dim=(0, 1)).tolist()
             quantized_counts[(r, bits)].append(dict(res, probes=sum(right), full_nll=full["nll"],
                                                     questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
         per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
                                 full_right=sum(right), recon_tokens=full["n_tokens"],
-                                full_nll_per_token=full["nll"] / max(1, full["n_tokens"])))
+                                full_nll_per_token=full["nll"] / max(1, full["n_tokens"]),
+                                prefill_seconds=round(prefill_s, 2),
+                                scoring_seconds={k: round(v, 2) for k, v in seconds.items()}))
         log(f"context {ci + 1}/{len(contexts)} ({ctx['kind']}, {kv.n_context} tokens, {n_q} queries"
             + (f", {sum(right)} right with the full cache" if ctx["kind"] == "needle" else "")
-            + f"): prefill + scoring {t2 - t1:.0f} s, evaluation {time.perf_counter() - t2:.0f} s")
+            + f"): prefill {prefill_s:.0f} s, scoring {sum(seconds.values()):.0f} s, "
+            f"evaluation {time.perf_counter() - t2:.0f} s")
 
-    rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed)) for (meth, r), cs in counts.items()]
+    rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed))
+            for (meth, r), cs in counts.items()]
     rows += [dict(method="kvzip", ratio=r, bits=bits, **_summarize(cs, kinds, seed))
-             for (r, bits), cs in quantized_counts.items()]
+             for (r, bits), cs in quantized_counts.items() if cs]
     needle = [c for c in per_context if c["kind"] == "needle"]
     fact = [c for c in per_context if c["kind"] == "fact"]
     return dict(
-        rows=rows, methods=list(methods), ratios=list(ratios), quantized=[list(rb) for rb in quantized],
-        seed=seed, quick=quick, config=cfg,
+        rows=rows, methods=list(methods), ratios=sorted({r for rs in ratios_of.values() for r in rs}),
+        quantized=[list(rb) for rb in quantized],
+        seed=seed, quick=quick, config=cfg, baseline_budget=budget,
         n_contexts=len(contexts), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
         n_probes_asked=sum(c["n_queries"] for c in needle),
         n_probes=sum(c["full_right"] for c in needle),  # those the full cache gets right: the denominator
@@ -302,6 +426,11 @@ def run_quality(m, tok, ratios=QUALITY_RATIOS, methods=None, n_contexts=None, se
         full_nll_per_token=sum(c["full_nll_per_token"] for c in per_context) / max(1, len(per_context)),
         context_tokens=[c["n_context"] for c in per_context],
         token_kinds={k: kinds.count(k) for k in sorted(set(kinds), key=_kind_order)},
+        prefill_seconds=round(sum(c["prefill_seconds"] for c in per_context), 1),
+        scoring_seconds={k: round(v, 3) for k, v in scoring_seconds.items()},  # per method, all contexts
+        head_scores_seconds=round(head_seconds, 3),  # once per model (kvzip-head), not per context
+        head_scores=None if head_scores is None else head_scores.tolist(),  # (L, Hkv)
+        per_context=per_context,
         seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -317,17 +446,25 @@ def format_quality_table(result) -> str:
              f"{result['n_fact_contexts']} fact contexts ({result['n_questions']} questions); "
              f"context tokens {result['context_tokens']}; seed {result['seed']}; {result['seconds']:.0f} s",
              "query-aware methods scored with each context's first query; all queries answered from that "
-             "one cache; [95% interval: Wilson over queries; NLL: bootstrap over contexts]",
-             f"{'method':<13}{'ratio':>6}{'bits':>5}  {'relative accuracy':>20}  {'agreement':>20}  "
-             f"{'recon. NLL / full':>20}  {'n_probes':>8}"]
+             "one cache; [95% interval: Wilson over queries; NLL: bootstrap over contexts]; "
+             f"baselines' budget rule: {result.get('baseline_budget', baselines.DEFAULT_BUDGET)}; "
+             "kept: context pairs actually kept",
+             f"{'method':<19}{'ratio':>6}{'bits':>5}  {'relative accuracy':>20}  {'agreement':>20}  "
+             f"{'recon. NLL / full':>20}  {'n_probes':>8}  {'kept':>5}"]
     order = result["methods"]
     for row in sorted(result["rows"], key=lambda x: (order.index(x["method"]) if x["method"] in order else len(order),
                                                      x["ratio"], -x.get("bits", 16))):
-        lines.append(f"{row['method']:<13}{row['ratio']:>6.2f}{row.get('bits', 16):>5}  "
+        lines.append(f"{row['method']:<19}{row['ratio']:>6.2f}{row.get('bits', 16):>5}  "
                      f"{cell(row['relative_accuracy'], row['relative_accuracy_ci95'])}  "
                      f"{cell(row['agreement'], row['agreement_ci95'])}  "
                      f"{cell(row['reconstruction_nll_ratio'], row['reconstruction_nll_ratio_ci95'])}  "
-                     f"{row['n_probes']:>8}")
+                     f"{row['n_probes']:>8}  {row.get('kept_ratio', row['ratio']):>5.3f}")
+    if "scoring_seconds" in result:
+        lines.append(f"scoring seconds, all {result['n_contexts']} contexts: "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in result["scoring_seconds"].items())
+                     + f"; prefill {result['prefill_seconds']:.1f}"
+                     + (f"; head scores (once per model) {result['head_scores_seconds']:.1f}"
+                        if "kvzip-head" in result["methods"] else ""))
     return "\n".join(lines)
 
 
@@ -419,13 +556,21 @@ def plot_quality(result, path) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
-    p.add_argument("--quick", action="store_true", help="one needle and one fact context (~3 min)")
+    p.add_argument("--quick", action="store_true", help="one needle and one fact context (~2.5 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated contexts (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and counts to FILE as JSON")
     p.add_argument("--plot", metavar="FILE", default="quality.png",
                    help="the figure, as a PNG: relative accuracy and reconstruction NLL vs ratio, one "
                    "line per method (default quality.png)")
     p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--baseline-budget", choices=baselines.BUDGETS, default=baselines.DEFAULT_BUDGET,
+                   help="the baselines' budget rule: 'layer' (equal layer budgets, heads ranked within each "
+                        "layer: the paper's setup, the default) or 'global' (one ranking over all layers)")
+    p.add_argument("--methods", type=lambda x: [s.strip() for s in x.split(",") if s.strip()],
+                   help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--head-scores", metavar="FILE",
+                   help="kvzip-head's head scores: read FILE if it exists (kvzip.load_head_scores), "
+                        "otherwise compute them on calibration contexts and write FILE")
     args = p.parse_args(argv)
     # cheap checks first: the outputs are written after a run of minutes, which must not be lost
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -433,12 +578,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(why)
     if args.model and (why := errors.check_folder(args.model, "--model")):
         p.error(why)
+    for meth in args.methods or ():
+        if meth not in METHODS:
+            p.error(f"unknown method {meth!r} in --methods; choose from {', '.join(METHODS)}")
     return args
 
 
 def main(args: argparse.Namespace) -> dict:
     m, tok = model_lib.load(args.model)
-    result = run_quality(m, tok, seed=args.seed, quick=args.quick)
+    hs = None
+    if args.head_scores and os.path.exists(args.head_scores):
+        hs = kvzip.load_head_scores(args.head_scores, m)
+    result = run_quality(m, tok, seed=args.seed, quick=args.quick, methods=args.methods,
+                         budget=args.baseline_budget, head_scores=hs)
+    if args.head_scores and hs is None and result.get("head_scores") is not None:
+        kvzip.save_head_scores(args.head_scores, torch.tensor(result["head_scores"]), m)
+        print(f"wrote {args.head_scores}", file=sys.stderr)
     print(format_quality_table(result))
     print()
     print(format_kinds_table(result))

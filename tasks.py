@@ -4,8 +4,10 @@ tasks.py: seeded long contexts for the tests, the benchmark and the experiments,
 Everything here is written for this project (no third-party text) and uses the standard library
 only, so every context is the same on every machine for a given seed:
   - haystack(n_words, seed)           filler prose: towns, rivers, gardens, trains, markets, weather
-  - needle_task(n_tokens, n_needles)  labelled 5-digit pass keys hidden at evenly spaced depths,
+  - needle_task(n_tokens, n_needles)  labelled pass keys (5 digits, or key_digits) hidden at evenly spaced depths,
                                       with completion probes ("The pass key for the red door is")
+  - varied_needle_task(n_tokens, ...)  numbers in needles that are each a different sentence
+                                      ("The village well is exactly 417 feet deep."), with completion probes
   - fact_task(n_entities)             invented facts about invented people, with short questions
   - check_answer / first_line         how a generated answer is judged
   - token_kind / kept_by_kind         digits, punctuation/whitespace, words: what eviction keeps of each
@@ -180,28 +182,13 @@ def _needle_context(sentences, needles, depths):
     return _join(out)
 
 
-def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None) -> dict:
-    """Labelled pass keys hidden in filler prose of about n_tokens tokens.
+def _sized_needle_context(n_tokens: int, seed: int, needles: list[str], depths: list[float], tok=None) -> str:
+    """The seed's filler with the needle sentences inserted at `depths`, about n_tokens tokens in all.
 
-    Needles read "The pass key for the red door is 48213." (distinct colours, distinct objects,
-    distinct 5-digit keys) and sit at depths evenly spaced from 10% to 90% of the filler, in that
-    order. With `tok` (anything whose .encode(str) result has a len(): a list of ids, or a
-    `tokenizers.Encoding`) the whole context is sized to be within ~3% of n_tokens (binary search
-    over whole filler sentences, so this holds from about 300 tokens up; below that one sentence
-    is more than 3%); without it we assume _TOKENS_PER_WORD.
-
-    Returns {"context": str,
-             "probes": [(prompt, answer), ...]   # completion prompts, e.g. ("The pass key for the red door is", "48213")
-             "needles": [{"label", "key", "sentence", "depth"}, ...]}   # in context order
+    With `tok` (anything whose .encode(str) result has a len()) the context is within ~3% of
+    n_tokens (binary search over whole filler sentences); without it we assume _TOKENS_PER_WORD.
     """
-    assert 1 <= n_needles <= len(_NEEDLE_COLOURS), f"n_needles must be in 1..{len(_NEEDLE_COLOURS)}"
-    rng = random.Random(f"needles-{seed}")
-    labels = [f"{c} {o}" for c, o in zip(rng.sample(_NEEDLE_COLOURS, n_needles),
-                                         rng.sample(_NEEDLE_OBJECTS, n_needles))]
-    keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]  # distinct 5-digit keys
-    sentences_n = [_NEEDLE_TEMPLATE.format(label=lab, key=key) for lab, key in zip(labels, keys)]
-    depths = [0.5] if n_needles == 1 else [0.1 + 0.8 * i / (n_needles - 1) for i in range(n_needles)]
-
+    sentences_n = needles
     if tok is None:
         needle_words = sum(len(s.split()) for s in sentences_n)
         n_words = max(1, round(n_tokens / _TOKENS_PER_WORD) - needle_words)
@@ -226,11 +213,88 @@ def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None) -> d
                 lo = mid + 1
         best = min([lo, max(1, lo - 1)], key=lambda n: abs(n_tok(n) - n_tokens))
         context = _needle_context(stream[:best], sentences_n, depths)
+    return context
 
+
+def needle_task(n_tokens: int, n_needles: int = 4, seed: int = 0, tok=None, key_digits: int = 5) -> dict:
+    """Labelled pass keys hidden in filler prose of about n_tokens tokens.
+
+    Needles read "The pass key for the red door is 48213." (distinct colours, distinct objects,
+    distinct keys of key_digits digits, 5 by default) and sit at depths evenly spaced from 10% to
+    90% of the filler, in that order. With `tok` (anything whose .encode(str) result has a len(): a list of ids, or a
+    `tokenizers.Encoding`) the whole context is sized to be within ~3% of n_tokens (binary search
+    over whole filler sentences, so this holds from about 300 tokens up; below that one sentence
+    is more than 3%); without it we assume _TOKENS_PER_WORD.
+
+    Returns {"context": str,
+             "probes": [(prompt, answer), ...]   # completion prompts, e.g. ("The pass key for the red door is", "48213")
+             "needles": [{"label", "key", "sentence", "depth"}, ...]}   # in context order
+    """
+    assert 1 <= n_needles <= len(_NEEDLE_COLOURS), f"n_needles must be in 1..{len(_NEEDLE_COLOURS)}"
+    if not (isinstance(key_digits, int) and 2 <= key_digits <= 9):
+        raise ValueError(f"key_digits must be an integer in 2..9, got {key_digits!r}")
+    rng = random.Random(f"needles-{seed}")
+    labels = [f"{c} {o}" for c, o in zip(rng.sample(_NEEDLE_COLOURS, n_needles),
+                                         rng.sample(_NEEDLE_OBJECTS, n_needles))]
+    keys = [str(k) for k in rng.sample(range(10 ** (key_digits - 1), 10 ** key_digits), n_needles)]  # distinct
+    sentences_n = [_NEEDLE_TEMPLATE.format(label=lab, key=key) for lab, key in zip(labels, keys)]
+    depths = [0.5] if n_needles == 1 else [0.1 + 0.8 * i / (n_needles - 1) for i in range(n_needles)]
+
+    context = _sized_needle_context(n_tokens, seed, sentences_n, depths, tok)
     needles = [{"label": lab, "key": key, "sentence": s, "depth": d}
                for lab, key, s, d in zip(labels, keys, sentences_n, depths)]
     probes = [(_PROBE_TEMPLATE.format(label=n["label"]), n["key"]) for n in needles]
     return {"context": context, "probes": probes, "needles": needles}
+
+
+# Needles of varied_needle_task: each its own sentence, so each probe's words occur once in the
+# context (only the number differs from what the probe asks). The filler has no digits.
+_VARIED_NEEDLES = [
+    "The combination of the old lighthouse safe is {key}.",
+    "The baker on Mill Lane sold exactly {key} loaves on the day of the fair.",
+    "The night ferry ticket to the island costs {key} pennies.",
+    "The tallest oak in the churchyard is {key} years old.",
+    "The stationmaster's pocket watch has the serial number {key}.",
+    "The lost parcel at the post office is marked with the number {key}.",
+    "The shepherd on the eastern hill counted {key} sheep in his flock.",
+    "The visiting painter sleeps at the inn in room number {key}.",
+    "The toll for crossing the stone bridge was raised to {key} coins.",
+    "The rowing club's fastest boat is registered as number {key}.",
+    "The village well is exactly {key} feet deep.",
+    "The organist has played the evening hymn {key} times this year.",
+    "The kite festival on the downs drew {key} visitors last spring.",
+    "The clock on the town hall has been wound {key} times since it was repaired.",
+    "The potter fired {key} blue bowls for the harvest supper.",
+    "The beekeeper's hives gave {key} jars of honey after the long summer.",
+]
+
+
+def varied_needle_task(n_tokens: int, n_needles: int = 8, seed: int = 0, tok=None, key_digits: int = 3) -> dict:
+    """Numbers hidden in filler prose of about n_tokens tokens, each in a sentence of its own kind.
+
+    Unlike needle_task, whose needles share one template ("The pass key for the red door is ..."),
+    every needle here is a different sentence ("The village well is exactly 417 feet deep."), drawn
+    without repetition from _VARIED_NEEDLES, with distinct numbers of key_digits digits, at depths
+    evenly spaced from 10% to 90% of the filler. The probe is the sentence up to the number
+    ("The village well is exactly"). A 135M model cannot tell many same-template needles apart
+    even with its full cache (it answers with some other needle's key), so a probe measures what
+    compression loses only when its needle is distinct; see the reuse experiment's presets.
+    Sizing as needle_task. Returns the same keys as needle_task ("label": the probe).
+    """
+    if not 1 <= n_needles <= len(_VARIED_NEEDLES):
+        raise ValueError(f"n_needles must be in 1..{len(_VARIED_NEEDLES)}, got {n_needles!r}")
+    if not (isinstance(key_digits, int) and 2 <= key_digits <= 9):
+        raise ValueError(f"key_digits must be an integer in 2..9, got {key_digits!r}")
+    rng = random.Random(f"varied-needles-{seed}")
+    templates = rng.sample(_VARIED_NEEDLES, n_needles)
+    keys = [str(k) for k in rng.sample(range(10 ** (key_digits - 1), 10 ** key_digits), n_needles)]
+    sentences_n = [t.format(key=k) for t, k in zip(templates, keys)]
+    depths = [0.5] if n_needles == 1 else [0.1 + 0.8 * i / (n_needles - 1) for i in range(n_needles)]
+    context = _sized_needle_context(n_tokens, seed, sentences_n, depths, tok)
+    probes = [t[:t.index(" {key}")] for t in templates]
+    needles = [{"label": p, "key": k, "sentence": s, "depth": d}
+               for p, k, s, d in zip(probes, keys, sentences_n, depths)]
+    return {"context": context, "probes": list(zip(probes, keys)), "needles": needles}
 
 
 # ---- invented facts about invented people (short-answer questions) ----

@@ -142,3 +142,36 @@ def test_bad_method_and_missing_query_are_clear_errors(tiny, tiny_kv):
         baselines.method_scores("nope", m, tok, tiny_kv)
     with pytest.raises(ValueError, match="query-aware"):
         baselines.method_scores("snapkv", m, tok, tiny_kv)
+
+
+@settings(deadline=None, max_examples=200)
+@given(ratio=st.floats(0.001, 1.0), L=st.integers(1, 40), Hkv=st.integers(1, 8), n_c=st.integers(1, 3000))
+def test_layer_budgets_are_equal_integers_summing_to_the_total(ratio, L, Hkv, n_c):
+    b = baselines.layer_budgets(ratio, L, Hkv, n_c)
+    assert len(b) == L and all(isinstance(x, int) for x in b)
+    assert sum(b) == round(ratio * (L * Hkv * n_c))
+    assert max(b) - min(b) <= 1 and all(0 <= x <= Hkv * n_c for x in b)
+
+
+def test_baseline_budget_rule_layer_or_global(tiny, tiny_kv):
+    m, tok, _ = tiny
+    kv = tiny_kv
+    L, Hkv, n_c = m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context
+    s = baselines.method_scores("snapkv", m, tok, kv, "Where is the mill?")
+    for method in ("snapkv", "h2o", "streamingllm", "random"):
+        ckv = baselines.compress(kv, method, 0.3, s, budget="layer")
+        per_layer = (ckv.head_lengths() - kv.n_prefix).sum(1).tolist()
+        assert per_layer == baselines.layer_budgets(0.3, L, Hkv, n_c), method
+    assert baselines.DEFAULT_BUDGET == "layer"
+    default = baselines.compress(kv, "snapkv", 0.3, s)
+    assert torch.equal(default.head_lengths(), baselines.compress(kv, "snapkv", 0.3, s, budget="layer").head_lengths())
+    glob = baselines.compress(kv, "snapkv", 0.3, s, budget="global")
+    assert torch.equal(glob.head_lengths() - kv.n_prefix, kvzip.keep_mask(s, 0.3).sum(-1))
+    # KVzip keeps its own global ranking, PyramidKV its pyramid, whatever the baselines' rule
+    for budget in baselines.BUDGETS:
+        z = baselines.compress(kv, "kvzip", 0.3, kv.scores, budget=budget)
+        assert torch.equal(z.head_lengths() - kv.n_prefix, kvzip.keep_mask(kv.scores, 0.3).sum(-1))
+        p = baselines.compress(kv, "pyramidkv", 0.3, s, budget=budget)
+        assert (p.head_lengths() - kv.n_prefix).sum(1).tolist() == baselines.pyramid_budgets(0.3, L, Hkv, n_c)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        baselines.compress(kv, "snapkv", 0.3, s, budget="head")

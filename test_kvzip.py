@@ -479,3 +479,130 @@ def test_bad_bits_is_a_clear_error_before_any_work(tiny, tiny_kv, bits, monkeypa
     with pytest.raises(ValueError, match=r"bits must be 16 \(not quantized\), 8 or 4, got " + repr(bits)):
         tiny_kv.prune(0.3, bits=bits)
     assert not called
+
+
+# -----------------------------------------------------------------------------
+# Scoring variants (the paper's ablations), head scores and head-level eviction
+
+@pytest.mark.parametrize("chunk_size,scorer", [(20, "logits"), (13, "softmax"), (13, "logits"), (64, "softmax")])
+def test_scoring_variants_equal_first_principles_recomputation(tiny, chunk_size, scorer):
+    """Other chunk sizes and the softmax-free scorer, recomputed from an independent dense forward
+    of prefix + context + each reconstruction input (as in the test above)."""
+    m, tok, w = tiny
+    context = tiny_context(tok, 40, seed=5)
+    kv = kvzip.prefill(m, tok, context, chunk_size=chunk_size, scorer=scorer)
+    n_p, n_c, G, Hkv = kv.n_prefix, kv.n_context, m.cfg.group, m.cfg.n_kv_head
+    seq0 = kvzip.prefix_ids(tok) + kv.context_ids
+    chunks = kvzip.reconstruction_inputs(tok, kv.context_ids, chunk_size)
+    assert len(chunks) == math.ceil(n_c / chunk_size)
+    for start, end, rec in chunks:
+        _, qs, ks = reference_forward(w, m.cfg, seq0 + rec)
+        n_all, n_q = len(seq0) + len(rec), len(rec)
+        key = torch.arange(n_all)[None, :]
+        row = torch.arange(n_all - n_q, n_all)[:, None]
+        visible = (key < n_p) | ((key >= n_p + start) & (key < n_p + end)) | ((key >= n_p + n_c) & (key <= row))
+        for l in range(m.cfg.n_layer):
+            logits = (qs[l][:, -n_q:] @ ks[l].repeat_interleave(G, 0).transpose(1, 2)) / math.sqrt(m.cfg.head_dim)
+            if scorer == "softmax":
+                logits = logits.masked_fill(~visible, float("-inf")).softmax(-1)  # (H, n_q, n_all)
+            expect = logits[:, :, n_p + start:n_p + end].reshape(Hkv, G * n_q, -1).amax(1)
+            torch.testing.assert_close(kv.scores[l, :, start:end], expect, atol=1e-5, rtol=1e-4)
+    if scorer == "logits":  # the variant really differs from Eq. 2
+        assert not torch.allclose(kv.scores, kvzip.prefill(m, tok, context, chunk_size=chunk_size).scores)
+
+
+def test_head_scores_are_the_max_over_positions_and_contexts(tiny):
+    m, tok, _ = tiny
+    contexts = [tiny_context(tok, 30, seed=6), tiny_context(tok, 45, seed=7)]
+    hs = kvzip.head_scores(m, tok, contexts, chunk_size=20)
+    assert hs.shape == (m.cfg.n_layer, m.cfg.n_kv_head) and hs.dtype == torch.float32
+    per = [kvzip.prefill(m, tok, c, chunk_size=20).scores for c in contexts]  # (L, Hkv, n_c) each
+    for l in range(m.cfg.n_layer):
+        for h in range(m.cfg.n_kv_head):
+            assert hs[l, h] == max(float(s[l, h, j]) for s in per for j in range(s.shape[-1]))
+    with pytest.raises(ValueError, match="contexts"):
+        kvzip.head_scores(m, tok, "one string, not a list")
+
+
+@settings(max_examples=60, deadline=None)
+@given(L=st.integers(1, 4), H=st.integers(1, 4), n_c=st.integers(1, 12), ratio=st.floats(0.01, 1.0),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_head_keep_mask_keeps_the_top_whole_heads(L, H, n_c, ratio, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randint(0, 3, (L, H), generator=g).float() if ties else torch.rand(L, H, generator=g)
+    keep = kvzip.head_keep_mask(hs, ratio, n_c)
+    per_head = keep.sum(-1)  # (L, H)
+    assert ((per_head == 0) | (per_head == n_c)).all()  # whole heads only
+    kept = per_head == n_c
+    assert int(kept.sum()) == round(ratio * L * H)
+    assert abs(int(kept.sum()) - ratio * L * H) <= 0.5  # within half a head of the ratio
+    if kept.any() and (~kept).any():
+        assert hs[kept].min() >= hs[~kept].max()  # the top-ranked heads
+    flat = torch.zeros(L, H)  # all tied: the lowest (layer, head) indices win
+    assert kvzip.head_keep_mask(flat, ratio, n_c).any(-1).flatten().nonzero().flatten().tolist() == \
+        list(range(round(ratio * L * H)))
+
+
+def test_head_level_prune_keeps_whole_heads_without_scoring(tiny, tiny_kv):
+    m, tok, _ = tiny
+    L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
+    kv = kvzip.prefill(m, tok, TINY_CONTEXT, score=False)  # no reconstruction pass at all
+    assert kv.scores is None
+    n_p, n_c = kv.n_prefix, kv.n_context
+    hs = torch.tensor([[0.3, 0.9], [0.5, 0.1]])
+    for ratio, want in [(0.5, [[False, True], [True, False]]), (0.3, [[False, True], [False, False]]),
+                        (0.1, [[False, False], [False, False]]), (1.0, [[True, True], [True, True]])]:
+        ckv = kv.prune(ratio, level="head", head_scores=hs)
+        lengths = ckv.head_lengths() - n_p  # (L, Hkv)
+        assert torch.equal(lengths, torch.tensor(want).long() * n_c), (ratio, lengths)
+        assert ckv.kept_ratio == sum(map(sum, want)) / (L * Hkv)
+        assert abs(ckv.kept_ratio - ratio) <= 0.5 / (L * Hkv) + 1e-9  # within half a head
+        for l in range(L):
+            for h in range(Hkv):  # the prefix is always kept, in every head
+                rows = ckv.k[l][ckv.offsets[l][h]:ckv.offsets[l][h] + n_p]
+                assert torch.equal(rows, kv.cache.keys(l)[h, :n_p])
+    # the same compressed cache as pair-level pruning with the head score at every position
+    ckv = kv.prune(0.5, level="head", head_scores=hs)
+    pair = kv.prune(0.5, scores=hs[:, :, None].expand(L, Hkv, n_c).contiguous())
+    assert all(torch.equal(a, b) for a, b in zip(ckv.k + ckv.v, pair.k + pair.v))
+    assert tiny_kv.prune(0.3).kept_ratio == round(0.3 * L * Hkv * tiny_kv.n_context) / (L * Hkv * tiny_kv.n_context)
+
+
+def test_head_level_bad_input_gives_clear_errors(tiny_kv):
+    kv = tiny_kv
+    L, Hkv = len(kv.cache.k), kv.cache.k[0].shape[0]
+    with pytest.raises(ValueError, match="level must be one of"):
+        kv.prune(0.5, level="token")
+    with pytest.raises(ValueError, match="needs head_scores"):
+        kv.prune(0.5, level="head")
+    for bad in (torch.rand(L, Hkv + 1), torch.rand(L), torch.rand(L + 1, Hkv), [[0.1] * Hkv] * L):
+        with pytest.raises(ValueError, match="head_scores must have shape"):
+            kv.prune(0.5, level="head", head_scores=bad)
+    with pytest.raises(ValueError, match="apply to level=.pair. only"):
+        kv.prune(0.5, level="head", head_scores=torch.rand(L, Hkv), uniform=True)
+    with pytest.raises(ValueError, match="only with level='head'"):
+        kv.prune(0.5, head_scores=torch.rand(L, Hkv))
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        kvzip.prefill(None, None, "text", scorer="probabilities")
+
+
+def test_head_scores_file_round_trip_and_model_mismatch(tiny, tmp_path, tmp_path_factory):
+    from conftest import write_tiny_checkpoint
+    m, tok, _ = tiny
+    hs = torch.rand(m.cfg.n_layer, m.cfg.n_kv_head)
+    path = tmp_path / "heads.safetensors"
+    kvzip.save_head_scores(path, hs, m)
+    assert torch.equal(kvzip.load_head_scores(path, m), hs)
+    with pytest.raises(ValueError, match="head scores must have shape"):
+        kvzip.save_head_scores(tmp_path / "bad.safetensors", hs[:, :1], m)
+    # another shape (3 layers), and the same shape with other weights: both refused, both named
+    for folder, kwargs in [("three_layers", dict(n_layer=3)), ("other_weights", dict(seed=1))]:
+        d = tmp_path_factory.mktemp(folder)
+        write_tiny_checkpoint(d, **kwargs)
+        other, _ = model.load(d)
+        with pytest.raises(ValueError, match="another model") as e:
+            kvzip.load_head_scores(path, other)
+        msg = str(e.value)
+        ident, theirs = kvzip.model_identity(m), kvzip.model_identity(other)
+        assert ident["weights_sha256"] in msg and theirs["weights_sha256"] in msg
+        assert f"{ident['n_layer']} layers" in msg and f"{theirs['n_layer']} layers" in msg

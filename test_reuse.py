@@ -7,16 +7,22 @@ import torch
 
 import baselines
 import kvzip
+import model
 import reuse
 import tasks
+from conftest import TINY_CONTEXT
+
+TINY_PRESET = dict(needle_tokens=(150,), needles=(4,), fact_entities=2, fact_filler_words=40,
+                   questions_per_context=2, recon_span_tokens=32, needle_max_new=4, qa_max_new=4,
+                   calibration_tokens=120)
 
 
 def test_quality_driver_reports_every_key(tiny, tmp_path):
     m, tok, _ = tiny
-    res = reuse.run_quality(m, tok, ratios=(0.5, 1.0), n_contexts=1, seed=0, quick=True, progress=False,
-                      needle_tokens=(150,), needles=(4,), fact_entities=2, fact_filler_words=40,
-                      questions_per_context=2, recon_span_tokens=32, needle_max_new=4, qa_max_new=4,
-                      quantized=((0.5, 8), (0.5, 4), (1.0, 4)))
+    res = reuse.run_quality(m, tok, ratios=(0.5, 1.0), methods=baselines.METHODS, n_contexts=1, seed=0,
+                            quick=True, progress=False, needle_tokens=(150,), needles=(4,), fact_entities=2,
+                            fact_filler_words=40, questions_per_context=2, recon_span_tokens=32,
+                            needle_max_new=4, qa_max_new=4, quantized=((0.5, 8), (0.5, 4), (1.0, 4)))
     res = json.loads(json.dumps(res))  # plain JSON all the way down
     for key in ("rows", "n_contexts", "n_probes", "n_probes_asked", "n_questions", "seconds", "methods", "ratios",
                 "quantized"):
@@ -52,7 +58,7 @@ def test_quality_driver_reports_every_key(tiny, tmp_path):
                                                                            abs=0.01)
     assert quantized[(1.0, 4)]["reconstruction_nll_ratio"] != 1.0
     assert quantized[(1.0, 4)]["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=0.2)
-    assert "kvzip          1.00    4" in table
+    assert f"{'kvzip':<19}  1.00    4" in table  # method, ratio, bits
     kinds_table = reuse.format_kinds_table(res)
     assert "digit" in kinds_table and "kvzip" in kinds_table
     png = tmp_path / "quality.png"
@@ -107,26 +113,34 @@ def test_command_line_writes_table_json_and_plot(tiny_checkpoint, tmp_path, caps
     folder, _ = tiny_checkpoint
     monkeypatch.setitem(reuse.QUALITY_PRESETS, "quick", dict(
         reuse.QUALITY_PRESETS["quick"], needle_tokens=(150,), needles=(3,), fact_entities=2,
-        fact_filler_words=40, questions_per_context=2, recon_span_tokens=32))
-    out, png = tmp_path / "reuse.json", tmp_path / "reuse.png"
-    res = reuse.main(reuse.parse_args(["--quick", "--model", str(folder), "--json", str(out), "--plot", str(png)]))
+        fact_filler_words=40, questions_per_context=2, recon_span_tokens=32, calibration_tokens=120))
+    out, png, heads = tmp_path / "reuse.json", tmp_path / "reuse.png", tmp_path / "heads.safetensors"
+    res = reuse.main(reuse.parse_args(["--quick", "--model", str(folder), "--json", str(out), "--plot", str(png),
+                                       "--head-scores", str(heads)]))
     assert "reuse experiment" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the head scores computed for kvzip-head were written, for this model, and are read back next time
+    m, _ = model.load(folder)
+    assert kvzip.load_head_scores(heads, m).tolist() == res["head_scores"]
 
 
 def test_keep_mask_is_what_compress_packs(tiny_kv):
-    """_keep_mask (the token-kind table's mask) selects exactly the rows baselines.compress packs,
-    for every method: same kept keys, same values, head by head."""
+    """_keep_mask (the token-kind table's mask) selects exactly the rows _compress packs, for every
+    method, KVzip's variants included, under both budget rules: same kept keys, same values."""
     g = torch.Generator().manual_seed(0)
-    scores = torch.rand(tiny_kv.scores.shape, generator=g)
-    for meth in baselines.METHODS:
+    L, Hkv, _ = tiny_kv.scores.shape
+    scores = {meth: torch.rand(tiny_kv.scores.shape, generator=g) for meth in reuse.METHODS}
+    head_scores = torch.rand(L, Hkv, generator=g)
+    for meth in reuse.METHODS:
         for ratio in (0.1, 0.45):
-            ckv = baselines.compress(tiny_kv, meth, ratio, scores)
-            want = kvzip.CompressedKV.from_full(tiny_kv.cache, tiny_kv.n_prefix, reuse._keep_mask(meth, ratio, scores))
-            for l in range(len(ckv.k)):
-                assert torch.equal(ckv.offsets[l], want.offsets[l]), (meth, ratio, l)
-                assert torch.equal(ckv.k[l], want.k[l]) and torch.equal(ckv.v[l], want.v[l]), (meth, ratio, l)
+            for budget in baselines.BUDGETS:
+                ckv = reuse._compress(tiny_kv, meth, ratio, scores, head_scores, budget)
+                keep = reuse._keep_mask(tiny_kv, meth, ratio, scores, head_scores, budget)
+                want = kvzip.CompressedKV.from_full(tiny_kv.cache, tiny_kv.n_prefix, keep)
+                for l in range(len(ckv.k)):
+                    assert torch.equal(ckv.offsets[l], want.offsets[l]), (meth, ratio, budget, l)
+                    assert torch.equal(ckv.k[l], want.k[l]) and torch.equal(ckv.v[l], want.v[l]), (meth, ratio, l)
 
 
 def synthetic_result():
@@ -183,3 +197,72 @@ def test_format_kinds_table():
     assert lines[2].split() == ["kvzip", "0.10", "10.0%", "10.0%", "10.0%"]
     assert "kvzip int4" in table and "mystery" in table and "1.00" not in table  # ratio 1 left out
     assert tasks.TOKEN_KINDS == ("digit", "punct", "word")
+
+
+
+def test_kvzip_variants_are_rows_with_their_ratios_kept_fractions_and_scoring_times(tiny):
+    """The ablations run as methods: per-method ratios from the preset, head-level rows keep whole
+    heads (kept_ratio a multiple of 1 / (L * Hkv)), and each method's scoring time is recorded."""
+    m, tok, _ = tiny
+    L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
+    methods = ("kvzip",) + reuse.KVZIP_VARIANTS
+    res = reuse.run_quality(m, tok, methods=methods, n_contexts=1, quick=True, progress=False, quantized=(),
+                            **dict(TINY_PRESET, kvzip_ratios=(0.5,), ablation_ratios=(0.3,), head_ratios=(0.3, 0.6)))
+    got = {(r["method"], r["ratio"]) for r in res["rows"]}
+    want = {("kvzip", 0.5), ("kvzip", 1.0), ("kvzip-head", 0.3), ("kvzip-head", 0.6), ("kvzip-head", 1.0)}
+    want |= {(v, r) for v in reuse.KVZIP_VARIANTS[1:] for r in (0.3, 1.0)}
+    assert got == want
+    for row in res["rows"]:
+        if row["method"] == "kvzip-head":
+            assert row["kept_ratio"] == round(row["ratio"] * L * Hkv) / (L * Hkv)
+        if row["ratio"] == 1.0:
+            assert row["kept_ratio"] == 1.0 and row["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert set(res["scoring_seconds"]) == set(methods) and res["scoring_seconds"]["kvzip-head"] == 0.0
+    assert all(v > 0 for k, v in res["scoring_seconds"].items() if k != "kvzip-head")
+    assert res["head_scores_seconds"] > 0 and torch.tensor(res["head_scores"]).shape == (L, Hkv)
+    assert "kvzip-softmax-free" in reuse.format_quality_table(res)
+    with pytest.raises(ValueError, match="unknown method"):
+        reuse.run_quality(m, tok, methods=("kvzip-bogus",), progress=False)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        reuse.run_quality(m, tok, budget="head", progress=False)
+
+
+def test_variant_caches_are_kvzip_prunes_and_layer_budgets_hold(tiny, tiny_kv, monkeypatch):
+    """reuse._compress: each variant is kv.prune with its own scores or rule (scores recomputed
+    here with kvzip.prefill); the baselines' layer budget rule gives per-layer counts equal to
+    the budgets."""
+    m, tok, _ = tiny
+    kv = tiny_kv
+    L, Hkv, n_c = m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context
+    monkeypatch.setitem(reuse.VARIANT_CHUNKS, "kvzip-c500", 40)  # several chunks of the ~120-token context
+    monkeypatch.setitem(reuse.VARIANT_CHUNKS, "kvzip-c1000", 70)
+    before = kv.scores.clone()
+    scores, seconds = reuse._score_kvzip_variants(m, tok, kv, reuse.METHODS)
+    assert torch.equal(kv.scores, before) and torch.equal(scores["kvzip"], before)  # left as KVzip's own
+    want = {"kvzip-softmax-free": kvzip.prefill(m, tok, TINY_CONTEXT, scorer="logits").scores,
+            "kvzip-c500": kvzip.prefill(m, tok, TINY_CONTEXT, chunk_size=40).scores,
+            "kvzip-c1000": kvzip.prefill(m, tok, TINY_CONTEXT, chunk_size=70).scores}
+    for meth, s in want.items():
+        torch.testing.assert_close(scores[meth], s)
+        assert not torch.equal(s, before), meth
+        ckv = reuse._compress(kv, meth, 0.3, scores, None, "layer")
+        assert torch.equal(ckv.head_lengths() - kv.n_prefix, kvzip.keep_mask(s, 0.3).sum(-1))
+    uni = reuse._compress(kv, "kvzip-uniform", 0.3, scores, None, "layer")
+    assert (uni.head_lengths() - kv.n_prefix == round(0.3 * n_c)).all()
+    hs = torch.rand(L, Hkv)
+    head = reuse._compress(kv, "kvzip-head", 0.5, scores, hs, "layer")
+    assert torch.equal(head.head_lengths() - kv.n_prefix, kvzip.head_keep_mask(hs, 0.5, n_c).sum(-1))
+    scores["snapkv"] = baselines.method_scores("snapkv", m, tok, kv, "Where is the mill?")
+    ckv = reuse._compress(kv, "snapkv", 0.3, scores, None, "layer")
+    assert (ckv.head_lengths() - kv.n_prefix).sum(1).tolist() == baselines.layer_budgets(0.3, L, Hkv, n_c)
+    assert reuse.parse_args(["--baseline-budget", "global"]).baseline_budget == "global"
+    assert reuse.parse_args([]).baseline_budget == baselines.DEFAULT_BUDGET == "layer"
+
+
+def test_each_method_runs_at_its_presets_ratios():
+    cfg = reuse.QUALITY_PRESETS["default"]
+    assert reuse.method_ratios("kvzip", cfg) == tuple(sorted(cfg["kvzip_ratios"])) + (1.0,)
+    assert reuse.method_ratios("snapkv", cfg) == reuse.method_ratios("h2o", cfg) == tuple(cfg["baseline_ratios"]) + (1.0,)
+    assert reuse.method_ratios("random", cfg) == tuple(cfg["control_ratios"]) + (1.0,)
+    assert reuse.method_ratios("kvzip-c500", cfg) == tuple(cfg["ablation_ratios"]) + (1.0,)
+    assert reuse.method_ratios("kvzip-head", cfg) == tuple(cfg["head_ratios"]) + (1.0,)

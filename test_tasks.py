@@ -134,3 +134,34 @@ def test_kept_by_kind():
     assert list(tasks.kept_by_kind([1, 0, 1], ["zzz", "word", "aaa"])) == ["word", "aaa", "zzz"]
     with pytest.raises(ValueError, match="kept has 2 positions"):
         tasks.kept_by_kind([0.5, 0.5], kinds)
+
+
+def test_needle_task_key_digits():
+    t = tasks.needle_task(1500, n_needles=12, seed=3, key_digits=3)
+    keys = [n["key"] for n in t["needles"]]
+    assert len(set(keys)) == 12 and all(len(k) == 3 and k.isdigit() and k[0] != "0" for k in keys)
+    assert sorted(re.findall(r"\d+", t["context"])) == sorted(keys)  # the only digits are the keys
+    assert [len(n["key"]) for n in tasks.needle_task(500, seed=3)["needles"]] == [5] * 4  # default: 5 digits
+    for bad in (1, 10, 3.0, "3"):
+        with pytest.raises(ValueError, match="key_digits"):
+            tasks.needle_task(500, key_digits=bad)
+
+
+def test_varied_needle_task(gguf_tok):
+    t = tasks.varied_needle_task(1500, n_needles=16, seed=4, tok=gguf_tok)
+    assert t == tasks.varied_needle_task(1500, n_needles=16, seed=4, tok=gguf_tok)
+    assert t["context"] != tasks.varied_needle_task(1500, n_needles=12, seed=5, tok=gguf_tok)["context"]
+    assert abs(len(gguf_tok.encode(t["context"]).ids) - 1500) <= 0.03 * 1500
+    ctx, keys = t["context"], [a for _, a in t["probes"]]
+    assert len(set(keys)) == 16 and all(len(k) == 3 for k in keys)
+    assert sorted(re.findall(r"\d+", ctx)) == sorted(keys)  # the only digits are the keys
+    assert len({p for p, _ in t["probes"]}) == 16  # every needle its own sentence
+    for (probe, key), n in zip(t["probes"], t["needles"]):
+        assert ctx.count(probe) == 1 and f"{probe} {key}" in ctx and n["sentence"].startswith(probe)
+    positions = [ctx.index(n["sentence"]) for n in t["needles"]]
+    assert positions == sorted(positions)  # in depth order
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="n_needles"):
+            tasks.varied_needle_task(500, n_needles=bad)
+    with pytest.raises(ValueError, match="key_digits"):
+        tasks.varied_needle_task(500, key_digits=1)
