@@ -14,11 +14,13 @@ Map of this file, in pipeline order:
   2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec);
      chunk_scores_logits    - the paper's softmax-free ablation (max scaled logit), for comparison
   3. prefill / score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
+     ScoringCache           - the same scores from the forward's own attention (the CPU's fast path)
      head_scores            - the scores reduced to one per KV head, once per model (save/load_head_scores)
   4. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head;
      head_keep_mask         - head-level eviction: whole heads, no reconstruction pass per context
   5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
-                              in the model's dtype or quantized to int8/int4 (quant.py)
+                              in the model's dtype or quantized to int8/int4 (quant.py);
+     packed_attention       - decoding over it, one KV head at a time (and its fused CPU twin)
   6. generate               - greedy answers from a full or compressed cache, which stays unchanged
   7. a small demo: `python kvzip.py`
 The query-aware baselines that the reuse experiment compares KVzip with are in baselines.py.
