@@ -485,7 +485,7 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
         dec.v[0].copy_(src.v[0])
         dec.seq_len = src.seq_len
     keep = spread_keep_mask(kept[None], n_kept)  # (1, Hkv, n_kept)
-    backend = "reference" if kern is None else "triton"
+    backend = "auto" if kern is None else "triton"  # the default decode path of the device
     g = torch.Generator(device=device).manual_seed(3)
     q, k_new, v_new = (torch.randn(shape, generator=g, device=device).to(decode_dtype)
                        for shape in ((Hkv, geo.group, 1, D), (Hkv, 1, D), (Hkv, 1, D)))
@@ -519,7 +519,7 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
     inner = 20 if device.type == "cuda" else 1
     med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, inner)
     path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None
-                                      else "kvzip.packed_attention")
+                                      else "kvzip.packed_attention_fused")
     decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
               for b in fns]
     return sorted(memory, key=lambda m: (-m["ratio"], -m["bits"])), decode

@@ -593,7 +593,7 @@ def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: 
     out(f"KVzip, step by step: {cfg.architecture}, L = {cfg.n_layer} layers, {cfg.n_head} query heads "
         f"sharing Hkv = {cfg.n_kv_head} KV heads (G = {cfg.group}), D = {cfg.head_dim}, {m.dtype}")
     t0 = time.perf_counter()
-    kv = kvzip.prefill(m, tok, context, chunk_size=chunk_size)
+    kv = kvzip.prefill(m, tok, context, chunk_size=chunk_size, backend="reference")  # the spec path, to read
     t_prefill = time.perf_counter() - t0
     n_p, n_c, ids = kv.n_prefix, kv.n_context, kv.context_ids
     out("\n1. The pieces, each encoded on its own (BPE would merge across a joined seam)")
