@@ -477,10 +477,10 @@ def format_kinds_table(result) -> str:
     order = {meth: i for i, meth in enumerate(result["methods"])}
     lines = ["kept % of each token kind's KV pairs (pooled over layers, heads and contexts; "
              + ", ".join(f"{k} {n} tokens" for k, n in result["token_kinds"].items()) + ")",
-             f"{'method':<13}{'ratio':>6}" + "".join(f"{k:>9}" for k in kinds)]
+             f"{'method':<19}{'ratio':>6}" + "".join(f"{k:>9}" for k in kinds)]
     for row in sorted(rows, key=lambda x: (order.get(x["method"], len(order)), x["method"],
                                            -(x.get("bits") or 16), x["ratio"])):
-        lines.append(f"{_label(row):<13}{row['ratio']:>6.2f}"
+        lines.append(f"{_label(row):<19}{row['ratio']:>6.2f}"
                      + "".join(f"{100 * row['kept_by_kind'][k]:>8.1f}%" if k in row["kept_by_kind"]
                                else f"{'-':>9}" for k in kinds))
     return "\n".join(lines)
