@@ -369,22 +369,19 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
 _flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def attention_lse(qs, k, v, causal: bool = False, mask=None):
+def attention_lse(qs, k, v, causal: bool = False):
     """Attention that also returns each row's log-sum-exp, through torch's fused CPU kernel.
 
     qs (Hkv, G, T, D): queries already divided by sqrt(D) (the kernel runs with scale 1, so its
     logits are the very numbers qs @ k.T gives, and their rounding cancels in logit - lse);
-    k, v (Hkv, S, D). causal: row t sees keys 0..t (S == T). mask: None, or (Hkv, S) added to every
-    row's logits of that KV head (0 keeps a key, -inf drops it). The G query heads read their KV
-    head through a stride-0 expand, so K and V are never copied per query head.
+    k, v (Hkv, S, D). causal: row t sees keys 0..t (S == T). The G query heads read their KV head
+    through a stride-0 expand, so K and V are never copied per query head.
     Returns out (Hkv, G, T, D) and lse (Hkv, G, T) float32 (natural log).
     """
     Hkv, G, T, D = qs.shape
     S = k.shape[1]
-    if mask is not None:
-        mask = mask[:, None, None, :].expand(Hkv, G, T, S).to(qs.dtype)  # the kernel wants q's dtype
     out, lse = _flash_attention_cpu(qs, k[:, None].expand(Hkv, G, S, D), v[:, None].expand(Hkv, G, S, D),
-                                    0.0, causal, attn_mask=mask, scale=1.0)[:2]
+                                    0.0, causal, scale=1.0)[:2]
     return out, lse
 
 
@@ -829,56 +826,45 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
 def packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v):
     """packed_attention through torch's fused CPU attention: same arguments, same result.
 
-    Each head's kept pairs are seen by every new row, so that part needs no mask. It goes through
+    Each head's kept pairs are seen by every new row, so that part needs no mask; the tail is split
+    into its older rows (no mask either) and the T new rows (causal). Every part goes through
     `attention_lse` with the group's G query heads folded into G * T rows of one head, so each
-    K/V row is read once for the whole group; the tail is a second part, and the parts are merged
-    by their log-sum-exps. One new token (decode) has only G rows per head, too few to share among
-    threads: each head's kept rows are cut into two pieces per torch thread, each piece a "head"
-    of one call (views, no copy), and the few rows left over join the tail. Every call wakes the
-    threads, so the calls are kept few: one per KV head, plus one for all heads' tails (with their
-    leftover rows, padded and masked). Returns (Hkv, G, T, D).
+    K/V row is read once for the whole group, and the parts are merged by their log-sum-exps.
+    One new token (decode) has only G rows per head, too few to share among threads: its kept
+    rows are cut into two pieces per torch thread, each piece a "head" of one call (views, no
+    copy), and merged the same way. Measured at the Llama-3.1-8B geometry (124,000 keys, ratio 0.3,
+    float32 CPU): see bench.py's decode row. Returns (Hkv, G, T, D).
     """
     Hkv, G, T, D = q.shape
     n_tail = tail_k.shape[1]  # 0 only when the new tokens' K/V are already packed rows (bench.py)
     qs = q / math.sqrt(D)  # (Hkv, G, T, D)
+    tail = []
+    if n_tail:
+        n_old = n_tail - T  # tail rows from earlier calls: visible to every new row
+        tail.append(attention_lse(qs, tail_k[:, n_old:], tail_v[:, n_old:], causal=T > 1))
+        if n_old:
+            tail.append(attention_lse(qs, tail_k[:, :n_old], tail_v[:, :n_old]))
+        tail_out, tail_lse = merge_attention(tail)  # (Hkv, G, T, D), (Hkv, G, T)
     # one token: two pieces per thread, so that a thread done early takes another (measured 5%
     # faster than one per thread at 124k keys); many rows already keep every thread busy
     pieces = 2 * torch.get_num_threads() if T == 1 else 1
-    size = [(bounds[h + 1] - bounds[h]) // pieces for h in range(Hkv)]  # rows per piece, per head
-    left = [(bounds[h] + pieces * size[h], bounds[h + 1]) for h in range(Hkv)]  # rows left over (T == 1)
-
-    # the tail part of every head, in one or two calls: (Hkv, G, T, D) and (Hkv, G, T), or None
-    small = None
-    if T == 1:  # one token sees every key: the leftover rows join the tail, padding masked out
-        n_small = max(b - a for a, b in left) + n_tail
-        if n_small:
-            sk, sv = q.new_zeros(Hkv, n_small, D), q.new_zeros(Hkv, n_small, D)  # (Hkv, n_small, D)
-            drop = torch.full((Hkv, n_small), float("-inf"), device=q.device)  # 0 where a key is real
-            for h, (a, b) in enumerate(left):
-                sk[h, :b - a] = packed_rows(k_packed, a, b, q.dtype)
-                sv[h, :b - a] = packed_rows(v_packed, a, b, q.dtype)
-                sk[h, b - a:b - a + n_tail], sv[h, b - a:b - a + n_tail] = tail_k[h], tail_v[h]
-                drop[h, :b - a + n_tail] = 0
-            small = attention_lse(qs, sk, sv, mask=drop)
-    else:  # the T new rows see the older tail rows all, and each other causally
-        n_old = n_tail - T
-        parts = [attention_lse(qs, tail_k[:, n_old:], tail_v[:, n_old:], causal=True)]
-        if n_old:
-            parts.append(attention_lse(qs, tail_k[:, :n_old], tail_v[:, :n_old]))
-        small = merge_attention(parts)
-
     out = torch.empty_like(q)
     for h in range(Hkv):
+        kh = packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        vh = packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        rows = qs[h].reshape(1, 1, G * T, D)  # the group's query heads as rows of one head
         outs, lses = [], []  # each part's (n, 1, G*T, D) output and (n, 1, G*T) lse
-        if small is not None and (T > 1 or left[h][1] - left[h][0] + n_tail > 0):
-            outs.append(small[0][h].reshape(1, 1, G * T, D))
-            lses.append(small[1][h].reshape(1, 1, G * T))
-        if size[h] > 0:
-            n = pieces * size[h]
-            kh = packed_rows(k_packed, bounds[h], bounds[h] + n, q.dtype).view(pieces, size[h], D)
-            vh = packed_rows(v_packed, bounds[h], bounds[h] + n, q.dtype).view(pieces, size[h], D)
-            rows = qs[h].reshape(1, 1, G * T, D).expand(pieces, 1, G * T, D)  # the group's heads as rows
-            o, l = attention_lse(rows, kh, vh)  # (pieces, 1, G*T, D), (pieces, 1, G*T)
+        if n_tail:
+            outs.append(tail_out[h].reshape(1, 1, G * T, D))
+            lses.append(tail_lse[h].reshape(1, 1, G * T))
+        size = kh.shape[0] // pieces  # rows per piece; the last n_h % pieces rows form one more
+        if size > 0:
+            o, l = attention_lse(rows.expand(pieces, 1, G * T, D), kh[:pieces * size].view(pieces, size, D),
+                                 vh[:pieces * size].view(pieces, size, D))  # (pieces, 1, G*T, D), (pieces, 1, G*T)
+            outs.append(o)
+            lses.append(l)
+        if pieces * size < kh.shape[0]:
+            o, l = attention_lse(rows, kh[None, pieces * size:], vh[None, pieces * size:])
             outs.append(o)
             lses.append(l)
         o, l = torch.cat(outs), torch.cat(lses)  # (n_parts, 1, G*T, D), (n_parts, 1, G*T)
