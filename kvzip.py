@@ -264,6 +264,13 @@ class FullKV:
                 raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=, "
                                  "or prune at level='head' with head_scores=")
             keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
+        return self.pack(keep, bits=bits)
+
+    def pack(self, keep, bits: int = 16) -> "CompressedKV":
+        """The compressed cache of the context pairs `keep` (bool (L, Hkv, n_c)) selects, prefix
+        always kept; prune computes keep from scores, callers with a mask of their own pass it here.
+        Its kept_ratio is the fraction of context pairs kept."""
+        check_bits(bits)
         ckv = CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
         ckv.kept_ratio = keep.sum().item() / max(1, keep.numel())  # context pairs kept, as a fraction
         return ckv

@@ -18,8 +18,8 @@ The same context also gives the quantized rows: KVzip caches stored in int8 / in
 
 Map of this file: the methods and presets, the evaluation of one cache (_answer,
 _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
-(_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _compress,
-_keep_mask), the intervals and _summarize (one row), run_quality (the experiment),
+(_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask,
+_compress), the intervals and _summarize (one row), run_quality (the experiment),
 format_quality_table, format_kinds_table (what each method keeps of digits, punctuation and
 words), plot_quality (the figure), main(). Nothing imports this file.
 """
@@ -207,18 +207,6 @@ def _score_kvzip_variants(m, tok, kv, methods) -> tuple[dict, dict]:
     return scores, seconds
 
 
-def _compress(kv, method, ratio, scores, head_scores, budget):
-    """The compressed cache of one method at one ratio: KVzip's variants through kv.prune, the
-    baselines through baselines.compress (with their budget rule)."""
-    if method == "kvzip-head":
-        return kv.prune(ratio, level="head", head_scores=head_scores)
-    if method == "kvzip-uniform":
-        return kv.prune(ratio, uniform=True, scores=scores[method])
-    if method in KVZIP_VARIANTS:
-        return kv.prune(ratio, scores=scores[method])
-    return baselines.compress(kv, method, ratio, scores["snapkv" if method == "pyramidkv" else method], budget)
-
-
 def _full_reference(m, tok, kv, ctx, cfg, offset=0.5) -> dict:
     """The full cache's side of every measure: its greedy answers (token ids), which needle probes
     it gets right, and the reconstruction spans with their NLL. The k spans sit at depths
@@ -257,8 +245,10 @@ def _kind_order(kind):
 
 
 def _keep_mask(kv, method, ratio, scores, head_scores, budget):
-    """The keep mask (L, Hkv, n_c) that _compress packs for this method (test_reuse checks the two
-    agree for every method): it gives the kept share of each token kind."""
+    """Which context pairs (bool (L, Hkv, n_c)) a method keeps at a ratio: KVzip's variants by
+    their own rule (head level, uniform, or the global ranking of their scores), the baselines by
+    theirs (baselines.eviction_budgets). The same mask gives the cache (kv.pack) and the kept share
+    of each token kind; test_reuse checks it against each method's own prune path."""
     if method == "kvzip-head":
         return kvzip.head_keep_mask(head_scores.to(kv.cache.k[0].device), ratio, kv.n_context)
     if method == "kvzip-uniform":
@@ -267,6 +257,11 @@ def _keep_mask(kv, method, ratio, scores, head_scores, budget):
         return kvzip.keep_mask(scores[method], ratio)
     s = scores["snapkv" if method == "pyramidkv" else method]
     return kvzip.keep_mask(s, ratio, layer_budgets=baselines.eviction_budgets(method, ratio, s.shape, budget))
+
+
+def _compress(kv, method, ratio, scores, head_scores, budget):
+    """The compressed cache of one method at one ratio."""
+    return kv.pack(_keep_mask(kv, method, ratio, scores, head_scores, budget))
 
 
 def _wilson_ci(k, n, z=1.96):
@@ -383,21 +378,23 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
         res_full = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
         for meth in methods:
             for r in ratios_of[meth]:
+                keep = _keep_mask(kv, meth, r, scores, head_scores, budget)  # (L, Hkv, n_c)
                 if r < 1 or res_full is None:
-                    ckv = _compress(kv, meth, r, scores, head_scores, budget)
+                    ckv = kv.pack(keep)
                     res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
                     if r == 1:
                         res_full = res
                 res = res_full if r == 1 else res
-                kept = _keep_mask(kv, meth, r, scores, head_scores, budget).float().mean(dim=(0, 1)).tolist()
+                kept = keep.float().mean(dim=(0, 1)).tolist()  # (n_c,): the share of heads keeping each position
                 counts[(meth, r)].append(dict(res, probes=sum(right), full_nll=full["nll"],
                                               questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
         for r, bits in quantized if "kvzip" in scores else ():  # KVzip's own scores, stored in int8 / int4
-            ckv = kv.prune(r, scores=scores["kvzip"], bits=bits)
+            keep = _keep_mask(kv, "kvzip", r, scores, head_scores, budget)  # the same pairs as bits 16
+            ckv = kv.pack(keep, bits=bits)
             res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
-            kept = _keep_mask(kv, "kvzip", r, scores, head_scores, budget).float().mean(dim=(0, 1)).tolist()
             quantized_counts[(r, bits)].append(dict(res, probes=sum(right), full_nll=full["nll"],
-                                                    questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
+                                                    questions=n_q if ctx["kind"] == "fact" else 0,
+                                                    kept=keep.float().mean(dim=(0, 1)).tolist()))
         per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
                                 full_right=sum(right), recon_tokens=full["n_tokens"],
                                 full_nll_per_token=full["nll"] / max(1, full["n_tokens"]),

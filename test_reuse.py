@@ -66,16 +66,16 @@ def test_quality_driver_reports_every_key(tiny, tmp_path):
 
 
 def test_quantized_rows_use_quantized_caches(tiny, monkeypatch):
-    """The quantized rows prune with bits=..., and bad configs fail before any work."""
+    """The quantized rows pack with bits=..., and bad configs fail before any work."""
     m, tok, _ = tiny
     calls = []
-    prune = kvzip.FullKV.prune
+    pack = kvzip.FullKV.pack
 
-    def spy(self, ratio, *a, **k):
-        calls.append((ratio, k.get("bits", 16)))
-        return prune(self, ratio, *a, **k)
+    def spy(self, keep, bits=16):
+        calls.append((round(keep.float().mean().item(), 1), bits))  # (the ratio kept, bits)
+        return pack(self, keep, bits=bits)
 
-    monkeypatch.setattr(kvzip.FullKV, "prune", spy)
+    monkeypatch.setattr(kvzip.FullKV, "pack", spy)
     reuse.run_quality(m, tok, ratios=(0.5,), methods=("kvzip",), n_contexts=1, quick=True, progress=False,
                       needle_tokens=(120,), needles=(2,), fact_entities=1, fact_filler_words=20,
                       questions_per_context=1, recon_span_tokens=32, needle_max_new=2, qa_max_new=2,
@@ -125,22 +125,33 @@ def test_command_line_writes_table_json_and_plot(tiny_checkpoint, tmp_path, caps
     assert kvzip.load_head_scores(heads, m).tolist() == res["head_scores"]
 
 
-def test_keep_mask_is_what_compress_packs(tiny_kv):
-    """_keep_mask (the token-kind table's mask) selects exactly the rows _compress packs, for every
-    method, KVzip's variants included, under both budget rules: same kept keys, same values."""
+def test_keep_mask_is_what_each_method_prunes(tiny_kv):
+    """_keep_mask (the mask reuse packs and counts token kinds with) selects exactly the rows each
+    method's own prune path packs (kv.prune for KVzip's variants, baselines.compress for the
+    baselines), for every method under both budget rules: same kept keys, same values."""
     g = torch.Generator().manual_seed(0)
     L, Hkv, _ = tiny_kv.scores.shape
     scores = {meth: torch.rand(tiny_kv.scores.shape, generator=g) for meth in reuse.METHODS}
     head_scores = torch.rand(L, Hkv, generator=g)
+
+    def own_prune(meth, ratio, budget):
+        if meth == "kvzip-head":
+            return tiny_kv.prune(ratio, level="head", head_scores=head_scores)
+        if meth == "kvzip-uniform":
+            return tiny_kv.prune(ratio, uniform=True, scores=scores[meth])
+        if meth in reuse.KVZIP_VARIANTS:
+            return tiny_kv.prune(ratio, scores=scores[meth])
+        return baselines.compress(tiny_kv, meth, ratio, scores["snapkv" if meth == "pyramidkv" else meth], budget)
+
     for meth in reuse.METHODS:
         for ratio in (0.1, 0.45):
             for budget in baselines.BUDGETS:
+                want = own_prune(meth, ratio, budget)
                 ckv = reuse._compress(tiny_kv, meth, ratio, scores, head_scores, budget)
-                keep = reuse._keep_mask(tiny_kv, meth, ratio, scores, head_scores, budget)
-                want = kvzip.CompressedKV.from_full(tiny_kv.cache, tiny_kv.n_prefix, keep)
                 for l in range(len(ckv.k)):
                     assert torch.equal(ckv.offsets[l], want.offsets[l]), (meth, ratio, budget, l)
                     assert torch.equal(ckv.k[l], want.k[l]) and torch.equal(ckv.v[l], want.v[l]), (meth, ratio, l)
+                assert ckv.kept_ratio == want.kept_ratio
 
 
 def synthetic_result():
