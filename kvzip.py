@@ -50,6 +50,7 @@ if __name__ == "__main__":  # our own process: before torch loads OpenMP (see er
     errors.passive_openmp()
 
 import torch  # noqa: E402 (after the OpenMP setting above)
+import torch.nn.functional as F  # noqa: E402
 
 import model as model_lib  # noqa: E402
 import quant  # noqa: E402
@@ -833,51 +834,61 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
 def packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v):
     """packed_attention through torch's fused CPU attention: same arguments, same result.
 
-    Each head's kept pairs are seen by every new row, so that part needs no mask; the tail is split
-    into its older rows (no mask either) and the T new rows (causal). Every part goes through
-    `attention_lse` with the group's G query heads folded into G * T rows of one head, so each
-    K/V row is read once for the whole group, and the parts are merged by their log-sum-exps.
-    One new token (decode) has only G rows per head, too few to share among threads: its kept
-    rows are cut into two pieces per torch thread, each piece a "head" of one call (views, no
-    copy), and merged the same way. Measured at the Llama-3.1-8B geometry (124,000 keys, ratio 0.3,
-    float32 CPU): see bench.py's decode row. Returns (Hkv, G, T, D).
+    The keys are split into disjoint sets; `attention_lse` gives each set's attention with its row
+    log-sum-exps, and `merge_attention` joins them exactly, once, at the end:
+      - the tail: its older rows (seen by every new row) and the T new rows (causal);
+      - each head's kept rows, with the group's G query heads folded into G * T rows of one head,
+        so that each K/V row is read once for the whole group. One new token (decode) has only G
+        rows per head, too few to share among threads, so each head's rows are cut into `pieces`
+        equal pieces, each a "head" of one call (views, no copy); the n_h % pieces rows left over
+        are one-key sets (a single key's lse is its logit, its output its value row).
+    Few torch calls on purpose: under OMP_WAIT_POLICY=PASSIVE (the command lines set it) each call
+    that runs on several threads first wakes them, 0.1-0.2 ms on the project's 2-core machine. So
+    there is one call per head, one for the tail and one merge: about 3 ms of fixed cost per layer
+    (8 KV heads) against 4-5 ms when each head was merged on its own and its leftover rows had a
+    call of their own, and 0.2-0.3 ms for the full cache's single SDPA call. See bench.py's decode
+    row for the time at the Llama-3.1-8B geometry.
+    Returns (Hkv, G, T, D).
     """
     Hkv, G, T, D = q.shape
-    n_tail = tail_k.shape[1]  # 0 only when the new tokens' K/V are already packed rows (bench.py)
     qs = q / math.sqrt(D)  # (Hkv, G, T, D)
-    tail = []
+    parts = []  # (out (Hkv, G, T, D), lse (Hkv, G, T)) of disjoint key sets
+    n_tail = tail_k.shape[1]  # 0 only when the new tokens' K/V are already packed rows (bench.py)
     if n_tail:
         n_old = n_tail - T  # tail rows from earlier calls: visible to every new row
-        tail.append(attention_lse(qs, tail_k[:, n_old:], tail_v[:, n_old:], causal=T > 1))
+        parts.append(attention_lse(qs, tail_k[:, n_old:], tail_v[:, n_old:], causal=T > 1))
         if n_old:
-            tail.append(attention_lse(qs, tail_k[:, :n_old], tail_v[:, :n_old]))
-        tail_out, tail_lse = merge_attention(tail)  # (Hkv, G, T, D), (Hkv, G, T)
+            parts.append(attention_lse(qs, tail_k[:, :n_old], tail_v[:, :n_old]))
     # one token: two pieces per thread, so that a thread done early takes another (measured 5%
     # faster than one per thread at 124k keys); many rows already keep every thread busy
     pieces = 2 * torch.get_num_threads() if T == 1 else 1
-    out = torch.empty_like(q)
+    outs, lses, left_k, left_v = [], [], [], []
     for h in range(Hkv):
         kh = packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
         vh = packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
-        rows = qs[h].reshape(1, 1, G * T, D)  # the group's query heads as rows of one head
-        outs, lses = [], []  # each part's (n, 1, G*T, D) output and (n, 1, G*T) lse
-        if n_tail:
-            outs.append(tail_out[h].reshape(1, 1, G * T, D))
-            lses.append(tail_lse[h].reshape(1, 1, G * T))
-        size = kh.shape[0] // pieces  # rows per piece; the last n_h % pieces rows form one more
-        if size > 0:
-            o, l = attention_lse(rows.expand(pieces, 1, G * T, D), kh[:pieces * size].view(pieces, size, D),
+        size = kh.shape[0] // pieces  # rows per piece
+        rows = qs[h].reshape(1, 1, G * T, D).expand(pieces, 1, G * T, D)  # the group as rows of one head
+        if size:
+            o, l = attention_lse(rows, kh[:pieces * size].view(pieces, size, D),
                                  vh[:pieces * size].view(pieces, size, D))  # (pieces, 1, G*T, D), (pieces, 1, G*T)
-            outs.append(o)
-            lses.append(l)
-        if pieces * size < kh.shape[0]:
-            o, l = attention_lse(rows, kh[None, pieces * size:], vh[None, pieces * size:])
-            outs.append(o)
-            lses.append(l)
-        o, l = torch.cat(outs), torch.cat(lses)  # (n_parts, 1, G*T, D), (n_parts, 1, G*T)
-        share = torch.softmax(l, dim=0).unsqueeze(-1)  # each part's share of the softmax mass
-        out[h] = (share * o).sum(dim=0).view(G, T, D)
-    return out
+        else:  # fewer rows than pieces: all of them are left over
+            o, l = rows.new_zeros(rows.shape), torch.full(rows.shape[:-1], -math.inf, device=q.device)
+        outs.append(o)
+        lses.append(l)
+        left_k.append(kh[pieces * size:])  # (n_h % pieces, D)
+        left_v.append(vh[pieces * size:])
+    out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # (pieces, Hkv, G*T, D), (pieces, Hkv, G*T)
+    parts += zip(out.view(pieces, Hkv, G, T, D), lse.view(pieces, Hkv, G, T))
+    n_left = [len(k) for k in left_k]
+    if any(n_left):  # T == 1 here: with one piece nothing is left over
+        L = pieces - 1  # at most L rows per head, padded to L with empty (-inf) sets
+        lk = torch.stack([F.pad(k, (0, 0, 0, L - len(k))) for k in left_k])  # (Hkv, L, D)
+        lv = torch.stack([F.pad(v, (0, 0, 0, L - len(v))) for v in left_v])  # (Hkv, L, D)
+        logit = (qs[:, :, 0, None] * lk[:, None]).sum(-1).float()  # (Hkv, G, L): a lone key's lse
+        real = torch.arange(L, device=q.device) < torch.tensor(n_left, device=q.device)[:, None]  # (Hkv, L)
+        logit = logit.masked_fill(~real[:, None], -math.inf)
+        parts += [(lv[:, None, i, None].expand(Hkv, G, 1, D), logit[:, :, i, None]) for i in range(L)]
+    return merge_attention(parts)[0].to(q.dtype)
 
 
 # -----------------------------------------------------------------------------

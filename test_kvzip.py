@@ -205,18 +205,23 @@ def test_packed_attention_equals_dense_masked_attention(Hkv, G, n_p, n_c, T, n_o
 @settings(max_examples=40, deadline=None)
 @given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), T=st.sampled_from([1, 1, 4]), n_old=st.integers(0, 5),
        lengths=st.lists(st.integers(0, 70), min_size=3, max_size=3), threads=st.sampled_from([1, 2, 3]),
-       bits=st.sampled_from([16, 16, 8, 4]), seed=st.integers(0, 2**16))
-def test_fused_packed_attention_equals_packed_attention(Hkv, G, T, n_old, lengths, threads, bits, seed):
-    """The CPU's default decode path (torch's fused attention per head, kept rows cut into one piece
-    per thread for a single token) against the readable packed_attention: heads of any length,
-    empty ones included, tails with and without older rows, quantized caches, several thread counts."""
+       bits=st.sampled_from([16, 16, 8, 4]), no_tail=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_packed_attention_equals_packed_attention(Hkv, G, T, n_old, lengths, threads, bits, no_tail, seed):
+    """The CPU's default decode path (torch's fused attention per head, kept rows cut into two
+    pieces per thread for a single token, the rows left over as one-key sets) against the readable
+    packed_attention: heads of any length, empty ones included, tails with and without older rows,
+    no tail at all (bench.py's full-cache decode: one token, every head with rows), quantized
+    caches, several thread counts."""
     g = torch.Generator().manual_seed(seed)
     D, lengths = 32, lengths[:Hkv]
+    if no_tail:  # the new token is already a packed row: nothing in the tail, no empty head
+        T, lengths = 1, [max(1, n) for n in lengths]
+    n_tail = 0 if no_tail else n_old + T
     bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
     kp, vp = torch.randn(bounds[-1], D, generator=g) * 2, torch.randn(bounds[-1], D, generator=g)
     if bits != 16:
         kp, vp = quant.quantize(kp, bits), quant.quantize(vp, bits)
-    tk, tv = torch.randn(Hkv, n_old + T, D, generator=g), torch.randn(Hkv, n_old + T, D, generator=g)
+    tk, tv = torch.randn(Hkv, n_tail, D, generator=g), torch.randn(Hkv, n_tail, D, generator=g)
     q = torch.randn(Hkv, G, T, D, generator=g) * 2
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
