@@ -395,12 +395,15 @@ def attention_lse(qs, k, v, causal: bool = False):
 
 def merge_attention(parts):
     """Attention over the union of disjoint key sets, from each set's (out, lse): (out, lse).
-    Each part's output is weighted by its share of the total softmax mass, exp(lse_part - lse):
-    a softmax over the parts' lse."""
-    outs = torch.stack([o for o, _ in parts])  # (n_parts, ..., D)
-    lses = torch.stack([l for _, l in parts])  # (n_parts, ...)
-    share = torch.softmax(lses, dim=0).unsqueeze(-1)  # (n_parts, ..., 1)
-    return (share * outs).sum(dim=0), torch.logsumexp(lses, dim=0)
+    Each part's output is weighted by its share of the total softmax mass, exp(lse_part - lse),
+    and added up one part at a time: no stack of all the parts' outputs (during scoring each is
+    as large as the layer's attention output), so the merge holds two outputs' worth of memory."""
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)  # (...)
+    out = None
+    for o, l in parts:
+        share = torch.exp(l - lse).unsqueeze(-1)  # (..., 1)
+        out = share * o if out is None else out.addcmul_(share, o)  # (..., D)
+    return out, lse
 
 
 def chunk_scores_from_lse(qs, k_chunk, lse, block: int = 256):

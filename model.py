@@ -274,6 +274,9 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+MLP_ROWS = 1024  # rows per MLP block: bounds the activations of long inputs (see MLP.forward)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -284,6 +287,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
     def forward(self, x):
+        # (T, intermediate) activations are a forward's largest; long inputs (a KVzip scoring
+        # forward holds ~2,000 rows, twice a prefill chunk) go through in blocks of MLP_ROWS rows
+        if x.shape[0] > MLP_ROWS:
+            return torch.cat([self(x[i:i + MLP_ROWS]) for i in range(0, x.shape[0], MLP_ROWS)])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

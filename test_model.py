@@ -68,6 +68,17 @@ def test_incremental_decode_and_chunked_prefill_equal_one_forward(tiny, backend)
         torch.testing.assert_close(chunked.keys(l), cache.keys(l), atol=1e-5, rtol=0)
 
 
+def test_mlp_in_row_blocks_equals_one_block(tiny, monkeypatch):
+    """Long inputs go through the MLP in blocks of MLP_ROWS rows (bounded activations): the same
+    logits as one block, with a block size that leaves a short last block."""
+    m, tok, _ = tiny
+    ids = torch.tensor(tok.encode("A small train crossed the valley while the market opened.") * 2)
+    whole = m(ids, m.new_cache())
+    monkeypatch.setattr(model, "MLP_ROWS", 7)
+    assert len(ids) % 7 != 0
+    torch.testing.assert_close(m(ids, m.new_cache()), whole, atol=1e-5, rtol=0)
+
+
 def test_cache_truncate_then_decode_again(tiny):
     m, tok, _ = tiny
     ids = torch.tensor(tok.encode("The quick brown fox jumps over the lazy dog."))
