@@ -395,15 +395,17 @@ def attention_lse(qs, k, v, causal: bool = False):
 
 def merge_attention(parts):
     """Attention over the union of disjoint key sets, from each set's (out, lse): (out, lse).
-    Each part's output is weighted by its share of the total softmax mass, exp(lse_part - lse),
-    and added up one part at a time: no stack of all the parts' outputs (during scoring each is
-    as large as the layer's attention output), so the merge holds two outputs' worth of memory."""
-    lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)  # (...)
-    out = None
+    Each part's output is weighted by its share of the total softmax mass, exp(lse_part - lse): a
+    softmax over the parts' lse, taken like any softmax from the largest one, and added up one part
+    at a time: no stack of all the parts' outputs (during scoring each is as large as the layer's
+    attention output), so the merge holds two outputs' worth of memory."""
+    top = torch.stack([l for _, l in parts]).amax(dim=0).unsqueeze(-1)  # (..., 1)
+    out = den = None
     for o, l in parts:
-        share = torch.exp(l - lse).unsqueeze(-1)  # (..., 1)
-        out = share * o if out is None else out.addcmul_(share, o)  # (..., D)
-    return out, lse
+        w = torch.exp(l.unsqueeze(-1) - top)  # (..., 1), in (0, 1]
+        out = w * o if out is None else out.addcmul_(w, o)  # (..., D)
+        den = w if den is None else den + w
+    return out / den, (top + torch.log(den)).squeeze(-1)
 
 
 def chunk_scores_from_lse(qs, k_chunk, lse, block: int = 256):

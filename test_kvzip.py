@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import kvzip
 import model
@@ -436,6 +436,7 @@ def test_quantized_prune_stores_codes_and_counts_every_byte(tiny, bits):
 
 
 @settings(max_examples=30, deadline=None)
+@example(Hkv=3, G=3, n_p=1, n_c=21, T=1, n_old=3, bits=4, seed=4451)  # the rounding case in the comment below
 @given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 3]), n_p=st.integers(0, 3), n_c=st.integers(1, 40),
        T=st.sampled_from([1, 3]), n_old=st.integers(0, 3), bits=st.sampled_from([8, 4]),
        seed=st.integers(0, 2**16))
@@ -461,7 +462,10 @@ def test_quantized_packed_attention_equals_dequantize_then_attend(Hkv, G, n_p, n
     got = ckv.attend(0, q[:, :, n_old:], new_k[:, n_old:], new_v[:, n_old:])  # (Hkv, G, T, D)
     tk, tv = ckv.tail_k[0][:, :n_old + T], ckv.tail_v[0][:, :n_old + T]
     want = kvzip.packed_attention(q[:, :, n_old:], kd, vd, ckv._bounds[0], tk, tv)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # float32 against float32, summed in different orders: the reference itself can be 1.2e-6 off
+    # the float64 value (seed 4451 below), so 1e-6 would fail on rounding; a dequantization error
+    # would be a step of the grid, ~1e-2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
