@@ -850,7 +850,7 @@ def packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v):
     Few torch calls on purpose: under OMP_WAIT_POLICY=PASSIVE (the command lines set it) each call
     that runs on several threads first wakes them, 0.1-0.2 ms on the project's 2-core machine. So
     there is one call per head, one for the tail and one merge: about 3 ms of fixed cost per layer
-    (8 KV heads) against 4-5 ms when each head was merged on its own and its leftover rows had a
+    (8 KV heads) against 4-5.5 ms when each head was merged on its own and its leftover rows had a
     call of their own, and 0.2-0.3 ms for the full cache's single SDPA call. See bench.py's decode
     row for the time at the Llama-3.1-8B geometry.
     Returns (Hkv, G, T, D).

@@ -92,14 +92,20 @@ def test_streamingllm_keeps_sinks_and_the_most_recent_in_every_head(tiny_kv):
             assert keep[l, h, n_c - r:].all() and not keep[l, h, baselines.STREAMING_SINKS:n_c - r].any()
 
 
+@pytest.mark.parametrize("rule", ["pyramid", "layer"])
 @settings(deadline=None, max_examples=200)
 @given(ratio=st.floats(0.001, 1.0), L=st.integers(1, 40), Hkv=st.integers(1, 8), n_c=st.integers(1, 3000))
-def test_pyramid_budgets_shrink_over_layers_and_sum_to_the_total(ratio, L, Hkv, n_c):
-    b = baselines.pyramid_budgets(ratio, L, Hkv, n_c)
+def test_layer_budget_rules_are_integers_summing_to_the_total(rule, ratio, L, Hkv, n_c):
+    """Both per-layer budget rules: L integers in [0, Hkv * n_c] summing to round(ratio * L*Hkv*n_c);
+    PyramidKV's shrink from the first layer to the last, the plain rule's are equal up to one."""
+    b = getattr(baselines, f"{rule}_budgets")(ratio, L, Hkv, n_c)
     assert len(b) == L and all(isinstance(x, int) for x in b)
     assert sum(b) == round(ratio * (L * Hkv * n_c))
     assert all(0 <= x <= Hkv * n_c for x in b)
-    assert all(b[i] >= b[i + 1] for i in range(L - 1))
+    if rule == "pyramid":
+        assert all(b[i] >= b[i + 1] for i in range(L - 1))
+    else:
+        assert max(b) - min(b) <= 1
 
 
 def test_pyramid_budgets_follow_the_line_with_beta_20():
@@ -142,15 +148,6 @@ def test_bad_method_and_missing_query_are_clear_errors(tiny, tiny_kv):
         baselines.method_scores("nope", m, tok, tiny_kv)
     with pytest.raises(ValueError, match="query-aware"):
         baselines.method_scores("snapkv", m, tok, tiny_kv)
-
-
-@settings(deadline=None, max_examples=200)
-@given(ratio=st.floats(0.001, 1.0), L=st.integers(1, 40), Hkv=st.integers(1, 8), n_c=st.integers(1, 3000))
-def test_layer_budgets_are_equal_integers_summing_to_the_total(ratio, L, Hkv, n_c):
-    b = baselines.layer_budgets(ratio, L, Hkv, n_c)
-    assert len(b) == L and all(isinstance(x, int) for x in b)
-    assert sum(b) == round(ratio * (L * Hkv * n_c))
-    assert max(b) - min(b) <= 1 and all(0 <= x <= Hkv * n_c for x in b)
 
 
 def test_baseline_budget_rule_layer_or_global(tiny, tiny_kv):
