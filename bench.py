@@ -327,13 +327,15 @@ def cache_memory(full, n_p: int, n_c: int, counts):
 
     Every layer of the uncompressed cache has the same shape, so it is one layer's KVCache.nbytes
     times L. Each layer's compressed cache is built for real (kvzip.CompressedKV.from_full: packed
-    K and V plus the int64 offsets) with that layer's per-head budgets, counted, and freed.
+    K and V plus the int64 offsets) with that layer's per-head budgets, counted, and freed. What is
+    counted is the stored cache, as on a GPU: built with the reference backend, so without the
+    decode plans a CPU cache also holds (kvzip.DecodePlan; the decode row reports their bytes).
     """
     L = counts.shape[0]
     compressed = 0
     for l in range(L):
         keep = spread_keep_mask(counts[l:l + 1], n_c)  # (1, Hkv, n_c)
-        compressed += kvzip.CompressedKV.from_full(full, n_p, keep).nbytes
+        compressed += kvzip.CompressedKV.from_full(full, n_p, keep, "reference").nbytes
     return full.nbytes * L, compressed
 
 
@@ -357,6 +359,8 @@ def full_decode_paths(cache, q, kern) -> dict:
     if q.device.type == "cpu":  # torch's fused CPU attention with each row's log-sum-exp
         paths["kvzip.packed_attention_fused"] = (
             lambda: kvzip.packed_attention_fused(q, flat_k, flat_v, bounds, empty, empty))
+        plan = kvzip.DecodePlan(flat_k, flat_v, bounds)
+        paths["kvzip.packed_decode"] = lambda: kvzip.packed_decode(q, flat_k, flat_v, plan, empty, empty)
     if kern is not None:
         offsets = torch.tensor(bounds, dtype=torch.int64, device=q.device)
         q3 = q[:, :, 0].contiguous()  # (Hkv, G, D)
@@ -367,17 +371,19 @@ def full_decode_paths(cache, q, kern) -> dict:
 def compressed_decode_path(full, n_p: int, n_c: int, counts, q, k_new, v_new, kern):
     """The compressed cache's decode step for one layer with per-head budgets counts (Hkv,).
 
-    Returns (name, fn, bytes of K and V read): fn is CompressedKV.attend, which stores the new
-    token in the tail and attends over [kept pairs ; tail] through the project's default decode
-    path for the device (kvzip.packed_attention_fused on a CPU, the Triton varlen kernel on CUDA).
+    Returns (name, fn, bytes of K and V read, bytes of the layer's decode plan): fn is
+    CompressedKV.attend, which stores the new token in the tail and attends over [kept pairs ;
+    tail] through the project's default decode path for the device (kvzip.packed_decode over the
+    layer's DecodePlan on a CPU, the Triton varlen kernel on CUDA, which needs no plan).
     """
     backend = "auto" if kern is None else "triton"
     ckv = kvzip.CompressedKV.from_full(full, n_p, spread_keep_mask(counts[None], n_c), backend)
     ckv.reserve(1)
     name = ("CompressedKV.attend: kernels.varlen_decode_attention" if kern is not None
-            else "CompressedKV.attend: kvzip.packed_attention_fused")
+            else "CompressedKV.attend: kvzip.packed_decode")
     nbytes = sum(t.numel() * t.element_size() for t in (ckv.k[0], ckv.v[0], k_new, v_new))
-    return name, (lambda: ckv.attend(0, q, k_new, v_new)), nbytes
+    plan_bytes = ckv.plans[0].nbytes if ckv.plans else 0
+    return name, (lambda: ckv.attend(0, q, k_new, v_new)), nbytes, plan_bytes
 
 
 def _check_same(name, out, ref_name, ref):
@@ -435,7 +441,7 @@ def measure_geometry(geo, n_p, n_c, fractions, ratios, device, decode_dtype, rep
         progress(f"ratio {r}: packing all {geo.n_layers} layers' compressed caches to count bytes")
         full_bytes, comp_bytes = cache_memory(full, n_p, n_c, counts)
         layer = representative_layer(counts)
-        c_name, c_fn, c_read = compressed_decode_path(dec, n_p, n_c, counts[layer], q, k_new, v_new, kern)
+        c_name, c_fn, c_read, plan_bytes = compressed_decode_path(dec, n_p, n_c, counts[layer], q, k_new, v_new, kern)
         c_fn()  # warm-up
         fns = {n: paths[n] for n in (contenders if full_name is None else [full_name])}
         fns[c_name] = c_fn
@@ -448,7 +454,7 @@ def measure_geometry(geo, n_p, n_c, fractions, ratios, device, decode_dtype, rep
         rows.append(dict(
             ratio=r, full_bytes=full_bytes, compressed_bytes=comp_bytes,
             expected_fraction=(n_p * geo.n_layers * Hkv + int(counts.sum())) / (S * geo.n_layers * Hkv),
-            layer=layer, layer_kept_fraction=c_read / full_read,
+            layer=layer, layer_kept_fraction=c_read / full_read, plan_bytes=plan_bytes,
             full_ms_per_layer=med[full_name] * 1e3, compressed_ms_per_layer=med[c_name] * 1e3,
             full_read_bytes=full_read, compressed_read_bytes=c_read,
             full_gbps=full_read / med[full_name] / GB, compressed_gbps=c_read / med[c_name] / GB,
@@ -496,7 +502,8 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
         progress(f"quantized cache: one {geo.name} layer of {n_p * Hkv + int(kept.sum()):,} kept pairs at {bits} bits")
         ckv = kvzip.CompressedKV.from_full(dec, n_p, keep, backend, bits=bits)  # decoded below
         # codes, scales and zeros do not depend on the input dtype; bits 16 stores the cache's dtype
-        counted = ckv if bits != 16 or dec is src else kvzip.CompressedKV.from_full(src, n_p, keep, bits=16)
+        # (bits 16 in the cache's own dtype, and without the CPU's decode plan, as row 1 counts it)
+        counted = ckv if bits != 16 else kvzip.CompressedKV.from_full(src, n_p, keep, "reference", bits=16)
         n_rows = int(counted.head_lengths().sum())
         per_row, rest = divmod(counted.nbytes - offsets_bytes, n_rows)  # bytes of one kept pair, K and V
         per_value = 8 * geo.torch_dtype.itemsize if bits == 16 else bits + 32 / min(32, D)  # + fp16 scale, zero
@@ -518,8 +525,8 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
         fn()  # warm-up
     inner = 20 if device.type == "cuda" else 1
     med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, inner)
-    path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None
-                                      else "kvzip.packed_attention_fused")
+    path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None else
+                                      "kvzip.packed_decode at bits 16, kvzip.packed_attention_fused at 8 and 4")
     decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
               for b in fns]
     return sorted(memory, key=lambda m: (-m["ratio"], -m["bits"])), decode
@@ -711,7 +718,9 @@ def format_report(res: dict) -> str:
                       for n, t in d["candidates_ms"].items())
     lines += [
         "",
-        f"decode, full cache: {tried}; the fastest is used. Compressed: {d['compressed_path']}.",
+        f"decode, full cache: {tried}; the fastest is used. Compressed: {d['compressed_path']}"
+        + (f" (its DecodePlan: {d['plan_bytes'] / MB:.2f} MB, {d['plan_bytes'] / (d['compressed_read_bytes']):.2%} "
+           f"of the layer's K+V, held by a CPU cache, not in the memory row)." if d.get("plan_bytes") else "."),
         f"decode layer {d['layer']}: its kept total is nearest the mean over layers. Read bandwidth: "
         f"x.sum() over {measure.READ_PROBE_BYTES // 2**20} MiB, timed in the same rounds.",
         f"peak memory: {sc['peak_memory']}: weights, caches and activations. * prefill: mean of "
@@ -821,7 +830,7 @@ def main(args: argparse.Namespace) -> dict:
         decode={k: main_row[k] for k in (
             "full_ms_per_layer", "compressed_ms_per_layer", "full_gbps", "compressed_gbps",
             "device_gbps", "full_path", "compressed_path", "layer", "layer_kept_fraction",
-            "full_read_bytes", "compressed_read_bytes", "candidates_ms", "timed_candidates")}
+            "full_read_bytes", "compressed_read_bytes", "plan_bytes", "candidates_ms", "timed_candidates")}
         | dict(dtype=str(decode_dtype).removeprefix("torch."), reps=reps),
         scoring=scoring, quality=quality,
         sweep=sorted(rows, key=lambda row: -row["ratio"]) if args.sweep else None,

@@ -20,7 +20,8 @@ Map of this file, in pipeline order:
      head_keep_mask         - head-level eviction: whole heads, no reconstruction pass per context
   5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
                               in the model's dtype or quantized to int8/int4 (quant.py);
-     packed_attention       - decoding over it, one KV head at a time (and its fused CPU twin)
+     packed_attention       - decoding over it, one KV head at a time (the spec); its fused CPU
+                              twins: packed_attention_fused, and packed_decode for one new token
   6. generate               - greedy answers from a full or compressed cache, which stays unchanged
   7. a small demo: `python kvzip.py`
 The query-aware baselines that the reuse experiment compares KVzip with are in baselines.py.
@@ -39,6 +40,7 @@ Left out on purpose: batching several contexts.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import time
@@ -377,19 +379,23 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
 _flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def attention_lse(qs, k, v, causal: bool = False):
+def attention_lse(qs, k, v, causal: bool = False, mask=None):
     """Attention that also returns each row's log-sum-exp, through torch's fused CPU kernel.
 
     qs (Hkv, G, T, D): queries already divided by sqrt(D) (the kernel runs with scale 1, so its
     logits are the very numbers qs @ k.T gives, and their rounding cancels in logit - lse);
-    k, v (Hkv, S, D). causal: row t sees keys 0..t (S == T). The G query heads read their KV head
-    through a stride-0 expand, so K and V are never copied per query head.
+    k, v (Hkv, S, D). causal: row t sees keys 0..t (S == T). mask: None, or an additive mask (0 or
+    -inf) in qs's dtype that broadcasts to (Hkv, G, T, S); no row may be wholly -inf (the kernel
+    then returns lse 0, not -inf). The G query heads read their KV head through a stride-0 expand,
+    so K and V are never copied per query head.
     Returns out (Hkv, G, T, D) and lse (Hkv, G, T) float32 (natural log).
     """
     Hkv, G, T, D = qs.shape
     S = k.shape[1]
+    if mask is not None:
+        mask = mask.expand(Hkv, G, T, S)  # the kernel wants the full shape; a stride-0 view is enough
     out, lse = _flash_attention_cpu(qs, k[:, None].expand(Hkv, G, S, D), v[:, None].expand(Hkv, G, S, D),
-                                    0.0, causal, scale=1.0)[:2]
+                                    0.0, causal, attn_mask=mask, scale=1.0)[:2]
     return out, lse
 
 
@@ -686,8 +692,10 @@ class CompressedKV:
                              (the n_p prefix pairs first, then that head's kept context pairs)
       offsets[l]  (Hkv + 1,) int64 cumulative row counts; lengths differ between heads
     Decoding: the Triton varlen kernel for single tokens (backend "triton", or "auto" on CUDA);
-    packed_attention (the readable reference, backend "reference"); packed_attention_fused (torch's
-    fused CPU attention per head, backend "auto" on a CPU), tested against the reference.
+    packed_attention (the readable reference, backend "reference"); on a CPU with backend "auto",
+    torch's fused attention: packed_decode for single tokens of a 16-bit cache (all heads in one
+    call, through each layer's DecodePlan, `plans`, built with the cache), packed_attention_fused
+    (a call per head) otherwise. All are tested against the reference.
     bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: they are
     quant.Quantized blocks (uint8 codes, int4 two per byte, plus an fp16 scale and zero per group
     of 32 values of a row); decoding dequantizes one head's rows at a time (packed_attention) or
@@ -698,7 +706,8 @@ class CompressedKV:
     dropped again by `truncate`). `truncate` back to the context drops them, so the same
     compressed cache serves the next query.
 
-    Memory: `nbytes` counts the packed K and V, the offsets, and the n_tail tail rows in use. The
+    Memory: `nbytes` counts the packed K and V, the offsets, the decode plans if any (~0.5% of
+    the packed bytes at D = 128, see DecodePlan), and the n_tail tail rows in use. The
     tail buffers are allocated by `reserve` (room for a query and its answer, grown by doubling)
     and released when `truncate` returns to the context (n_tail = 0): between queries the cache
     holds exactly nbytes, however long the last query was. (Keeping the buffer for the next query
@@ -718,6 +727,9 @@ class CompressedKV:
         self.tail_v = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
         model_lib.check_backend(backend)
         self.backend = backend  # decode path: packed_attention, or the Triton varlen kernel (see attend)
+        self.plans = None  # per layer, the DecodePlan of the CPU's single-token path (see attend)
+        if backend == "auto" and device.type == "cpu" and self.bits == 16:
+            self.plans = [DecodePlan(kl, vl, b) for kl, vl, b in zip(k, v, self._bounds)]
 
     @classmethod
     def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto", bits: int = 16):
@@ -766,6 +778,8 @@ class CompressedKV:
                 offsets_host=self._bounds[layer])  # (Hkv, G, D)
             return out.unsqueeze(2)
         if self.backend == "auto" and q.device.type == "cpu":
+            if T == 1 and self.plans is not None:
+                return packed_decode(q, self.k[layer], self.v[layer], self.plans[layer], tk, tv)
             return packed_attention_fused(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
@@ -783,10 +797,11 @@ class CompressedKV:
     @property
     def nbytes(self) -> int:
         """Bytes held for the context: packed K and V (quantized: codes, scales and zeros), the
-        offsets, and any new tokens' K/V."""
+        offsets, the decode plans (a CPU cache in the model's dtype), and any new tokens' K/V."""
         packed = sum(stored_bytes(t) for t in self.k + self.v + self.offsets)
+        plans = sum(p.nbytes for p in self.plans or [])
         tail = sum(t[:, :self.n_tail].numel() * t.element_size() for t in self.tail_k + self.tail_v)
-        return packed + tail
+        return packed + plans + tail
 
     def head_lengths(self):
         """Kept pairs per (layer, KV head), prefix included: (L, Hkv) int64."""
@@ -894,6 +909,123 @@ def packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v):
         logit = logit.masked_fill(~real[:, None], -math.inf)
         parts += [(lv[:, None, i, None].expand(Hkv, G, 1, D), logit[:, :, i, None]) for i in range(L)]
     return merge_attention(parts)[0].to(q.dtype)
+
+
+# One new token over a layer's packed rows in one fused call: the CPU's decode step (16-bit caches).
+#
+# packed_attention_fused makes a call per KV head, because heads keep different numbers of rows and
+# one call takes equal pieces of one tensor. Each call has a fixed cost: under
+# OMP_WAIT_POLICY=PASSIVE its threads are woken first, and they wait for each other at its end;
+# on the project's 2-core machine 8 calls over 8 heads' rows took 1.7-3 ms longer than one call
+# over the same rows, about a tenth of a decode step at bench.py's geometry. A compressed layer's
+# packed rows never change, so they are cut once, when the cache is built, into equal pieces that
+# ignore head boundaries (a DecodePlan), and every decode step attends over all heads' rows in one
+# call (plus one for the few rows the pieces leave out, and one for the tail).
+
+DECODE_PIECES = 256  # pieces per layer: enough to keep any thread count busy, few enough to merge cheaply
+EXTRA_ROWS = 32  # rows per extra piece (see DecodePlan)
+
+
+def plan_piece_size(bounds, n_pieces: int) -> int:
+    """The piece size s of a DecodePlan over rows 0 .. N - 1, N = bounds[-1]: the size from N // n_pieces
+    to 25% above it that leaves the fewest rows to the plan's extra pieces. A head boundary at row b
+    inside a piece hands the smaller side of the piece, min(b % s, s - b % s) rows, to an extra
+    piece; so do the N % s rows past the last piece."""
+    N = bounds[-1]
+    lo = max(1, N // n_pieces)
+    left_over = lambda s: sum(min(b % s, s - b % s) for b in bounds[1:-1]) + N % s  # noqa: E731
+    return min(range(lo, lo + lo // 4 + 1), key=left_over)
+
+
+class DecodePlan:
+    """How one new token attends over a layer's packed rows (N, D), cut once into equal pieces.
+
+    Piece p is rows p*s .. p*s + s - 1 of the packed buffer, a view (no copy), p < P = N // s. The
+    query heads of the KV head owning the piece's middle row attend over it (`heads`, (P,)). Where
+    a head boundary falls inside a piece, the other heads' rows in it are hidden from those queries
+    by -inf in `mask` (P, s), and copied into extra pieces of at most EXTRA_ROWS rows of one head
+    each (`extra_k`, `extra_v` (E, L, D), zero-padded to L rows and hidden again by `extra_mask`
+    (E, L); their heads `extra_heads` (E,)). The N - P*s rows past the last piece go to extra
+    pieces too. So every packed row is attended exactly once, by its own head's queries.
+    Memory (`nbytes`, which CompressedKV.nbytes counts): the mask, 1/(2D) of the layer's K and V
+    bytes in the same dtype (0.4% at D = 128), and the copied rows, which the choice of s keeps few
+    (0.9% in all at bench.py's decode layer: 124k tokens, ratio 0.3, Llama-3.1-8B geometry).
+    """
+
+    def __init__(self, k_packed, v_packed, bounds, n_pieces: int = DECODE_PIECES):
+        N, D = bounds[-1], k_packed.shape[1]
+        s = plan_piece_size(bounds, n_pieces)
+        P = N // s
+        head_of = lambda row: bisect.bisect_right(bounds, row) - 1  # noqa: E731 (empty heads are skipped)
+        heads = [head_of(p * s + s // 2) for p in range(P)]
+        mask = torch.zeros(P, s, dtype=k_packed.dtype, device=k_packed.device)
+        runs = []  # (head, first row, end row): the rows for the extra pieces
+        for h in range(len(bounds) - 1):
+            a, b = bounds[h], bounds[h + 1]
+            if a == b:  # a head that kept nothing
+                continue
+            for p in range(a // s, min(P, (b - 1) // s + 1)):  # the pieces holding rows of head h
+                if heads[p] != h:
+                    lo, hi = max(a, p * s), min(b, p * s + s)
+                    mask[p, lo - p * s:hi - p * s] = -math.inf
+                    runs.append((h, lo, hi))
+            if b > P * s:  # rows past the last piece
+                runs.append((h, max(a, P * s), b))
+        # the runs in extra pieces of at most EXTRA_ROWS rows: the zero padding stays short
+        extra = [(h, a, min(hi, a + EXTRA_ROWS)) for h, lo, hi in runs for a in range(lo, hi, EXTRA_ROWS)]
+        L = min(EXTRA_ROWS, max([hi - lo for _, lo, hi in runs], default=0))
+        self.extra_k = k_packed.new_zeros(len(extra), L, D)
+        self.extra_v = v_packed.new_zeros(len(extra), L, D)
+        self.extra_mask = torch.full((len(extra), L), -math.inf, dtype=k_packed.dtype, device=k_packed.device)
+        for i, (_, lo, hi) in enumerate(extra):
+            self.extra_k[i, :hi - lo] = k_packed[lo:hi]
+            self.extra_v[i, :hi - lo] = v_packed[lo:hi]
+            self.extra_mask[i, :hi - lo] = 0
+        self.size, self.n_pieces, self.mask = s, P, mask
+        self.heads = torch.tensor(heads, dtype=torch.int64, device=k_packed.device)  # (P,)
+        self.extra_heads = torch.tensor([h for h, _, _ in extra], dtype=torch.int64, device=k_packed.device)  # (E,)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.mask, self.heads, self.extra_k, self.extra_v, self.extra_mask, self.extra_heads))
+
+
+def merge_by_head(out, lse, head, n_heads: int):
+    """merge_attention for many parts that each belong to one of n_heads heads, in a few ops:
+    out (M, R, D), lse (M, R), head (M,) -> (n_heads, R, D). Each part's weight is its softmax
+    mass relative to the largest lse of its head; a (n_heads, M) 0/1 matrix sums each head's parts."""
+    M, R = lse.shape
+    top = torch.full((n_heads, R), -math.inf, device=lse.device).scatter_reduce(
+        0, head[:, None].expand(M, R), lse, "amax")  # (n_heads, R): each head's largest lse
+    w = torch.exp(lse - top[head])  # (M, R), in (0, 1]
+    onehot = (head[None, :] == torch.arange(n_heads, device=head.device)[:, None]).to(w.dtype)  # (n_heads, M)
+    num = onehot @ (w[:, :, None] * out.float()).reshape(M, -1)  # (n_heads, R * D)
+    return num.view(n_heads, R, -1) / (onehot @ w)[..., None]
+
+
+def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
+    """packed_attention for one new token (T == 1) over a DecodePlan of the packed rows: one fused
+    call over the plan's P pieces, one over its extra pieces, one over the tail, one merge.
+    q (Hkv, G, 1, D); k_packed, v_packed (N, D) tensors; tail_k, tail_v (Hkv, n_tail, D), the new
+    token's row included. Returns (Hkv, G, 1, D)."""
+    Hkv, G, _, D = q.shape
+    qs = q.view(Hkv, G, D) / math.sqrt(D)
+    P, s = plan.n_pieces, plan.size
+    parts = []  # (out (n, G, D), lse (n, G), head (n,)) of disjoint key sets
+    if P:  # the G query rows of each piece's head, as the rows of one head: qs[heads] (P, 1, G, D)
+        o, l = attention_lse(qs[plan.heads][:, None], k_packed[:P * s].view(P, s, D),
+                             v_packed[:P * s].view(P, s, D), mask=plan.mask[:, None, None])  # (P, 1, G, D), (P, 1, G)
+        parts.append((o[:, 0], l[:, 0], plan.heads))
+    if len(plan.extra_heads):
+        o, l = attention_lse(qs[plan.extra_heads][:, None], plan.extra_k, plan.extra_v,
+                             mask=plan.extra_mask[:, None, None])  # (E, 1, G, D), (E, 1, G)
+        parts.append((o[:, 0], l[:, 0], plan.extra_heads))
+    if tail_k.shape[1]:
+        o, l = attention_lse(qs[:, None], tail_k, tail_v)  # (Hkv, 1, G, D), (Hkv, 1, G)
+        parts.append((o[:, 0], l[:, 0], torch.arange(Hkv, device=q.device)))
+    out = merge_by_head(*(torch.cat(x) for x in zip(*parts)), Hkv)  # (Hkv, G, D)
+    return out.to(q.dtype).view(Hkv, G, 1, D)
 
 
 # -----------------------------------------------------------------------------

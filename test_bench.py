@@ -132,7 +132,8 @@ def test_quantized_memory_equals_every_layer_built_for_real(dtype):
     assert [(m["bits"], m["ratio"]) for m in memory] == [(16, 1.0), (8, 1.0), (4, 1.0), (16, 0.3), (8, 0.3), (4, 0.3)]
     for m in memory:
         keep = torch.ones(3, 2, n_c, dtype=torch.bool) if m["ratio"] == 1.0 else bench.spread_keep_mask(counts, n_c)
-        real = sum(kvzip.CompressedKV.from_full(full, n_p, keep[l:l + 1], bits=m["bits"]).nbytes for l in range(3))
+        real = sum(kvzip.CompressedKV.from_full(full, n_p, keep[l:l + 1], "reference", bits=m["bits"]).nbytes
+                   for l in range(3))  # the stored cache, without the CPU's decode plans (as cache_memory)
         assert m["bytes"] == real and m["fraction_of_full"] == real / full_bytes
     by = {(m["bits"], m["ratio"]): m["bytes"] for m in memory}
     assert by[(16, 0.3)] == comp
@@ -160,12 +161,15 @@ def test_decode_paths_agree():
     full.k[0][:, n_p + n_c] = k_new[:, 0]
     full.v[0][:, n_p + n_c] = v_new[:, 0]
     outs = {name: fn() for name, fn in bench.full_decode_paths(full, q, None).items()}
-    assert {"kvzip.packed_attention", "kvzip.packed_attention_fused", "model.attention"} <= set(outs)
+    assert {"kvzip.packed_attention", "kvzip.packed_attention_fused", "kvzip.packed_decode",
+            "model.attention"} <= set(outs)
     ref = outs["model.attention"]
     for name, out in outs.items():
         bench._check_same(name, out, "model.attention", ref)
     full.k[0][:, n_p + n_c] = 0  # the compressed path must use its own tail, not this row
-    _, fn, nbytes = bench.compressed_decode_path(full, n_p, n_c, torch.tensor([n_c, n_c]), q, k_new, v_new, None)
+    name, fn, nbytes, plan_bytes = bench.compressed_decode_path(full, n_p, n_c, torch.tensor([n_c, n_c]),
+                                                                q, k_new, v_new, None)
+    assert name.endswith("kvzip.packed_decode") and plan_bytes > 0  # the CPU's one-token path
     bench._check_same("compressed", fn(), "model.attention", ref)
     assert nbytes == 2 * (2 * (n_p + n_c) + 2) * 16 * 4
 

@@ -160,10 +160,11 @@ def test_prune_packs_kept_pairs_with_prefix_and_budgets(tiny):
                 rows = ckv.k[l][ckv.offsets[l][h]:ckv.offsets[l][h + 1]]
                 pos = torch.cat([torch.arange(n_p), n_p + keep[l, h].nonzero().flatten()])
                 assert torch.equal(rows, kv.cache.keys(l)[h, pos])  # prefix first, original order
-    # the bytes really shrink: packed K/V plus the small offsets
+    # the bytes really shrink: packed K/V plus the small offsets, plus a CPU cache's decode plans
     ckv = kv.prune(0.3)
     elem = 2 * m.cfg.head_dim * 4  # K and V of one pair, float32
-    assert ckv.nbytes == int(ckv.head_lengths().sum()) * elem + L * (Hkv + 1) * 8
+    assert ckv.nbytes == int(ckv.head_lengths().sum()) * elem + L * (Hkv + 1) * 8 + plan_bytes(ckv)
+    assert plan_bytes(ckv) > 0 and plan_bytes(kv.prune(0.3, bits=8)) == 0  # only 16-bit caches have plans
     assert kv.nbytes == L * Hkv * (n_p + n_c) * elem
 
 
@@ -207,8 +208,9 @@ def test_packed_attention_equals_dense_masked_attention(Hkv, G, n_p, n_c, T, n_o
        lengths=st.lists(st.integers(0, 70), min_size=3, max_size=3), threads=st.sampled_from([1, 2, 3]),
        bits=st.sampled_from([16, 16, 8, 4]), no_tail=st.booleans(), seed=st.integers(0, 2**16))
 def test_fused_packed_attention_equals_packed_attention(Hkv, G, T, n_old, lengths, threads, bits, no_tail, seed):
-    """The CPU's default decode path (torch's fused attention per head, kept rows cut into two
-    pieces per thread for a single token, the rows left over as one-key sets) against the readable
+    """The CPU's decode path for several new tokens and for quantized caches (torch's fused
+    attention per head, kept rows cut into two pieces per thread for a single token, the rows left
+    over as one-key sets) against the readable
     packed_attention: heads of any length, empty ones included, tails with and without older rows,
     no tail at all (bench.py's full-cache decode: one token, every head with rows), quantized
     caches, several thread counts."""
@@ -248,10 +250,20 @@ def test_ratio_one_reproduces_the_full_cache(tiny):
         assert tok.encode(a) == tok.encode(b) and len(a) > 0
 
 
+def plan_tensors(ckv):
+    """Every tensor of the cache's decode plans (kvzip.DecodePlan; a CPU cache in the model's dtype)."""
+    return [t for p in ckv.plans or [] for t in (p.mask, p.heads, p.extra_k, p.extra_v, p.extra_mask, p.extra_heads)]
+
+
+def plan_bytes(ckv):
+    """The plans' storage, counted here on its own (not through DecodePlan.nbytes)."""
+    return sum(t.untyped_storage().nbytes() for t in plan_tensors(ckv))
+
+
 def stored_tensors(ckv):
     """Every tensor the compressed cache holds for the context (a Quantized block: codes, scales, zeros)."""
     parts = lambda x: [x.data, x.scale, x.zero] if isinstance(x, quant.Quantized) else [x]  # noqa: E731
-    return [t for x in ckv.k + ckv.v for t in parts(x)] + ckv.offsets
+    return [t for x in ckv.k + ckv.v for t in parts(x)] + ckv.offsets + plan_tensors(ckv)
 
 
 def snapshot(ckv):
@@ -316,7 +328,8 @@ def test_type_checks_say_what_they_found(tiny, tiny_kv):
 
 def held_bytes(ckv):
     """Bytes of every buffer the compressed cache holds (storage, not the rows in use)."""
-    return sum(t.untyped_storage().nbytes() for t in ckv.k + ckv.v + ckv.offsets + ckv.tail_k + ckv.tail_v)
+    return (sum(t.untyped_storage().nbytes() for t in ckv.k + ckv.v + ckv.offsets + ckv.tail_k + ckv.tail_v)
+            + plan_bytes(ckv))
 
 
 def test_compressed_cache_holds_what_it_reports_after_a_long_query(tiny, tiny_kv):
@@ -615,3 +628,24 @@ def test_head_scores_file_round_trip_and_model_mismatch(tiny, tmp_path, tmp_path
         ident, theirs = kvzip.model_identity(m), kvzip.model_identity(other)
         assert ident["weights_sha256"] in msg and theirs["weights_sha256"] in msg
         assert f"{ident['n_layer']} layers" in msg and f"{theirs['n_layer']} layers" in msg
+
+
+@settings(max_examples=80, deadline=None)
+@given(Hkv=st.integers(1, 4), G=st.sampled_from([1, 2, 4]),
+       lengths=st.lists(st.sampled_from([0, 1, 2, 5, 30, 70]), min_size=4, max_size=4),
+       n_tail=st.integers(0, 3), n_pieces=st.sampled_from([1, 2, 3, 7, 256]), seed=st.integers(0, 2**16))
+def test_decode_plan_equals_packed_attention(Hkv, G, lengths, n_tail, n_pieces, seed):
+    """One token over a DecodePlan (equal pieces across head boundaries, the hidden rows in extra
+    pieces): heads of any length, empty ones, pieces holding several heads, with and without a tail."""
+    lengths = lengths[:Hkv]
+    if n_tail == 0:
+        lengths = [max(1, n) for n in lengths]  # every head needs a row to attend to
+    g = torch.Generator().manual_seed(seed)
+    D = 16
+    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    kp, vp = torch.randn(bounds[-1], D, generator=g) * 2, torch.randn(bounds[-1], D, generator=g)
+    tk, tv = torch.randn(Hkv, n_tail, D, generator=g), torch.randn(Hkv, n_tail, D, generator=g)
+    q = torch.randn(Hkv, G, 1, D, generator=g) * 2
+    plan = kvzip.DecodePlan(kp, vp, bounds, n_pieces=n_pieces)
+    got = kvzip.packed_decode(q, kp, vp, plan, tk, tv)
+    torch.testing.assert_close(got, kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
