@@ -1144,12 +1144,14 @@ def main(argv=None):
     L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
     kept = round(args.ratio * L * Hkv * n_c)  # context pairs kept by the global ranking
     rows = (kept + L * Hkv * n_p) / (L * Hkv * (n_p + n_c))  # the prefix is never evicted
+    plans = sum(p.nbytes for p in ckv.plans or [])  # the CPU's decode plans (DecodePlan)
     print(f"context: {n_c} tokens, {about}")
     print(f"KV cache: full {kv.nbytes / 2**20:.2f} MiB; compressed at ratio {args.ratio}: "
           f"{ckv.nbytes / 2**20:.2f} MiB ({ckv.nbytes / kv.nbytes:.1%} of the bytes)")
     print(f"  why not {args.ratio:.0%}: the ratio counts context pairs only; the {n_p}-token prefix (chat "
           f"template + KVzip's instruction) is never evicted, so {rows:.1%} of the rows stay "
-          f"(({kept:,} + {L * Hkv * n_p:,} prefix) of {L * Hkv * (n_p + n_c):,}), plus the per-head offsets")
+          f"(({kept:,} + {L * Hkv * n_p:,} prefix) of {L * Hkv * (n_p + n_c):,}), plus the per-head offsets"
+          + (f" and the decode plans ({plans / 2**20:.2f} MiB, see DecodePlan)" if plans else ""))
     print()
 
     n_right = {"full": 0, "compressed": 0}
