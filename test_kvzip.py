@@ -210,10 +210,9 @@ def test_packed_attention_equals_dense_masked_attention(Hkv, G, n_p, n_c, T, n_o
 def test_fused_packed_attention_equals_packed_attention(Hkv, G, T, n_old, lengths, threads, bits, no_tail, seed):
     """The CPU's decode path for several new tokens and for quantized caches (torch's fused
     attention per head, kept rows cut into two pieces per thread for a single token, the rows left
-    over as one-key sets) against the readable
-    packed_attention: heads of any length, empty ones included, tails with and without older rows,
-    no tail at all (bench.py's full-cache decode: one token, every head with rows), quantized
-    caches, several thread counts."""
+    over as one-key sets) against the readable packed_attention: heads of any length, empty ones
+    included, tails with and without older rows, no tail at all (bench.py's full-cache decode: one
+    token, every head with rows), quantized caches, several thread counts."""
     g = torch.Generator().manual_seed(seed)
     D, lengths = 32, lengths[:Hkv]
     if no_tail:  # the new token is already a packed row: nothing in the tail, no empty head
