@@ -11,6 +11,7 @@ Every method turns into scores of the same shape as KVzip's, (L, Hkv, n_c), so o
   - random_scores      seeded random scores, what any scorer must beat
   - layer_budgets      the baselines' budget rule in the paper (AdaKV-style): equal layer budgets,
                        heads ranked against each other within each layer
+  - integer_budgets    a total split into integer budgets in proportion to weights, capped per group
   - method_scores / compress: one entry point for the reuse experiment (reuse.py)
 
 The query-aware ones (SnapKV, PyramidKV, H2O) look at one query while scoring; in the reuse
@@ -96,6 +97,37 @@ def snapkv_scores(m, tok, kv: kvzip.FullKV, query: str, template: bool = True,
     return pooled.view(L, Hkv, G, n_c).mean(dim=2)  # (L, Hkv, n_c)
 
 
+def integer_budgets(weights, total: int, cap: int) -> list[int]:
+    """Split `total` kept pairs over len(weights) groups (layers, heads) in proportion to weights,
+    at most `cap` per group: integers that sum exactly to total.
+
+    A group whose share would exceed cap is capped and its excess spread over the others, again in
+    proportion to their weights (water-filling); then largest-remainder rounding, ties to the lower
+    index. Groups of zero total weight share evenly. Used by the budget rules below and by the
+    benchmarks' per-head budgets (bench.py, gpu_check.py).
+    """
+    n = len(weights)
+    if not 0 <= total <= n * cap:
+        raise ValueError(f"cannot split {total} pairs over {n} groups of at most {cap}")
+    capped = [False] * n
+    while True:  # at most n rounds: each one caps at least one more group
+        free = total - cap * sum(capped)
+        weight = sum(w for w, c in zip(weights, capped) if not c)
+        n_free = n - sum(capped)
+        share = [cap if c else free * w / weight if weight > 0 else free / n_free
+                 for w, c in zip(weights, capped)]
+        over = [not c and x > cap for x, c in zip(share, capped)]
+        if not any(over):
+            break
+        capped = [c or o for c, o in zip(capped, over)]
+    budgets = [min(cap, math.floor(x)) for x in share]
+    for i in sorted(range(n), key=lambda i: budgets[i] - share[i]):  # largest remainder first; stable
+        if sum(budgets) < total and budgets[i] < cap:
+            budgets[i] += 1
+    assert sum(budgets) == total, (budgets, total)
+    return budgets
+
+
 def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: float = PYRAMID_BETA):
     """PyramidKV (Cai et al., 2024) budgets: kept pairs per layer, shrinking linearly with depth.
 
@@ -104,7 +136,7 @@ def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: 
     (The PyramidKV code: min_num = a / beta, max_num = 2a - min_num, steps of
     (max_num - min_num) / (L - 1).) A layer cannot keep more than its Hkv * n_c pairs: at high
     ratios the bottom layers are capped and the rest is spread over the others in proportion to
-    the same line (water-filling, kvzip.integer_budgets). Then largest-remainder rounding makes
+    the same line (water-filling, integer_budgets). Then largest-remainder rounding makes
     the budgets integers that sum exactly to round(ratio * (L * Hkv * n_c)); they stay
     non-increasing over layers.
     """
@@ -113,16 +145,16 @@ def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: 
     total = round(ratio * (L * cap))  # the same count keep_mask uses: ratio times an exact integer
     top, bottom = 1 / beta, 2 - 1 / beta  # in units of the average layer budget
     line = [bottom - (bottom - top) * l / (L - 1) if L > 1 else 1.0 for l in range(L)]
-    return kvzip.integer_budgets(line, total, cap)
+    return integer_budgets(line, total, cap)
 
 
 def layer_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int):
     """Equal per-layer budgets (AdaKV-style): round(ratio * Hkv * n_c) pairs per layer, as integers
-    that sum exactly to the global total round(ratio * (L * Hkv * n_c)) (kvzip.integer_budgets,
+    that sum exactly to the global total round(ratio * (L * Hkv * n_c)) (integer_budgets,
     largest remainder); within a layer the heads compete (kvzip.keep_mask's layer_budgets path)."""
     kvzip.check_ratio(ratio)
     cap = n_kv_head * n_c
-    return kvzip.integer_budgets([1.0] * n_layer, round(ratio * (n_layer * cap)), cap)
+    return integer_budgets([1.0] * n_layer, round(ratio * (n_layer * cap)), cap)
 
 
 def h2o_scores(m, tok, kv: kvzip.FullKV, query: str, template: bool = True):

@@ -62,6 +62,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+import baselines  # noqa: E402
+import fused  # noqa: E402
 import kvzip  # noqa: E402
 import model as model_lib  # noqa: E402
 import tasks  # noqa: E402
@@ -91,7 +93,7 @@ TARGETS = dict(
 N_NEEDLES, N_QUESTIONS = 4, 2  # quality probes in the scoring context (--quick: 2 and 1)
 NEEDLE_MAX_NEW, QA_MAX_NEW = 8, 12  # new tokens for a pass-key completion / a short answer
 GB, MB = 1e9, 1e6  # decimal units, as in the paper's "16.3 GB"
-QUANT_BITS = (16, 8, 4)  # kvzip.BITS: the quantized-cache rows (5)
+QUANT_BITS = (16, 8, 4)  # quant.BITS: the quantized-cache rows (5)
 # The paper's memory figures for Llama-3.1-8B at 124K tokens (quoted, not measured here): the full
 # FP16 cache, and KVzip at ratio 0.3 with 4-bit KV (scales and zero points not counted).
 PAPER_FULL_GB, PAPER_INT4_RATIO_0_3_GB = 16.3, 1.2
@@ -239,12 +241,12 @@ def target_budgets(fractions, geo: Geometry, n_c: int, ratio: float):
     The real model's per-head fractions are laid over the target's heads in order (layer by layer,
     head by head), cycled when the target has more heads, then scaled so that the total is exactly
     round(ratio * L * Hkv * n_c), as KVzip's global ranking keeps; no head keeps more than n_c
-    (kvzip.integer_budgets: water-filling, then largest-remainder rounding).
+    (baselines.integer_budgets: water-filling, then largest-remainder rounding).
     """
     L, Hkv = geo.n_layers, geo.n_kv_heads
     flat = fractions.flatten().tolist()
     pattern = [flat[i % len(flat)] for i in range(L * Hkv)]  # cycled over the target's heads
-    counts = kvzip.integer_budgets(pattern, round(ratio * L * Hkv * n_c), n_c)
+    counts = baselines.integer_budgets(pattern, round(ratio * L * Hkv * n_c), n_c)
     return torch.tensor(counts, dtype=torch.int64).view(L, Hkv)
 
 
@@ -331,7 +333,7 @@ def cache_memory(full, n_p: int, n_c: int, counts):
     times L. Each layer's compressed cache is built for real (kvzip.CompressedKV.from_full: packed
     K and V plus the int64 offsets) with that layer's per-head budgets, counted, and freed. What is
     counted is the stored cache, as on a GPU: built with the reference backend, so without the
-    decode plans a CPU cache also holds (kvzip.DecodePlan; the decode row reports their bytes).
+    decode plans a CPU cache also holds (fused.DecodePlan; the decode row reports their bytes).
     """
     L = counts.shape[0]
     compressed = 0
@@ -359,10 +361,10 @@ def full_decode_paths(cache, q, kern) -> dict:
     empty = K.new_empty((Hkv, 0, D))  # no tail: the new token is already each head's last row
     paths["kvzip.packed_attention"] = lambda: kvzip.packed_attention(q, flat_k, flat_v, bounds, empty, empty)
     if q.device.type == "cpu":  # torch's fused CPU attention with each row's log-sum-exp
-        paths["kvzip.packed_attention_fused"] = (
-            lambda: kvzip.packed_attention_fused(q, flat_k, flat_v, bounds, empty, empty))
-        plan = kvzip.DecodePlan(flat_k, flat_v, bounds)
-        paths["kvzip.packed_decode"] = lambda: kvzip.packed_decode(q, flat_k, flat_v, plan, empty, empty)
+        paths["fused.packed_attention_fused"] = (
+            lambda: fused.packed_attention_fused(q, flat_k, flat_v, bounds, empty, empty))
+        plan = fused.DecodePlan(flat_k, flat_v, bounds)
+        paths["fused.packed_decode"] = lambda: fused.packed_decode(q, flat_k, flat_v, plan, empty, empty)
     if kern is not None:
         offsets = torch.tensor(bounds, dtype=torch.int64, device=q.device)
         q3 = q[:, :, 0].contiguous()  # (Hkv, G, D)
@@ -375,14 +377,14 @@ def compressed_decode_path(full, n_p: int, n_c: int, counts, q, k_new, v_new, ke
 
     Returns (name, fn, bytes of K and V read, bytes of the layer's decode plan): fn is
     CompressedKV.attend, which stores the new token in the tail and attends over [kept pairs ;
-    tail] through the project's default decode path for the device (kvzip.packed_decode over the
+    tail] through the project's default decode path for the device (fused.packed_decode over the
     layer's DecodePlan on a CPU, the Triton varlen kernel on CUDA, which needs no plan).
     """
     backend = "auto" if kern is None else "triton"
     ckv = kvzip.CompressedKV.from_full(full, n_p, spread_keep_mask(counts[None], n_c), backend)
     ckv.reserve(1)
     name = ("CompressedKV.attend: kernels.varlen_decode_attention" if kern is not None
-            else "CompressedKV.attend: kvzip.packed_decode")
+            else "CompressedKV.attend: fused.packed_decode")
     nbytes = sum(t.numel() * t.element_size() for t in (ckv.k[0], ckv.v[0], k_new, v_new))
     plan_bytes = ckv.plans[0].nbytes if ckv.plans else 0
     return name, (lambda: ckv.attend(0, q, k_new, v_new)), nbytes, plan_bytes
@@ -532,7 +534,7 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
     inner = 20 if device.type == "cuda" else 1
     med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, inner)
     path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None else
-                                      "kvzip.packed_decode at bits 16, kvzip.packed_attention_fused at 8 and 4")
+                                      "fused.packed_decode at bits 16, fused.packed_attention_fused at 8 and 4")
     decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
               for b in fns]
     return sorted(memory, key=lambda m: (-m["ratio"], -m["bits"])), decode

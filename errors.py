@@ -1,6 +1,7 @@
 """
-errors.py: expected failures, and how every command line reports them. Standard library only, at
-the bottom of the import graph, so that any module can raise InputError and any script can use run().
+errors.py: how every command line reports: its expected failures and its progress. Standard
+library only, at the bottom of the import graph, so that any module can raise InputError and any
+script can use run() and progress().
 
   InputError        bad input from the user (a value, a file, a checkpoint): a ValueError whose
                     message names the argument or file and says what was found
@@ -10,6 +11,7 @@ the bottom of the import graph, so that any module can raise InputError and any 
   ArgumentParser    argparse, but a bad argument is one line on stderr (no usage block), exit 2
   run               a command line's body: an expected failure becomes one line on stderr,
                     `prog: error: message`, and exit code 1; anything else (a bug) keeps its traceback
+  progress          a command's progress line on stderr, `[  12.3 s] message`
   passive_openmp    idle OpenMP threads sleep instead of spinning, for the processes our scripts start
 
 Exit codes: 2 when the command line itself is wrong (ArgumentParser, and the scripts' own checks of
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -104,6 +107,16 @@ def check_folder(path, what: str) -> str | None:
     if not p.is_dir():
         return f"{what} {path}: is a file, expected a folder"
     return None
+
+
+_START = time.perf_counter()  # about when the process started: errors.py is imported first
+
+
+def progress(msg: str):
+    """A command's progress line, `[  12.3 s] msg` (seconds since start), on stderr for every
+    command: stdout holds the results alone, so `python bench.py > report.txt` keeps the report
+    whole, and a terminal still shows both."""
+    print(f"[{time.perf_counter() - _START:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def passive_openmp():

@@ -37,6 +37,7 @@ if DRY:  # the interpreter must be chosen before triton is imported (kvzip impor
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import baselines  # noqa: E402
 import kvzip  # noqa: E402
 import measure  # noqa: E402
 
@@ -91,7 +92,7 @@ def check_decode(shape, device, reps):
     q = torch.randn(Hkv, G, D, generator=g, device=device).to(dtype)  # (Hkv, G, D): the new token
     # uneven per-head budgets that keep `ratio` of the context overall, as KVzip's ranking does
     weights = torch.rand(Hkv, generator=torch.Generator().manual_seed(2)).tolist()
-    kept = kvzip.integer_budgets(weights, round(shape["ratio"] * Hkv * shape["n_keys"]), shape["n_keys"])
+    kept = baselines.integer_budgets(weights, round(shape["ratio"] * Hkv * shape["n_keys"]), shape["n_keys"])
     lengths = [shape["n_prefix"] + n for n in kept]
     k_packed = torch.cat([K[h, :n] for h, n in enumerate(lengths)])  # (N, D), head-major
     v_packed = torch.cat([V[h, :n] for h, n in enumerate(lengths)])

@@ -13,34 +13,32 @@ Map of this file, in pipeline order:
   1. the prompts            - KVzip's instruction before the context, the reconstruction prompts
   2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec);
      chunk_scores_logits    - the paper's softmax-free ablation (max scaled logit), for comparison
-  3. prefill / score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
-     ScoringCache           - the same scores from the forward's own attention (the CPU's fast path)
-     head_scores            - the scores reduced to one per KV head, once per model (save/load_head_scores)
-  4. keep_mask / FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head;
+  3. prefill, score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
+  4. head_scores            - the scores reduced to one per KV head, once per model (save/load_head_scores)
+  5. keep_mask, FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head;
      head_keep_mask         - head-level eviction: whole heads, no reconstruction pass per context
-  5. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
+  6. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
                               in the model's dtype or quantized to int8/int4 (quant.py);
-     packed_attention       - decoding over it, one KV head at a time (the spec); its fused CPU
-                              twins: packed_attention_fused, and packed_decode for one new token
-  6. generate               - greedy answers from a full or compressed cache, which stays unchanged
-  7. a small demo: `python kvzip.py`
-The query-aware baselines that the reuse experiment compares KVzip with are in baselines.py.
-For teaching, explain.py runs this pipeline on a hand-checkable toy model, prints each step on a
-real one, and draws which tokens are kept.
+     packed_attention       - decoding over it, one KV head at a time (the spec)
+  7. generate               - greedy answers from a full or compressed cache, which stays unchanged
+  8. a small demo: `python kvzip.py`
 
 Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
   D    head dim                      n_p  prefix tokens   n_c context tokens
   n_q  tokens of one reconstruction input (prompt + postfix + chunk)
+  T    new tokens of one forward     N    rows of a layer's packed buffer (all KV heads)
 
-The `backend` argument is model.py's one switch between the readable reference code and the fast
-paths ("auto", "reference", "triton"); the fast paths are tested against the reference.
+The fast paths live in their own files and are tested against the code here: fused.py (the CPU's:
+torch's fused attention) and kernels.py (the GPU's: Triton). The `backend` argument, model.py's
+one switch, chooses: "reference" runs this file's readable code, "auto" the fastest tested path
+for the device, "triton" the kernels. The query-aware baselines are in baselines.py; explain.py
+runs this pipeline on a hand-checkable toy model and draws which tokens are kept.
 
 Left out on purpose: batching several contexts.
 """
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import time
@@ -52,8 +50,8 @@ if __name__ == "__main__":  # our own process: before torch loads OpenMP (see er
     errors.passive_openmp()
 
 import torch  # noqa: E402 (after the OpenMP setting above)
-import torch.nn.functional as F  # noqa: E402
 
+import fused  # noqa: E402
 import model as model_lib  # noqa: E402
 import quant  # noqa: E402
 import tasks  # noqa: E402
@@ -243,7 +241,7 @@ class FullKV:
         The returned cache's kept_ratio is the fraction of context pairs actually kept (at head
         level a whole number of heads, so it can differ from ratio by up to half a head).
         """
-        check_bits(bits)
+        quant.check_bits(bits)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}, got {level!r}")
         if level == "head":
@@ -273,7 +271,7 @@ class FullKV:
         """The compressed cache of the context pairs `keep` (bool (L, Hkv, n_c)) selects, prefix
         always kept; prune computes keep from scores, callers with a mask of their own pass it here.
         Its kept_ratio is the fraction of context pairs kept."""
-        check_bits(bits)
+        quant.check_bits(bits)
         ckv = CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
         ckv.kept_ratio = keep.sum().item() / max(1, keep.numel())  # context pairs kept, as a fraction
         return ckv
@@ -300,195 +298,12 @@ class FullKV:
         return self.cache.nbytes
 
 
-BITS = (16, 8, 4)  # bits per stored K/V value of a CompressedKV; 16 = the model's dtype, not quantized
-
-
-def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be 16 (not quantized), 8 or 4, got {bits!r}")
-    return bits
-
-
-def check_ratio(ratio):
-    """A ratio is a Python int or float (numpy's float64 is one) in (0, 1]. A torch tensor is
-    refused rather than converted: float() of a CUDA tensor waits for the GPU, and a tensor here is
-    most often a score or a mean passed by mistake; a bool is refused because True would mean 1.0."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        kind = "torch.Tensor (pass float(ratio))" if torch.is_tensor(ratio) else type(ratio).__name__
-        raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept) as a Python "
-                         f"float, got a {kind}: {ratio!r}")
-    if not 0 < ratio <= 1:  # also refuses nan
-        raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
-
-
-@torch.no_grad()
-def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str | None = None,
-                  scorer: str = "softmax"):
-    """KVzip scores (L, Hkv, n_c) of the context pairs in kv, by context reconstruction; also
-    stored as kv.scores.
-
-    Each chunk's reconstruction input runs through the model on top of the full cache at positions
-    after prefix + context (the model's own attention sees the whole cache as usual). In every layer
-    the `observe` hook scores the chunk's cached keys against the reduced key set
-    K' = [prefix ; chunk ; input]. The input's K/V is removed afterwards: the cache is left as found.
-    backend: default kv.backend. On a CPU, "auto" takes the fused path instead (ScoringCache below:
-    the same scores, from the forward's own attention); "reference" always takes this one.
-    scorer: "softmax" (Eq. 2) or "logits" (the softmax-free ablation, chunk_scores_logits, always
-    on this path with the reference code).
-    """
-    if scorer not in SCORERS:
-        raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    backend = kv.backend if backend is None else backend
-    cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
-    fused = backend == "auto" and m.device.type == "cpu" and scorer == "softmax"
-    scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
-    for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
-        ids = torch.tensor(ids, device=m.device)
-        if fused:
-            m(ids, ScoringCache(cache, n_p, start, end, scores), last_only=True)
-            continue
-
-        def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
-            cached = cache.keys(layer)  # (Hkv, n_p + n_c, D); the input is not stored yet
-            keys = torch.cat([cached[:, :n_p], cached[:, n_p + start:n_p + end], k], dim=1)  # (Hkv, |K'|, D)
-            if scorer == "logits":
-                scores[layer, :, start:end] = chunk_scores_logits(q, keys, n_p, end - start)
-            else:
-                scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
-
-        with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
-            m(ids, cache, last_only=True, observe=observe)
-    kv.scores = scores
-    return scores
-
-
-# The fast path on a CPU: scoring inside the reconstruction forward's own attention.
-#
-# The reference path computes every logit q.k of K' twice: once in the model's attention (which
-# sees the whole cache) and once more in the scorer, which also materializes, masks and normalizes
-# a (G, n_q, |K'|) probability matrix per KV head. But a probability is exp(logit - lse_row), where
-# lse_row is the log-sum-exp of the row's logits over K'. torch's fused CPU attention kernel returns
-# each row's lse beside its output, so the forward's attention can be split over three disjoint key
-# sets, A = [prefix ; chunk] and B = the input's own keys (causal), both in K', and C = the other
-# chunks (not in K'); the output is the exact merge of the three, and logaddexp(lse_A, lse_B) is the
-# lse over K'. The scorer then only needs the chunk columns' logits: S[j] = exp(max_rows(logit - lse)).
-# Measured on the default model (2,000-token context, one CPU thread): scoring 1.3-1.5x a prefill
-# against 3.5-4.9x for the reference path, peak memory +3-6% of the prefill's against +48-54%, and
-# scores within 5e-6 of the reference path (the tests hold it to 1e-5).
-
-_flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def attention_lse(qs, k, v, causal: bool = False, mask=None):
-    """Attention that also returns each row's log-sum-exp, through torch's fused CPU kernel.
-
-    qs (Hkv, G, T, D): queries already divided by sqrt(D) (the kernel runs with scale 1, so its
-    logits are the very numbers qs @ k.T gives, and their rounding cancels in logit - lse);
-    k, v (Hkv, S, D). causal: row t sees keys 0..t (S == T). mask: None, or an additive mask (0 or
-    -inf) in qs's dtype that broadcasts to (Hkv, G, T, S); no row may be wholly -inf (the kernel
-    then returns lse 0, not -inf). The G query heads read their KV head through a stride-0 expand,
-    so K and V are never copied per query head.
-    Returns out (Hkv, G, T, D) and lse (Hkv, G, T) float32 (natural log).
-    """
-    Hkv, G, T, D = qs.shape
-    S = k.shape[1]
-    if mask is not None:
-        mask = mask.expand(Hkv, G, T, S)  # the kernel wants the full shape; a stride-0 view is enough
-    out, lse = _flash_attention_cpu(qs, k[:, None].expand(Hkv, G, S, D), v[:, None].expand(Hkv, G, S, D),
-                                    0.0, causal, attn_mask=mask, scale=1.0)[:2]
-    return out, lse
-
-
-def merge_attention(parts):
-    """Attention over the union of disjoint key sets, from each set's (out, lse): (out, lse).
-    Each part's output is weighted by its share of the total softmax mass, exp(lse_part - lse): a
-    softmax over the parts' lse, taken like any softmax from the largest one, and added up one part
-    at a time: no stack of all the parts' outputs (during scoring each is as large as the layer's
-    attention output), so the merge holds two outputs' worth of memory."""
-    top = torch.stack([l for _, l in parts]).amax(dim=0).unsqueeze(-1)  # (..., 1)
-    out = den = None
-    for o, l in parts:
-        w = torch.exp(l.unsqueeze(-1) - top)  # (..., 1), in (0, 1]
-        out = w * o if out is None else out.addcmul_(w, o)  # (..., D)
-        den = w if den is None else den + w
-    return out / den, (top + torch.log(den)).squeeze(-1)
-
-
-def chunk_scores_from_lse(qs, k_chunk, lse, block: int = 256):
-    """S[h, j] = exp(max over g, t of (qs[h,g,t] . k_chunk[h,j] - lse[h,g,t])): Eq. 2 from each row's
-    log-sum-exp over K', without a probability matrix.
-
-    qs (Hkv, G, n_q, D) scaled queries; k_chunk (Hkv, n_chunk, D); lse (Hkv, G, n_q).
-    One (D+1)-wide product gives logit - lse directly: [qs_t, -lse_t] . [k_j, 1]. Keys go on the
-    long side of the product, (block, D+1) @ (D+1, G*n_q), `block` keys at a time, so the working
-    set is one (block, G*n_q) float32 tile (6 MB for the default model) and the max runs along
-    contiguous memory. A score is exp of a difference of two float32 numbers of the size of the
-    largest logit, so it carries about one ulp of that logit (7.6e-6 at 64), as the Triton kernel
-    does. Returns (Hkv, n_chunk) float32.
-    """
-    Hkv, G, n_q, D = qs.shape
-    n_chunk = k_chunk.shape[1]
-    q_aug = torch.cat([qs.float().reshape(Hkv, G * n_q, D), -lse.reshape(Hkv, G * n_q, 1)], dim=-1)  # (Hkv, G*n_q, D+1)
-    k_aug = torch.cat([k_chunk.float(), k_chunk.new_ones(Hkv, n_chunk, 1, dtype=torch.float32)], dim=-1)  # (Hkv, n_chunk, D+1)
-    best = torch.empty(Hkv, n_chunk, dtype=torch.float32, device=qs.device)
-    for h in range(Hkv):
-        q_t = q_aug[h].T  # (D+1, G*n_q)
-        for j in range(0, n_chunk, block):
-            best[h, j:j + block] = (k_aug[h, j:j + block] @ q_t).amax(dim=-1)  # max of logit - lse
-    return best.exp_()  # (Hkv, n_chunk)
-
-
-class ScoringCache:
-    """Stands in for the full cache while one chunk's reconstruction input runs (it follows the part
-    of the cache protocol that Transformer.forward uses), and scores the chunk on the way.
-
-    In every layer the input's queries attend over the full cache and their own keys as three key
-    sets, each through `attention_lse`: A = [prefix ; chunk i] and B = the input's own keys
-    (causal) make up K'; C = the other chunks. The output merges all three: the same attention as
-    the dense cache's. The lse over K' is logaddexp(lse_A, lse_B), and chunk_scores_from_lse turns
-    it into the chunk's scores, written into scores[layer, :, start:end]. The input's K/V are never
-    stored: the full cache is only read.
-    """
-
-    def __init__(self, cache, n_prefix: int, start: int, end: int, scores):
-        self.cache, self.n_prefix, self.start, self.end, self.scores = cache, n_prefix, start, end, scores
-        self.seq_len = cache.seq_len  # n_p + n_c: the input's positions continue from here
-
-    def reserve(self, n: int):
-        pass  # nothing is stored
-
-    def advance(self, n: int):
-        pass
-
-    def attend(self, layer: int, q, k, v):
-        """q (Hkv, G, T, D); k, v (Hkv, T, D): the input's own. Returns (Hkv, G, T, D)."""
-        K, V = self.cache.keys(layer), self.cache.values(layer)  # (Hkv, n_p + n_c, D)
-        n_p, a, b = self.n_prefix, self.n_prefix + self.start, self.n_prefix + self.end  # chunk rows a..b-1
-
-        def rows(t, spans):  # the rows of t in the given (from, to) spans: a view if they touch
-            pieces = [t[:, i:j] for i, j in spans if j > i]
-            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-        qs = q / math.sqrt(q.shape[-1])  # (Hkv, G, T, D)
-        in_k_prime = [(0, n_p), (a, b)]  # prefix and this chunk
-        A = attention_lse(qs, rows(K, in_k_prime), rows(V, in_k_prime))
-        B = attention_lse(qs, k, v, causal=True)
-        parts = [A, B]
-        others = [(n_p, a), (b, K.shape[1])]  # the chunks before and after this one
-        if any(j > i for i, j in others):
-            parts.append(attention_lse(qs, rows(K, others), rows(V, others)))
-        out, _ = merge_attention(parts)
-        lse = torch.logaddexp(A[1], B[1])  # (Hkv, G, T): over K' only
-        self.scores[layer, :, self.start:self.end] = chunk_scores_from_lse(qs, K[:, a:b], lse)
-        return out.to(q.dtype)
-
-
 @torch.no_grad()
 def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "auto",
             score: bool = True, prefill_chunk: int = 1024, scorer: str = "softmax") -> FullKV:
     """Prefill the template prefix and the context into a full cache, then score it (KVzip).
 
-    backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, the reference scorer on a CPU).
+    backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, fused.ScoringCache on a CPU).
     score=False skips scoring (for the baselines, which score themselves, or to time it apart:
     score_context(m, tok, kv) then scores the same FullKV, and head-level pruning needs no scores).
     scorer: see score_context ("logits": the softmax-free ablation).
@@ -523,8 +338,49 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     return kv
 
 
+@torch.no_grad()
+def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str | None = None,
+                  scorer: str = "softmax"):
+    """KVzip scores (L, Hkv, n_c) of the context pairs in kv, by context reconstruction; also
+    stored as kv.scores.
+
+    Each chunk's reconstruction input runs through the model on top of the full cache at positions
+    after prefix + context (the model's own attention sees the whole cache as usual). In every layer
+    the `observe` hook scores the chunk's cached keys against the reduced key set
+    K' = [prefix ; chunk ; input]. The input's K/V is removed afterwards: the cache is left as found.
+    backend: default kv.backend. On a CPU, "auto" takes the fast path instead (fused.ScoringCache:
+    the same scores, from the forward's own attention); "reference" always takes this one.
+    scorer: "softmax" (Eq. 2) or "logits" (the softmax-free ablation, chunk_scores_logits, always
+    on this path).
+    """
+    if scorer not in SCORERS:
+        raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    backend = kv.backend if backend is None else backend
+    cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
+    fast_cpu = backend == "auto" and m.device.type == "cpu" and scorer == "softmax"
+    scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
+    for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
+        ids = torch.tensor(ids, device=m.device)
+        if fast_cpu:  # the cache only read; scores written from inside the forward's attention
+            m(ids, fused.ScoringCache(cache, n_p, start, end, scores), last_only=True)
+            continue
+
+        def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
+            cached = cache.keys(layer)  # (Hkv, n_p + n_c, D); the input is not stored yet
+            keys = torch.cat([cached[:, :n_p], cached[:, n_p + start:n_p + end], k], dim=1)  # (Hkv, |K'|, D)
+            if scorer == "logits":
+                scores[layer, :, start:end] = chunk_scores_logits(q, keys, n_p, end - start)
+            else:
+                scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
+
+        with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
+            m(ids, cache, last_only=True, observe=observe)
+    kv.scores = scores
+    return scores
+
+
 # -----------------------------------------------------------------------------
-# 3b. Head scores: KVzip's scores reduced to one number per KV head, computed once per model
+# 4. Head scores: KVzip's scores reduced to one number per KV head, computed once per model
 #
 # Head-level eviction (the paper's context-independent variant, in the spirit of DuoAttention)
 # drops the whole context KV of the lowest-ranked heads. The ranking comes from a few calibration
@@ -593,7 +449,20 @@ def load_head_scores(path, m):
 
 
 # -----------------------------------------------------------------------------
-# 4. Eviction
+# 5. Eviction
+
+def check_ratio(ratio):
+    """A ratio is a Python int or float (numpy's float64 is one) in (0, 1]. A torch tensor is
+    refused rather than converted: float() of a CUDA tensor waits for the GPU, and a tensor here is
+    most often a score or a mean passed by mistake; a bool is refused because True would mean 1.0."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        kind = "torch.Tensor (pass float(ratio))" if torch.is_tensor(ratio) else type(ratio).__name__
+        raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept) as a Python "
+                         f"float, got a {kind}: {ratio!r}")
+    if not 0 < ratio <= 1:  # also refuses nan
+        raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
+
+
 
 def keep_mask(scores, ratio: float, uniform: bool = False, layer_budgets=None):
     """Which context pairs to keep: bool (L, Hkv, n_c) with exactly the budgeted count set.
@@ -627,9 +496,9 @@ def keep_mask(scores, ratio: float, uniform: bool = False, layer_budgets=None):
 LEVELS = ("pair", "head")  # eviction granularity of FullKV.prune
 
 
-def head_keep_mask(head_scores, ratio: float, n_c: int):
+def head_keep_mask(hs, ratio: float, n_c: int):
     """Head-level eviction: bool (L, Hkv, n_c), True for every context position of the
-    k = round(ratio * L * Hkv) heads with the highest head scores, False for the others.
+    k = round(ratio * L * Hkv) heads with the highest head scores hs (L, Hkv), False for the others.
 
     It is keep_mask's global ranking with every position of a head given its head's score: the
     kept count k * n_c is a whole number of heads, and a stable sort over the flat (layer, head,
@@ -638,50 +507,19 @@ def head_keep_mask(head_scores, ratio: float, n_c: int):
     threshold the global ranking.)
     """
     check_ratio(ratio)
-    if not torch.is_tensor(head_scores) or head_scores.dim() != 2:
+    if not torch.is_tensor(hs) or hs.dim() != 2:
         raise ValueError(f"head_scores must be a (n_layer, n_kv_head) tensor, got "
-                         f"{tuple(head_scores.shape) if torch.is_tensor(head_scores) else type(head_scores).__name__}")
-    L, Hkv = head_scores.shape
+                         f"{tuple(hs.shape) if torch.is_tensor(hs) else type(hs).__name__}")
+    L, Hkv = hs.shape
     k = round(ratio * (L * Hkv))  # whole heads
     if k == 0 or n_c == 0:
-        return torch.zeros(L, Hkv, n_c, dtype=torch.bool, device=head_scores.device)
-    per_pair = head_scores.float()[:, :, None].expand(L, Hkv, n_c)  # (L, Hkv, n_c)
+        return torch.zeros(L, Hkv, n_c, dtype=torch.bool, device=hs.device)
+    per_pair = hs.float()[:, :, None].expand(L, Hkv, n_c)  # (L, Hkv, n_c)
     return keep_mask(per_pair, k / (L * Hkv))  # round(k / (L*Hkv) * L*Hkv*n_c) = k * n_c pairs
 
 
-def integer_budgets(weights, total: int, cap: int) -> list[int]:
-    """Split `total` kept pairs over len(weights) groups (layers, heads) in proportion to weights,
-    at most `cap` per group: integers that sum exactly to total.
-
-    A group whose share would exceed cap is capped and its excess spread over the others, again in
-    proportion to their weights (water-filling); then largest-remainder rounding, ties to the lower
-    index. Groups of zero total weight share evenly. Used by PyramidKV's layer budgets
-    (baselines.py) and by the benchmark's per-head budgets (bench.py).
-    """
-    n = len(weights)
-    if not 0 <= total <= n * cap:
-        raise ValueError(f"cannot split {total} pairs over {n} groups of at most {cap}")
-    capped = [False] * n
-    while True:  # at most n rounds: each one caps at least one more group
-        free = total - cap * sum(capped)
-        weight = sum(w for w, c in zip(weights, capped) if not c)
-        n_free = n - sum(capped)
-        share = [cap if c else free * w / weight if weight > 0 else free / n_free
-                 for w, c in zip(weights, capped)]
-        over = [not c and x > cap for x, c in zip(share, capped)]
-        if not any(over):
-            break
-        capped = [c or o for c, o in zip(capped, over)]
-    budgets = [min(cap, math.floor(x)) for x in share]
-    for i in sorted(range(n), key=lambda i: budgets[i] - share[i]):  # largest remainder first; stable
-        if sum(budgets) < total and budgets[i] < cap:
-            budgets[i] += 1
-    assert sum(budgets) == total, (budgets, total)
-    return budgets
-
-
 # -----------------------------------------------------------------------------
-# 5. The packed compressed cache
+# 6. The packed compressed cache
 
 class CompressedKV:
     """KV pairs kept after eviction, packed per layer; decodes new tokens without copying itself.
@@ -691,11 +529,10 @@ class CompressedKV:
                              offsets[l][h+1] - 1 belong to KV head h, in increasing position
                              (the n_p prefix pairs first, then that head's kept context pairs)
       offsets[l]  (Hkv + 1,) int64 cumulative row counts; lengths differ between heads
-    Decoding: the Triton varlen kernel for single tokens (backend "triton", or "auto" on CUDA);
-    packed_attention (the readable reference, backend "reference"); on a CPU with backend "auto",
-    torch's fused attention: packed_decode for single tokens of a 16-bit cache (all heads in one
-    call, through each layer's DecodePlan, `plans`, built with the cache), packed_attention_fused
-    (a call per head) otherwise. All are tested against the reference.
+    Decoding (`attend`): packed_attention below is the spec (backend "reference"); "auto" takes
+    the fast path for the device: on CUDA the Triton varlen kernel for single tokens (kernels.py),
+    on a CPU torch's fused attention (fused.py; a 16-bit cache builds one fused.DecodePlan per
+    layer, `plans`, with the cache, so that one new token attends over all heads in one call).
     bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: they are
     quant.Quantized blocks (uint8 codes, int4 two per byte, plus an fp16 scale and zero per group
     of 32 values of a row); decoding dequantizes one head's rows at a time (packed_attention) or
@@ -706,13 +543,10 @@ class CompressedKV:
     dropped again by `truncate`). `truncate` back to the context drops them, so the same
     compressed cache serves the next query.
 
-    Memory: `nbytes` counts the packed K and V, the offsets, the decode plans if any (0.9% of
-    the packed bytes at bench.py's Llama-3.1-8B layer, 1.7% for the default model; see
-    DecodePlan), and the n_tail tail rows in use. The
-    tail buffers are allocated by `reserve` (room for a query and its answer, grown by doubling)
-    and released when `truncate` returns to the context (n_tail = 0): between queries the cache
-    holds exactly nbytes, however long the last query was. (Keeping the buffer for the next query
-    would save one small allocation per query, and hold memory that nbytes does not report.)
+    Memory: `nbytes` counts the packed K and V, the offsets, the decode plans if any, and the
+    n_tail tail rows in use. The tail buffers are allocated by `reserve` (room for a query and its
+    answer, grown by doubling) and released when `truncate` returns to the context (n_tail = 0):
+    between queries the cache holds exactly nbytes, however long the last query was.
     """
 
     def __init__(self, k, v, offsets, base_len: int, backend: str = "auto"):
@@ -727,16 +561,16 @@ class CompressedKV:
         self.tail_k = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
         self.tail_v = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
         model_lib.check_backend(backend)
-        self.backend = backend  # decode path: packed_attention, or the Triton varlen kernel (see attend)
-        self.plans = None  # per layer, the DecodePlan of the CPU's single-token path (see attend)
+        self.backend = backend  # the decode path (see attend)
+        self.plans = None  # per layer, the fused.DecodePlan of the CPU's single-token path
         if backend == "auto" and device.type == "cpu" and self.bits == 16:
-            self.plans = [DecodePlan(kl, vl, b) for kl, vl, b in zip(k, v, self._bounds)]
+            self.plans = [fused.DecodePlan(kl, vl, b) for kl, vl, b in zip(k, v, self._bounds)]
 
     @classmethod
     def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto", bits: int = 16):
         """Gather the kept rows of a dense cache, stored in its dtype (bits=16) or quantized
         (bits=8 or 4, see quant.quantize). keep: bool (L, Hkv, n_c)."""
-        check_bits(bits)
+        quant.check_bits(bits)
         L, Hkv, n_c = keep.shape
         prefix = torch.ones(Hkv, n_prefix, dtype=torch.bool, device=keep.device)
         ks, vs, offs = [], [], []
@@ -778,10 +612,10 @@ class CompressedKV:
                 q[:, :, 0], self.k[layer], self.v[layer], self.offsets[layer], tk, tv,
                 offsets_host=self._bounds[layer])  # (Hkv, G, D)
             return out.unsqueeze(2)
-        if self.backend == "auto" and q.device.type == "cpu":
+        if self.backend == "auto" and q.device.type == "cpu":  # the CPU's fast paths
             if T == 1 and self.plans is not None:
-                return packed_decode(q, self.k[layer], self.v[layer], self.plans[layer], tk, tv)
-            return packed_attention_fused(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
+                return fused.packed_decode(q, self.k[layer], self.v[layer], self.plans[layer], tk, tv)
+            return fused.packed_attention_fused(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
     def advance(self, n: int):
@@ -799,7 +633,7 @@ class CompressedKV:
     def nbytes(self) -> int:
         """Bytes held for the context: packed K and V (quantized: codes, scales and zeros), the
         offsets, the decode plans (a CPU cache in the model's dtype), and any new tokens' K/V."""
-        packed = sum(stored_bytes(t) for t in self.k + self.v + self.offsets)
+        packed = sum(quant.nbytes(t) for t in self.k + self.v + self.offsets)
         plans = sum(p.nbytes for p in self.plans or [])
         tail = sum(t[:, :self.n_tail].numel() * t.element_size() for t in self.tail_k + self.tail_v)
         return packed + plans + tail
@@ -807,19 +641,6 @@ class CompressedKV:
     def head_lengths(self):
         """Kept pairs per (layer, KV head), prefix included: (L, Hkv) int64."""
         return torch.stack([o.diff() for o in self.offsets])
-
-
-def stored_bytes(x) -> int:
-    """Bytes of a tensor, or of a quant.Quantized block (codes + scales + zeros)."""
-    return quant.nbytes(x) if isinstance(x, quant.Quantized) else x.numel() * x.element_size()
-
-
-def packed_rows(x, start: int, end: int, dtype):
-    """Rows start .. end - 1 of a packed buffer as floats (end - start, D): a view of a tensor, or
-    just these rows of a quant.Quantized block dequantized (one head, never the whole cache)."""
-    if isinstance(x, quant.Quantized):
-        return quant.dequantize_rows(x, start, end, dtype)
-    return x[start:end]
 
 
 def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
@@ -839,8 +660,8 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
     causal = (torch.arange(n_tail, device=q.device)[None, :] > t).repeat(G, 1)  # (G*T, n_tail), row g*T + t
     out = torch.empty_like(q)
     for h in range(Hkv):
-        kh = packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
-        vh = packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        kh = quant.packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
+        vh = quant.packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
         qh = q[h].reshape(G * T, D) / math.sqrt(D)  # scale the few query rows, not the n_h logits
         # keys on the long side of the product: (n_h, D) @ (D, G*T) is a much faster GEMM shape on
         # a CPU than (G*T, D) @ (D, n_h) (measured 3.6x for n_h = 35k, G*T = 4), same numbers
@@ -852,185 +673,8 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
     return out
 
 
-def packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v):
-    """packed_attention through torch's fused CPU attention: same arguments, same result.
-
-    The keys are split into disjoint sets; `attention_lse` gives each set's attention with its row
-    log-sum-exps, and `merge_attention` joins them exactly, once, at the end:
-      - the tail: its older rows (seen by every new row) and the T new rows (causal);
-      - each head's kept rows, with the group's G query heads folded into G * T rows of one head,
-        so that each K/V row is read once for the whole group. One new token (decode) has only G
-        rows per head, too few to share among threads, so each head's rows are cut into `pieces`
-        equal pieces, each a "head" of one call (views, no copy); the n_h % pieces rows left over
-        are one-key sets (a single key's lse is its logit, its output its value row).
-    Few torch calls on purpose: under OMP_WAIT_POLICY=PASSIVE (the command lines set it) each call
-    that runs on several threads first wakes them, 0.1-0.2 ms on the project's 2-core machine. So
-    there is one call per head, one for the tail and one merge: about 3 ms of fixed cost per layer
-    (8 KV heads) against 4-5.5 ms when each head was merged on its own and its leftover rows had a
-    call of their own, and 0.2-0.3 ms for the full cache's single SDPA call. See bench.py's decode
-    row for the time at the Llama-3.1-8B geometry.
-    Returns (Hkv, G, T, D).
-    """
-    Hkv, G, T, D = q.shape
-    qs = q / math.sqrt(D)  # (Hkv, G, T, D)
-    parts = []  # (out (Hkv, G, T, D), lse (Hkv, G, T)) of disjoint key sets
-    n_tail = tail_k.shape[1]  # 0 only when the new tokens' K/V are already packed rows (bench.py)
-    if n_tail:
-        n_old = n_tail - T  # tail rows from earlier calls: visible to every new row
-        parts.append(attention_lse(qs, tail_k[:, n_old:], tail_v[:, n_old:], causal=T > 1))
-        if n_old:
-            parts.append(attention_lse(qs, tail_k[:, :n_old], tail_v[:, :n_old]))
-    # one token: two pieces per thread, so that a thread done early takes another (measured 5%
-    # faster than one per thread at 124k keys); many rows already keep every thread busy
-    pieces = 2 * torch.get_num_threads() if T == 1 else 1
-    outs, lses, left_k, left_v = [], [], [], []
-    for h in range(Hkv):
-        kh = packed_rows(k_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
-        vh = packed_rows(v_packed, bounds[h], bounds[h + 1], q.dtype)  # (n_h, D)
-        size = kh.shape[0] // pieces  # rows per piece
-        rows = qs[h].reshape(1, 1, G * T, D).expand(pieces, 1, G * T, D)  # the group as rows of one head
-        if size:
-            o, l = attention_lse(rows, kh[:pieces * size].view(pieces, size, D),
-                                 vh[:pieces * size].view(pieces, size, D))  # (pieces, 1, G*T, D), (pieces, 1, G*T)
-        else:  # fewer rows than pieces: all of them are left over
-            o, l = rows.new_zeros(rows.shape), torch.full(rows.shape[:-1], -math.inf, device=q.device)
-        outs.append(o)
-        lses.append(l)
-        left_k.append(kh[pieces * size:])  # (n_h % pieces, D)
-        left_v.append(vh[pieces * size:])
-    out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # (pieces, Hkv, G*T, D), (pieces, Hkv, G*T)
-    parts += zip(out.view(pieces, Hkv, G, T, D), lse.view(pieces, Hkv, G, T))
-    n_left = [len(k) for k in left_k]
-    if any(n_left):  # T == 1 here: with one piece nothing is left over
-        L = pieces - 1  # at most L rows per head, padded to L with empty (-inf) sets
-        lk = torch.stack([F.pad(k, (0, 0, 0, L - len(k))) for k in left_k])  # (Hkv, L, D)
-        lv = torch.stack([F.pad(v, (0, 0, 0, L - len(v))) for v in left_v])  # (Hkv, L, D)
-        logit = (qs[:, :, 0, None] * lk[:, None]).sum(-1).float()  # (Hkv, G, L): a lone key's lse
-        real = torch.arange(L, device=q.device) < torch.tensor(n_left, device=q.device)[:, None]  # (Hkv, L)
-        logit = logit.masked_fill(~real[:, None], -math.inf)
-        parts += [(lv[:, None, i, None].expand(Hkv, G, 1, D), logit[:, :, i, None]) for i in range(L)]
-    return merge_attention(parts)[0].to(q.dtype)
-
-
-# One new token over a layer's packed rows in one fused call: the CPU's decode step (16-bit caches).
-#
-# packed_attention_fused makes a call per KV head, because heads keep different numbers of rows and
-# one call takes equal pieces of one tensor. Each call has a fixed cost: under
-# OMP_WAIT_POLICY=PASSIVE its threads are woken first, and they wait for each other at its end;
-# on the project's 2-core machine 8 calls over 8 heads' rows took 1.7-3 ms longer than one call
-# over the same rows, about a tenth of a decode step at bench.py's geometry. A compressed layer's
-# packed rows never change, so they are cut once, when the cache is built, into equal pieces that
-# ignore head boundaries (a DecodePlan), and every decode step attends over all heads' rows in one
-# call (plus one for the few rows the pieces leave out, and one for the tail).
-
-DECODE_PIECES = 256  # pieces per layer: enough to keep any thread count busy, few enough to merge cheaply
-EXTRA_ROWS = 32  # rows per extra piece (see DecodePlan)
-
-
-def plan_piece_size(bounds, n_pieces: int) -> int:
-    """The piece size s of a DecodePlan over rows 0 .. N - 1, N = bounds[-1]: the size from N // n_pieces
-    to 25% above it that leaves the fewest rows to the plan's extra pieces. A head boundary at row b
-    inside a piece hands the smaller side of the piece, min(b % s, s - b % s) rows, to an extra
-    piece; so do the N % s rows past the last piece."""
-    N = bounds[-1]
-    lo = max(1, N // n_pieces)
-    left_over = lambda s: sum(min(b % s, s - b % s) for b in bounds[1:-1]) + N % s  # noqa: E731
-    return min(range(lo, lo + lo // 4 + 1), key=left_over)
-
-
-class DecodePlan:
-    """How one new token attends over a layer's packed rows (N, D), cut once into equal pieces.
-
-    Piece p is rows p*s .. p*s + s - 1 of the packed buffer, a view (no copy), p < P = N // s. The
-    query heads of the KV head owning the piece's middle row attend over it (`heads`, (P,)). Where
-    a head boundary falls inside a piece, the other heads' rows in it are hidden from those queries
-    by -inf in `mask` (P, s), and copied into extra pieces of at most EXTRA_ROWS rows of one head
-    each (`extra_k`, `extra_v` (E, L, D), zero-padded to L rows and hidden again by `extra_mask`
-    (E, L); their heads `extra_heads` (E,)). The N - P*s rows past the last piece go to extra
-    pieces too. So every packed row is attended exactly once, by its own head's queries.
-    Memory (`nbytes`, which CompressedKV.nbytes counts): the mask, 1/(2D) of the layer's K and V
-    bytes in the same dtype (0.4% at D = 128), and the copied rows, which the choice of s keeps few
-    (0.9% in all at bench.py's decode layer: 124k tokens, ratio 0.3, Llama-3.1-8B geometry).
-    """
-
-    def __init__(self, k_packed, v_packed, bounds, n_pieces: int = DECODE_PIECES):
-        N, D = bounds[-1], k_packed.shape[1]
-        s = plan_piece_size(bounds, n_pieces)
-        P = N // s
-        head_of = lambda row: bisect.bisect_right(bounds, row) - 1  # noqa: E731 (empty heads are skipped)
-        heads = [head_of(p * s + s // 2) for p in range(P)]
-        mask = torch.zeros(P, s, dtype=k_packed.dtype, device=k_packed.device)
-        runs = []  # (head, first row, end row): the rows for the extra pieces
-        for h in range(len(bounds) - 1):
-            a, b = bounds[h], bounds[h + 1]
-            if a == b:  # a head that kept nothing
-                continue
-            for p in range(a // s, min(P, (b - 1) // s + 1)):  # the pieces holding rows of head h
-                if heads[p] != h:
-                    lo, hi = max(a, p * s), min(b, p * s + s)
-                    mask[p, lo - p * s:hi - p * s] = -math.inf
-                    runs.append((h, lo, hi))
-            if b > P * s:  # rows past the last piece
-                runs.append((h, max(a, P * s), b))
-        # the runs in extra pieces of at most EXTRA_ROWS rows: the zero padding stays short
-        extra = [(h, a, min(hi, a + EXTRA_ROWS)) for h, lo, hi in runs for a in range(lo, hi, EXTRA_ROWS)]
-        L = min(EXTRA_ROWS, max([hi - lo for _, lo, hi in runs], default=0))
-        self.extra_k = k_packed.new_zeros(len(extra), L, D)
-        self.extra_v = v_packed.new_zeros(len(extra), L, D)
-        self.extra_mask = torch.full((len(extra), L), -math.inf, dtype=k_packed.dtype, device=k_packed.device)
-        for i, (_, lo, hi) in enumerate(extra):
-            self.extra_k[i, :hi - lo] = k_packed[lo:hi]
-            self.extra_v[i, :hi - lo] = v_packed[lo:hi]
-            self.extra_mask[i, :hi - lo] = 0
-        self.size, self.n_pieces, self.mask = s, P, mask
-        self.heads = torch.tensor(heads, dtype=torch.int64, device=k_packed.device)  # (P,)
-        self.extra_heads = torch.tensor([h for h, _, _ in extra], dtype=torch.int64, device=k_packed.device)  # (E,)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.mask, self.heads, self.extra_k, self.extra_v, self.extra_mask, self.extra_heads))
-
-
-def merge_by_head(out, lse, head, n_heads: int):
-    """merge_attention for many parts that each belong to one of n_heads heads, in a few ops:
-    out (M, R, D), lse (M, R), head (M,) -> (n_heads, R, D). Each part's weight is its softmax
-    mass relative to the largest lse of its head; a (n_heads, M) 0/1 matrix sums each head's parts."""
-    M, R = lse.shape
-    top = torch.full((n_heads, R), -math.inf, device=lse.device).scatter_reduce(
-        0, head[:, None].expand(M, R), lse, "amax")  # (n_heads, R): each head's largest lse
-    w = torch.exp(lse - top[head])  # (M, R), in (0, 1]
-    onehot = (head[None, :] == torch.arange(n_heads, device=head.device)[:, None]).to(w.dtype)  # (n_heads, M)
-    num = onehot @ (w[:, :, None] * out.float()).reshape(M, -1)  # (n_heads, R * D)
-    return num.view(n_heads, R, -1) / (onehot @ w)[..., None]
-
-
-def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
-    """packed_attention for one new token (T == 1) over a DecodePlan of the packed rows: one fused
-    call over the plan's P pieces, one over its extra pieces, one over the tail, one merge.
-    q (Hkv, G, 1, D); k_packed, v_packed (N, D) tensors; tail_k, tail_v (Hkv, n_tail, D), the new
-    token's row included. Returns (Hkv, G, 1, D)."""
-    Hkv, G, _, D = q.shape
-    qs = q.view(Hkv, G, D) / math.sqrt(D)
-    P, s = plan.n_pieces, plan.size
-    parts = []  # (out (n, G, D), lse (n, G), head (n,)) of disjoint key sets
-    if P:  # the G query rows of each piece's head, as the rows of one head: qs[heads] (P, 1, G, D)
-        o, l = attention_lse(qs[plan.heads][:, None], k_packed[:P * s].view(P, s, D),
-                             v_packed[:P * s].view(P, s, D), mask=plan.mask[:, None, None])  # (P, 1, G, D), (P, 1, G)
-        parts.append((o[:, 0], l[:, 0], plan.heads))
-    if len(plan.extra_heads):
-        o, l = attention_lse(qs[plan.extra_heads][:, None], plan.extra_k, plan.extra_v,
-                             mask=plan.extra_mask[:, None, None])  # (E, 1, G, D), (E, 1, G)
-        parts.append((o[:, 0], l[:, 0], plan.extra_heads))
-    if tail_k.shape[1]:
-        o, l = attention_lse(qs[:, None], tail_k, tail_v)  # (Hkv, 1, G, D), (Hkv, 1, G)
-        parts.append((o[:, 0], l[:, 0], torch.arange(Hkv, device=q.device)))
-    out = merge_by_head(*(torch.cat(x) for x in zip(*parts)), Hkv)  # (Hkv, G, D)
-    return out.to(q.dtype).view(Hkv, G, 1, D)
-
-
 # -----------------------------------------------------------------------------
-# 6. Answering queries from a (compressed) cache
+# 7. Answering queries from a (compressed) cache
 
 def query_ids(tok, query: str, template: bool = True) -> list[int]:
     """A query as token ids: "\\n\\n" + query, then the assistant postfix, each encoded on its own;
@@ -1070,7 +714,7 @@ def generate(m, tok, query: str, kv, max_new_tokens: int = 64, template: bool = 
 
 
 # -----------------------------------------------------------------------------
-# 7. Demo
+# 8. Demo
 
 # The default demo: pass keys hidden in ~1000 tokens of seeded filler (tasks.needle_task), asked
 # as completion probes ("The pass key for the red door is"). Seed 4 is the first seed whose four
@@ -1086,6 +730,60 @@ def _first_line(text: str, width: int = 72) -> str:
     lines = [x.strip() for x in text.splitlines() if x.strip()]
     line = lines[0] if lines else ""
     return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def _demo_probes(args, tok, context):
+    """(context, what it is, [(query, expected answer or None)], template) for the demo's arguments;
+    context: the text of --context, or None for the built-in one."""
+    if context is None:
+        task = tasks.needle_task(**DEMO_TASK, tok=tok)
+        about = (f"seeded filler with {DEMO_TASK['n_needles']} pass keys hidden in it "
+                 f"(tasks.needle_task, seed {DEMO_TASK['seed']})")
+        if args.query:  # questions about the built-in context, in the chat template; no answer key
+            return task["context"], about, [(q, None) for q in args.query], True
+        return task["context"], about, task["probes"], False  # completion probes, each with its key
+    queries = args.query or ["Summarize the context in one sentence."]
+    return context, args.context, [(q, None) for q in queries], True
+
+
+def _print_sizes(m, kv, ckv, ratio: float):
+    """The full and compressed cache's bytes, and why the compressed share is not the ratio."""
+    n_p, n_c = kv.n_prefix, kv.n_context
+    L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
+    kept = round(ratio * L * Hkv * n_c)  # context pairs kept by the global ranking
+    rows = (kept + L * Hkv * n_p) / (L * Hkv * (n_p + n_c))  # the prefix is never evicted
+    plans = sum(p.nbytes for p in ckv.plans or [])  # the CPU's decode plans (fused.DecodePlan)
+    print(f"KV cache: full {kv.nbytes / 2**20:.2f} MiB; compressed at ratio {ratio}: "
+          f"{ckv.nbytes / 2**20:.2f} MiB ({ckv.nbytes / kv.nbytes:.1%} of the bytes)")
+    print(f"  why not {ratio:.0%}: the ratio counts context pairs only; the {n_p}-token prefix (chat "
+          f"template + KVzip's instruction) is never evicted, so {rows:.1%} of the rows stay "
+          f"(({kept:,} + {L * Hkv * n_p:,} prefix) of {L * Hkv * (n_p + n_c):,}), plus the per-head offsets"
+          + (f" and the decode plans ({plans / 2**20:.2f} MiB, see fused.DecodePlan)" if plans else ""))
+
+
+def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_tokens: int, ratio: float):
+    """Each probe answered from both caches ({"full": kv, "compressed": ckv}), marked right or
+    WRONG where the expected answer is known; otherwise whether the first answer lines agree."""
+    n_right = dict.fromkeys(caches, 0)
+    for i, (q, expected) in enumerate(probes):
+        errors.progress(f"answering {i + 1}/{len(probes)} from both caches")
+        print(f"Q: {q}" + (f"   (expected {expected})" if expected else ""))
+        answers = {}
+        for name, cache in caches.items():
+            answers[name] = generate(m, tok, q, cache, max_new_tokens, template=template)
+            mark = ""
+            if expected:
+                right = tasks.check_answer(answers[name], expected)
+                n_right[name] += right
+                mark = "   right" if right else "   WRONG"
+            print(f"  {name + ' cache':<16}: {_first_line(answers[name])}{mark}")
+        if not expected:
+            same = tasks.first_line(answers["full"]) == tasks.first_line(answers["compressed"])
+            print(f"  {'':<16}  (first lines {'agree' if same else 'differ'})")
+    n_scored = sum(1 for _, e in probes if e)
+    if n_scored:
+        print(f"\nright: full cache {n_right['full']}/{n_scored}, compressed cache "
+              f"{n_right['compressed']}/{n_scored} at ratio {ratio}")
 
 
 def main(argv=None):
@@ -1112,70 +810,23 @@ def main(argv=None):
     if args.context:
         context = errors.read_text(args.context, "--context")  # UTF-8, not empty; else one line
 
-    t0 = time.perf_counter()
-
-    def progress(msg):  # the slow steps; on stdout, so that stderr holds only an error's one line
-        print(f"[{time.perf_counter() - t0:5.1f} s] {msg}", flush=True)
-
     m, tok = model_lib.load(args.model)  # fails in one line for a broken checkpoint, before any output
-    progress("model loaded")
-    if context is None:
-        task = tasks.needle_task(**DEMO_TASK, tok=tok)
-        context = task["context"]
-        about = (f"seeded filler with {DEMO_TASK['n_needles']} pass keys hidden in it "
-                 f"(tasks.needle_task, seed {DEMO_TASK['seed']})")
-        if args.query:  # questions about the built-in context, in the chat template; no answer key
-            probes, template = [(q, None) for q in args.query], True
-        else:
-            probes, template = task["probes"], False  # completion probes, each with its key
-    else:
-        about = args.context
-        queries = args.query or ["Summarize the context in one sentence."]
-        probes, template = [(q, None) for q in queries], True
-
-    progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
-    t1 = time.perf_counter()
+    errors.progress("model loaded")
+    context, about, probes, template = _demo_probes(args, tok, context)
+    errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
+    t0 = time.perf_counter()
     try:
         kv = prefill(m, tok, context)
     except InputError as e:  # too long for this model: name the file it came from
         raise InputError(f"--context {args.context}: {e}" if args.context else str(e)) from None
-    t_prefill = time.perf_counter() - t1
+    t_prefill = time.perf_counter() - t0
     ckv = kv.prune(args.ratio)
-    n_p, n_c = kv.n_prefix, kv.n_context
-    L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
-    kept = round(args.ratio * L * Hkv * n_c)  # context pairs kept by the global ranking
-    rows = (kept + L * Hkv * n_p) / (L * Hkv * (n_p + n_c))  # the prefix is never evicted
-    plans = sum(p.nbytes for p in ckv.plans or [])  # the CPU's decode plans (DecodePlan)
-    print(f"context: {n_c} tokens, {about}")
-    print(f"KV cache: full {kv.nbytes / 2**20:.2f} MiB; compressed at ratio {args.ratio}: "
-          f"{ckv.nbytes / 2**20:.2f} MiB ({ckv.nbytes / kv.nbytes:.1%} of the bytes)")
-    print(f"  why not {args.ratio:.0%}: the ratio counts context pairs only; the {n_p}-token prefix (chat "
-          f"template + KVzip's instruction) is never evicted, so {rows:.1%} of the rows stay "
-          f"(({kept:,} + {L * Hkv * n_p:,} prefix) of {L * Hkv * (n_p + n_c):,}), plus the per-head offsets"
-          + (f" and the decode plans ({plans / 2**20:.2f} MiB, see DecodePlan)" if plans else ""))
+    print(f"context: {kv.n_context} tokens, {about}")
+    _print_sizes(m, kv, ckv, args.ratio)
     print()
-
-    n_right = {"full": 0, "compressed": 0}
-    for i, (q, expected) in enumerate(probes):
-        progress(f"answering {i + 1}/{len(probes)} from both caches")
-        print(f"Q: {q}" + (f"   (expected {expected})" if expected else ""))
-        answers = {}
-        for name, cache in (("full", kv), ("compressed", ckv)):
-            answers[name] = generate(m, tok, q, cache, args.max_new_tokens, template=template)
-            mark = ""
-            if expected:
-                right = tasks.check_answer(answers[name], expected)
-                n_right[name] += right
-                mark = "   right" if right else "   WRONG"
-            print(f"  {name + ' cache':<16}: {_first_line(answers[name])}{mark}")
-        if not expected:
-            same = tasks.first_line(answers["full"]) == tasks.first_line(answers["compressed"])
-            print(f"  {'':<16}  (first lines {'agree' if same else 'differ'})")
-    n_scored = sum(1 for _, e in probes if e)
-    if n_scored:
-        print(f"\nright: full cache {n_right['full']}/{n_scored}, compressed cache "
-              f"{n_right['compressed']}/{n_scored} at ratio {args.ratio}")
-    progress(f"done (prefill and scoring {t_prefill:.1f} s)")
+    _compare_answers(m, tok, {"full": kv, "compressed": ckv}, probes, template=template,
+                     max_new_tokens=args.max_new_tokens, ratio=args.ratio)
+    errors.progress(f"done (prefill and scoring {t_prefill:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Map of this file:
   2. quantize                  - group-wise asymmetric min-max along the head dimension -> Quantized
   3. dequantize, dequantize_rows - back to floats: the whole block, or a row range (one KV head)
   4. pack_int4, unpack_int4    - two 4-bit codes per byte, low nibble first
-  5. nbytes                    - exact bytes held: codes + scales + zeros
+  5. packed_rows, nbytes       - a packed buffer (a tensor or a Quantized block) as its callers
+                                 see it: a row range as floats, and the exact bytes it holds
 
 The scheme. A packed buffer k or v (N, D) holds the kept rows of all KV heads, head-major. Each row
 (one token of one head) is split into D / group groups of `group` consecutive values along D, and
@@ -79,7 +80,7 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = (8, 4)  # 16 bits means "not quantized": the caller keeps the floats and never calls here
+BITS = (16, 8, 4)  # bits per stored K/V value of a compressed cache; 16 = the model's dtype, not quantized
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: scale and zero must fit in fp16
 
@@ -103,10 +104,13 @@ class Quantized:
         return self.data.shape[0], self.data.shape[1] * (8 // self.bits)
 
 
-def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be 8 or 4 to quantize (16, i.e. not quantized, is left to the "
-                         f"caller), got {bits!r}")
+def check_bits(bits, quantized: bool = False) -> int:
+    """bits per stored K/V value: one of BITS; quantized=True (what quantize accepts): 8 or 4."""
+    allowed = (8, 4) if quantized else BITS
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        what = ("8 or 4 to quantize (16, i.e. not quantized, is left to the caller)" if quantized
+                else "16 (not quantized), 8 or 4")
+        raise ValueError(f"bits must be {what}, got {bits!r}")
     return bits
 
 
@@ -137,7 +141,7 @@ def round_fp16(v: torch.Tensor, up: bool) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, bits: int, group: int = 32) -> Quantized:
     """Group-wise asymmetric min-max quantization of x (N, D) along D; bits 8 or 4."""
-    bits = check_bits(bits)
+    bits = check_bits(bits, quantized=True)
     if x.ndim != 2 or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a 2-D float32/bfloat16/float16 tensor, got {x.dtype} {tuple(x.shape)}")
     N, D = x.shape
@@ -201,8 +205,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# 5. Size
+# 5. A packed buffer as its callers see it: a tensor, or a Quantized block
 
-def nbytes(qx: Quantized) -> int:
-    """Exact bytes of the codes, scales and zeros (what the compressed cache holds for this block)."""
-    return sum(t.numel() * t.element_size() for t in (qx.data, qx.scale, qx.zero))
+def packed_rows(x, start: int, end: int, dtype) -> torch.Tensor:
+    """Rows start .. end - 1 of a packed buffer as floats (end - start, D): a view of a tensor, or
+    just these rows of a Quantized block dequantized (one head, never the whole cache)."""
+    if isinstance(x, Quantized):
+        return dequantize_rows(x, start, end, dtype)
+    return x[start:end]
+
+
+def nbytes(x) -> int:
+    """Exact bytes held: a tensor's, or a Quantized block's codes, scales and zeros."""
+    if isinstance(x, Quantized):
+        return sum(t.numel() * t.element_size() for t in (x.data, x.scale, x.zero))
+    return x.numel() * x.element_size()

@@ -40,6 +40,7 @@ import torch  # noqa: E402 (after the OpenMP setting above)
 
 import baselines  # noqa: E402
 import kvzip  # noqa: E402
+import quant  # noqa: E402
 import model as model_lib  # noqa: E402
 import tasks  # noqa: E402
 
@@ -337,7 +338,7 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
     quantized = tuple((r, bits) for r, bits in quantized)
     for r, bits in quantized:
         kvzip.check_ratio(r)
-        kvzip.check_bits(bits)
+        quant.check_bits(bits)
     t0 = time.perf_counter()
 
     def log(msg):  # progress goes to stderr, so stdout stays the table / JSON

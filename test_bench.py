@@ -161,7 +161,7 @@ def test_decode_paths_agree():
     full.k[0][:, n_p + n_c] = k_new[:, 0]
     full.v[0][:, n_p + n_c] = v_new[:, 0]
     outs = {name: fn() for name, fn in bench.full_decode_paths(full, q, None).items()}
-    assert {"kvzip.packed_attention", "kvzip.packed_attention_fused", "kvzip.packed_decode",
+    assert {"kvzip.packed_attention", "fused.packed_attention_fused", "fused.packed_decode",
             "model.attention"} <= set(outs)
     ref = outs["model.attention"]
     for name, out in outs.items():
@@ -169,7 +169,7 @@ def test_decode_paths_agree():
     full.k[0][:, n_p + n_c] = 0  # the compressed path must use its own tail, not this row
     name, fn, nbytes, plan_bytes = bench.compressed_decode_path(full, n_p, n_c, torch.tensor([n_c, n_c]),
                                                                 q, k_new, v_new, None)
-    assert name.endswith("kvzip.packed_decode") and plan_bytes > 0  # the CPU's one-token path
+    assert name.endswith("fused.packed_decode") and plan_bytes > 0  # the CPU's one-token path
     bench._check_same("compressed", fn(), "model.attention", ref)
     assert nbytes == 2 * (2 * (n_p + n_c) + 2) * 16 * 4
 

@@ -8,6 +8,7 @@ to check the `if __name__ == "__main__"` wiring and the time to fail.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,14 @@ def assert_one_line(err, prog, *words):
     assert err.startswith(f"{prog}: error: ") and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)
+
+
+def assert_one_line_after_progress(err, prog, *words):
+    """A failure once the work has begun: the progress lines so far (errors.progress, on stderr),
+    then the error's one line, last."""
+    *before, last = err.splitlines(keepends=True)
+    assert before and all(re.fullmatch(r"\[ *[0-9.]+ s\] .*\n", line) for line in before), err
+    assert_one_line(last, prog, *words)
 
 
 @pytest.fixture
@@ -173,7 +182,7 @@ def test_too_long_context_file_fails_before_prefill(capsys, good_checkpoint, tmp
     long.write_text("the quick brown fox " * 400)  # far beyond the 256 positions of this checkpoint
     code, err = run_cli(capsys, "kvzip.py", ["--model", str(good_checkpoint), "--context", str(long)])
     assert code == 1
-    assert_one_line(err, "kvzip.py", "context too long")
+    assert_one_line_after_progress(err, "kvzip.py", "context too long")
 
 
 # -----------------------------------------------------------------------------
