@@ -74,9 +74,9 @@ def _dot_precision(dtype):
 
 @triton.jit
 def _row_lse_kernel(
-    q_ptr,  # [Hkv, G, n_q, D], contiguous
-    k_ptr,  # [Hkv, n_ctx + n_q, D], contiguous
-    lse_ptr,  # [Hkv, G, n_q] float32, output
+    q_ptr,  # (Hkv, G, n_q, D), contiguous
+    k_ptr,  # (Hkv, n_ctx + n_q, D), contiguous
+    lse_ptr,  # (Hkv, G, n_q) float32, output
     G, n_q, n_ctx, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -91,7 +91,7 @@ def _row_lse_kernel(
     k_base = k_ptr + h.to(tl.int64) * n_keys * HEAD_DIM
     lse_base = lse_ptr + (h * G + g).to(tl.int64) * n_q
 
-    # -- load the query block once: [BLOCK_M, D]; rows past n_q read zeros and are never stored
+    # -- load the query block once: (BLOCK_M, D); rows past n_q read zeros and are never stored
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -104,11 +104,11 @@ def _row_lse_kernel(
     # The last row of this block sees keys up to n_ctx + its own index; later keys are all masked.
     hi = n_ctx + tl.minimum((pid_m + 1) * BLOCK_M, n_q)
     for start_n in range(0, hi, BLOCK_N):
-        # -- load a key block: [BLOCK_N, D]
+        # -- load a key block: (BLOCK_N, D)
         cols = start_n + offs_n
         k = tl.load(k_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=(cols < n_keys)[:, None], other=0.0)
         k = k.to(tl.float32)
-        # -- qk: [BLOCK_M, BLOCK_N] logits in float32; masked entries are -inf, which exp turns into 0
+        # -- qk: (BLOCK_M, BLOCK_N) logits in float32; masked entries are -inf, which exp turns into 0
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         # Row t < n_q sees input keys j <= t only, so no key past n_keys; padding rows (t >= n_q) may
         # "see" the zero-filled keys there, but their lse is never stored.
@@ -135,7 +135,7 @@ def _row_lse_kernel(
 # members, so the group max is taken in registers.
 #
 # Combining the row blocks: each program writes its maximum to a partials buffer
-# [Hkv, n_row_blocks, n_chunk] and torch.amax reduces it. tl.atomic_max on float32 would also work
+# (Hkv, n_row_blocks, n_chunk) and torch.amax reduces it. tl.atomic_max on float32 would also work
 # (probabilities are >= 0, and non-negative IEEE floats order like their integer bits), but the
 # buffer is simpler to read, needs no zero-initialised output, and is deterministic by construction.
 # It is small: n_q / BLOCK_M rows of n_chunk floats per head (32 x 2000 x 4 B = 256 KB at m = 2000).
@@ -143,10 +143,10 @@ def _row_lse_kernel(
 
 @triton.jit
 def _chunk_max_kernel(
-    q_ptr,  # [Hkv, G, n_q, D], contiguous
-    k_ptr,  # [Hkv, n_prefix + n_chunk + n_q, D], contiguous
-    lse_ptr,  # [Hkv, G, n_q] float32, from pass 1
-    partial_ptr,  # [Hkv, n_row_blocks, n_chunk] float32, output
+    q_ptr,  # (Hkv, G, n_q, D), contiguous
+    k_ptr,  # (Hkv, n_prefix + n_chunk + n_q, D), contiguous
+    lse_ptr,  # (Hkv, G, n_q) float32, from pass 1
+    partial_ptr,  # (Hkv, n_row_blocks, n_chunk) float32, output
     G, n_q, n_prefix, n_chunk, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -159,7 +159,7 @@ def _chunk_max_kernel(
     n_keys = n_prefix + n_chunk + n_q
     k_base = k_ptr + h.to(tl.int64) * n_keys * HEAD_DIM
 
-    # -- load the chunk-key block once: [BLOCK_N, D]; chunk key c is row n_prefix + c of k
+    # -- load the chunk-key block once: (BLOCK_N, D); chunk key c is row n_prefix + c of k
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -170,13 +170,13 @@ def _chunk_max_kernel(
 
     best = tl.zeros([BLOCK_N], tl.float32)  # probabilities are >= 0, so 0 is the identity of max
     for g in range(G):
-        # -- load this member's query block [BLOCK_M, D] and its rows' lse [BLOCK_M]
+        # -- load this member's query block (BLOCK_M, D) and its rows' lse (BLOCK_M,)
         q_base = q_ptr + (h * G + g).to(tl.int64) * n_q * HEAD_DIM
         lse_base = lse_ptr + (h * G + g).to(tl.int64) * n_q
         q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         q = q.to(tl.float32)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        # -- qk: recompute the chunk logits [BLOCK_M, BLOCK_N]; probability = exp(logit - lse_row)
+        # -- qk: recompute the chunk logits (BLOCK_M, BLOCK_N); probability = exp(logit - lse_row)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         p = tl.exp(qk - lse[:, None])
         p = tl.where(row_ok[:, None], p, 0.0)  # padding rows must not win the max
@@ -195,14 +195,14 @@ def _check_scoring_inputs(q, k, n_prefix, n_chunk):
     if not (isinstance(n_chunk, int) and n_chunk >= 1):
         raise ValueError(f"n_chunk must be an int >= 1, got {n_chunk!r}")
     if q.ndim != 4:
-        raise ValueError(f"q must be [Hkv, G, n_q, D], got shape {tuple(q.shape)}")
+        raise ValueError(f"q must be (Hkv, G, n_q, D), got shape {tuple(q.shape)}")
     n_kv_head, G, n_q, D = q.shape
     if n_kv_head < 1 or G < 1 or n_q < 1:
         raise ValueError(f"q must have Hkv, G, n_q >= 1, got shape {tuple(q.shape)}")
     n_keys = n_prefix + n_chunk + n_q
     if k.ndim != 3 or tuple(k.shape) != (n_kv_head, n_keys, D):
         raise ValueError(
-            f"k must be [Hkv, n_prefix + n_chunk + n_q, D] = {(n_kv_head, n_keys, D)} "
+            f"k must be (Hkv, n_prefix + n_chunk + n_q, D) = {(n_kv_head, n_keys, D)} "
             f"(n_prefix={n_prefix}, n_chunk={n_chunk}, n_q={n_q}), got shape {tuple(k.shape)}"
         )
     _check_common(D, q=q, k=k)
@@ -213,17 +213,17 @@ def _check_scoring_inputs(q, k, n_prefix, n_chunk):
 def chunk_max_scores(q, k, n_prefix, n_chunk):
     """KVzip scores of one context chunk: max softmax probability each chunk key receives.
 
-    q: [Hkv, G, n_q, D] queries of the reconstruction input (post-RoPE), grouped by KV head.
-    k: [Hkv, n_prefix + n_chunk + n_q, D] keys K' = [prefix ; chunk ; the input's own keys] (post-RoPE).
-    Returns [Hkv, n_chunk] float32 in [0, 1]: over the group's G query heads and all n_q rows, the
+    q: (Hkv, G, n_q, D) queries of the reconstruction input (post-RoPE), grouped by KV head.
+    k: (Hkv, n_prefix + n_chunk + n_q, D) keys K' = [prefix ; chunk ; the input's own keys] (post-RoPE).
+    Returns (Hkv, n_chunk) float32 in [0, 1]: over the group's G query heads and all n_q rows, the
     max of softmax(q k^T / sqrt(D)) (float32, causal only between input rows and input keys) on the
     chunk columns [n_prefix, n_prefix + n_chunk). A key that takes all of a row's attention can score
     slightly above 1: exp(logit - lse) with both sides rounded to float32 is off by a few ulps of the
     logit (one ulp of 50 is 3.8e-6). Nothing clamps it: the kernel shows what float32 computed.
 
-    Naive cost, which this avoids: the [Hkv, G, n_q, |K'|] float32 matrix. With m = 2000, n_q ~ 2,020
+    Naive cost, which this avoids: the (Hkv, G, n_q, |K'|) float32 matrix. With m = 2000, n_q ~ 2,020
     and |K'| ~ 4,060 (a ~40-token prefix), 32 query heads x 2,020 x 4,060 x 4 B ~ 1.05 GB per layer.
-    Here: lse [Hkv, G, n_q] and partials [Hkv, ceil(n_q / BLOCK_M), n_chunk] float32 only.
+    Here: lse (Hkv, G, n_q) and partials (Hkv, ceil(n_q / BLOCK_M), n_chunk) float32 only.
     """
     n_kv_head, G, n_q, D = _check_scoring_inputs(q, k, n_prefix, n_chunk)
 
@@ -241,7 +241,7 @@ def chunk_max_scores(q, k, n_prefix, n_chunk):
         q, k, lse, partial, G, n_q, n_prefix, n_chunk, sm_scale,
         HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
     )
-    return partial.amax(dim=1)  # [Hkv, n_chunk]
+    return partial.amax(dim=1)  # (Hkv, n_chunk)
 
 
 def _check_common(D, strided=(), **tensors):
@@ -264,7 +264,7 @@ def _check_common(D, strided=(), **tensors):
 # %%
 # Decode: one new token over the packed compressed cache (flash-decoding)
 # -----------------------------------------------------------------------
-# KV head h keeps rows offsets[h]:offsets[h+1] of k_packed/v_packed [N, D]. Heads differ in length,
+# KV head h keeps rows offsets[h]:offsets[h+1] of k_packed/v_packed (N, D). Heads differ in length,
 # and one token has only G query rows per head, so parallelism comes from the key axis: program
 # (split s, head h) reads up to SPLIT_N of the head's rows, starting at starts[h] + s * SPLIT_N, for
 # all G query heads at once (each K/V row is read once for the whole group), and writes a partial
@@ -272,9 +272,9 @@ def _check_common(D, strided=(), **tensors):
 # the end of its head writes the empty state (-inf, 0, 0), which the merge weighs by exp(-inf) = 0.
 #
 # The kernel sees a buffer of D-wide rows and, per head, the row range [starts[h], ends[h]). For the
-# packed cache that is offsets[:-1], offsets[1:]. The dense tail [Hkv, n_tail, D] of new tokens is
+# packed cache that is offsets[:-1], offsets[1:]. The dense tail (Hkv, n_tail, D) of new tokens is
 # the same kind of buffer: head h's rows start at h * (rows per head of the tail's storage), which
-# also covers a slice [:, :n_tail] of a preallocated [Hkv, capacity, D] buffer without copying it.
+# also covers a slice [:, :n_tail] of a preallocated (Hkv, capacity, D) buffer without copying it.
 # So one kernel, launched twice into the same partial buffers, handles both; it knows no tails.
 #
 # A quantized cache (kvzip.CompressedKV with bits 8 or 4) passes quant.Quantized blocks instead of
@@ -287,7 +287,7 @@ def _check_common(D, strided=(), **tensors):
 @triton.jit
 def _load_rows(x_ptr, scale_ptr, zero_ptr, rows, row_ok, offs_d,
                HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """A [BLOCK_N, D] float32 tile of rows (rows past the mask read 0).
+    """A (BLOCK_N, D) float32 tile of rows (rows past the mask read 0).
 
     BITS = 16: rows of D floats. BITS = 8 or 4: quant.Quantized's layout, dequantized here as
     quant.dequantize does (code * scale + zero in float32): rows of D uint8 codes (8) or D / 2
@@ -312,16 +312,16 @@ def _load_rows(x_ptr, scale_ptr, zero_ptr, rows, row_ok, offs_d,
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr,  # [Hkv, G, D], contiguous
+    q_ptr,  # (Hkv, G, D), contiguous
     k_ptr,  # rows of D keys: head h owns rows starts[h]:ends[h] (BITS 8 / 4: rows of codes)
     v_ptr,  # rows of D values, same layout as the keys
-    k_scale_ptr, k_zero_ptr,  # BITS 8 / 4: [rows, D // GROUP] float16 each (unused for 16)
+    k_scale_ptr, k_zero_ptr,  # BITS 8 / 4: (rows, D // GROUP) float16 each (unused for 16)
     v_scale_ptr, v_zero_ptr,
-    starts_ptr,  # [Hkv] int64
-    ends_ptr,  # [Hkv] int64
-    m_ptr,  # [Hkv, n_splits_total, G] float32, output: max logit
-    l_ptr,  # [Hkv, n_splits_total, G] float32, output: sum of exp(logit - m)
-    acc_ptr,  # [Hkv, n_splits_total, G, D] float32, output: sum of exp(logit - m) * v
+    starts_ptr,  # (Hkv,) int64
+    ends_ptr,  # (Hkv,) int64
+    m_ptr,  # (Hkv, n_splits_total, G) float32, output: max logit
+    l_ptr,  # (Hkv, n_splits_total, G) float32, output: sum of exp(logit - m)
+    acc_ptr,  # (Hkv, n_splits_total, G, D) float32, output: sum of exp(logit - m) * v
     G, split0, n_splits_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
@@ -334,7 +334,7 @@ def _decode_partial_kernel(
     lo = tl.load(starts_ptr + h) + s * SPLIT_N
     hi = tl.minimum(lo + SPLIT_N, tl.load(ends_ptr + h))
 
-    # -- load the group's queries: [BLOCK_G, D]; BLOCK_G pads G up to tl.dot's 16 rows with zeros
+    # -- load the group's queries: (BLOCK_G, D); BLOCK_G pads G up to tl.dot's 16 rows with zeros
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -347,12 +347,12 @@ def _decode_partial_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        # -- load a block of keys and values: [BLOCK_N, D] each, float32 (dequantized if BITS < 16)
+        # -- load a block of keys and values: (BLOCK_N, D) each, float32 (dequantized if BITS < 16)
         rows = start + offs_n
         key_ok = rows < hi
         k = _load_rows(k_ptr, k_scale_ptr, k_zero_ptr, rows, key_ok, offs_d, HEAD_DIM, BITS, GROUP)
         v = _load_rows(v_ptr, v_scale_ptr, v_zero_ptr, rows, key_ok, offs_d, HEAD_DIM, BITS, GROUP)
-        # -- qk: [BLOCK_G, BLOCK_N]; rows past hi are -inf
+        # -- qk: (BLOCK_G, BLOCK_N); rows past hi are -inf
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
         # -- running max, sum and weighted values. Every block starts below hi, so it holds at least
@@ -372,15 +372,16 @@ def _decode_partial_kernel(
 
 
 def _merge_partials(m, l, acc):
-    """Log-sum-exp merge of split states: m, l [Hkv, S, G], acc [Hkv, S, G, D] -> out [Hkv, G, D].
+    """Log-sum-exp merge of split states: m, l (Hkv, n_splits, G) and acc (Hkv, n_splits, G, D)
+    -> out (Hkv, G, D).
 
     Rescale every split to the common max M: out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
-    Done in torch: it reads S * G * (D + 2) floats per head, tiny next to the cache itself.
+    Done in torch: it reads n_splits * G * (D + 2) floats per head, tiny next to the cache itself.
     """
-    m_max = m.amax(dim=1, keepdim=True)  # [Hkv, 1, G], finite: every head has a key
-    w = torch.exp(m - m_max)  # [Hkv, S, G]; empty splits (m = -inf) weigh 0
-    num = (w[..., None] * acc).sum(dim=1)  # [Hkv, G, D]
-    den = (w * l).sum(dim=1)  # [Hkv, G]
+    m_max = m.amax(dim=1, keepdim=True)  # (Hkv, 1, G), finite: every head has a key
+    w = torch.exp(m - m_max)  # (Hkv, n_splits, G); empty splits (m = -inf) weigh 0
+    num = (w[..., None] * acc).sum(dim=1)  # (Hkv, G, D)
+    den = (w * l).sum(dim=1)  # (Hkv, G)
     return num / den[..., None]
 
 
@@ -388,7 +389,7 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
     """varlen_decode_attention's argument checks, with messages that name the argument; returns
     (Hkv, G, D, n_tail, per-head packed lengths as Python ints)."""
     if q.ndim != 3:
-        raise ValueError(f"q must be [Hkv, G, D], got shape {tuple(q.shape)}")
+        raise ValueError(f"q must be (Hkv, G, D), got shape {tuple(q.shape)}")
     n_kv_head, G, D = q.shape
     if n_kv_head < 1 or G < 1:
         raise ValueError(f"q must have Hkv, G >= 1, got shape {tuple(q.shape)}")
@@ -396,12 +397,12 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
     if quantized != isinstance(v_packed, quant.Quantized):
         raise ValueError("k_packed and v_packed must both be tensors or both quant.Quantized blocks")
     if len(k_packed.shape) != 2 or k_packed.shape[1] != D:
-        raise ValueError(f"k_packed must be [N, D] with D={D}, got shape {tuple(k_packed.shape)}")
+        raise ValueError(f"k_packed must be (N, D) with D={D}, got shape {tuple(k_packed.shape)}")
     if tuple(v_packed.shape) != tuple(k_packed.shape):
         raise ValueError(f"v_packed must match k_packed {tuple(k_packed.shape)}, got {tuple(v_packed.shape)}")
     if offsets.ndim != 1 or offsets.shape[0] != n_kv_head + 1 or offsets.dtype != torch.int64:
         raise ValueError(
-            f"offsets must be int64 [Hkv + 1] = [{n_kv_head + 1}], got {offsets.dtype} {tuple(offsets.shape)}"
+            f"offsets must be int64 (Hkv + 1,) = ({n_kv_head + 1},), got {offsets.dtype} {tuple(offsets.shape)}"
         )
     if (k_tail is None) != (v_tail is None):
         raise ValueError("pass both k_tail and v_tail, or neither")
@@ -411,7 +412,7 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
         _check_quantized(q, k_packed, v_packed)
     if k_tail is not None:
         if k_tail.ndim != 3 or k_tail.shape[0] != n_kv_head or k_tail.shape[2] != D:
-            raise ValueError(f"k_tail must be [Hkv={n_kv_head}, n_tail, D={D}], got shape {tuple(k_tail.shape)}")
+            raise ValueError(f"k_tail must be (Hkv={n_kv_head}, n_tail, D={D}), got shape {tuple(k_tail.shape)}")
         if v_tail.shape != k_tail.shape:
             raise ValueError(f"v_tail must match k_tail {tuple(k_tail.shape)}, got {tuple(v_tail.shape)}")
         n_tail = k_tail.shape[1]
@@ -420,7 +421,7 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
                 if t.stride(2) != 1 or t.stride(1) != D or t.stride(0) % D != 0 or t.stride() != k_tail.stride():
                     raise ValueError(
                         f"{name} rows must be D contiguous values, the heads a whole number of rows apart "
-                        f"(e.g. a slice [:, :n] of a contiguous [Hkv, capacity, D] buffer); got strides "
+                        f"(e.g. a slice [:, :n] of a contiguous (Hkv, capacity, D) buffer); got strides "
                         f"{t.stride()} (k_tail: {k_tail.stride()})"
                     )
         tensors.update(k_tail=k_tail, v_tail=v_tail)
@@ -440,8 +441,8 @@ def _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail, offsets
 def _check_quantized(q, k_packed, v_packed):
     """A quantized packed cache: K and V quantized alike, in quant.Quantized's layout, on q's device,
     of q's dtype once dequantized."""
-    if k_packed.bits not in quant.BITS or k_packed.shape[1] % k_packed.group:
-        raise ValueError(f"k_packed must hold bits {quant.BITS} codes in whole groups, got bits {k_packed.bits}, "
+    if k_packed.bits not in quant.QUANTIZED_BITS or k_packed.shape[1] % k_packed.group:
+        raise ValueError(f"k_packed must hold bits {quant.QUANTIZED_BITS} codes in whole groups, got bits {k_packed.bits}, "
                          f"group {k_packed.group}")
     if (k_packed.bits, k_packed.group) != (v_packed.bits, v_packed.group):
         raise ValueError(f"k_packed (bits {k_packed.bits}, group {k_packed.group}) and v_packed (bits "
@@ -463,18 +464,18 @@ def _check_quantized(q, k_packed, v_packed):
 def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=None, *, offsets_host=None):
     """Attention of one new token over the compressed cache plus the dense tail.
 
-    q: [Hkv, G, D] the new token's query heads (post-RoPE), grouped by KV head.
-    k_packed, v_packed: [N, D] kept pairs of all KV heads, head-major; offsets: int64 [Hkv + 1],
+    q: (Hkv, G, D) the new token's query heads (post-RoPE), grouped by KV head.
+    k_packed, v_packed: (N, D) kept pairs of all KV heads, head-major; offsets: int64 (Hkv + 1,),
         head h owns rows offsets[h]:offsets[h+1] (a head may own none). Either tensors of q's dtype,
         or quant.Quantized blocks (int8/int4 codes + fp16 scale and zero per group), which the
         kernel dequantizes tile by tile as it reads them.
-    k_tail, v_tail: [Hkv, n_tail, D] or None: tokens generated after compression, the new token's
+    k_tail, v_tail: (Hkv, n_tail, D) or None: tokens generated after compression, the new token's
         own K/V included. Each row must be D contiguous values (stride(1) == D, stride(2) == 1), so
-        a slice [:, :n_tail] of a preallocated [Hkv, capacity, D] buffer is fine and is not copied.
+        a slice [:, :n_tail] of a preallocated (Hkv, capacity, D) buffer is fine and is not copied.
     offsets_host: optional list of Python ints equal to offsets. The wrapper needs the offsets on
         the host (grid size, empty-head check); passing them saves a device-to-host copy per call.
     No mask: the new token sees every key of its head.
-    Returns [Hkv, G, D] in q's dtype: softmax(q k^T / sqrt(D)) v per head, float32 inside.
+    Returns (Hkv, G, D) in q's dtype: softmax(q k^T / sqrt(D)) v per head, float32 inside.
     """
     n_kv_head, G, D, n_tail, lengths = _check_decode_inputs(q, k_packed, v_packed, offsets, k_tail, v_tail,
                                                             offsets_host)
@@ -511,4 +512,4 @@ def varlen_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=
         )
 
     # -- merge the splits
-    return _merge_partials(m, l, acc).to(q.dtype)  # [Hkv, G, D]
+    return _merge_partials(m, l, acc).to(q.dtype)  # (Hkv, G, D)

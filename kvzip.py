@@ -163,13 +163,10 @@ def chunk_scores_logits(q, k, n_prefix: int, n_chunk: int):
     softmax nothing normalizes a row.
 
     Ranking on one scale: Eq. 2's probabilities are comparable across heads and layers because each
-    row sums to 1; raw logits are not normalized, so a head whose queries and keys have larger
-    norms scores every pair higher. The authors' public code has no softmax-free variant, and we
-    could not confirm from the paper whether its variant rescales the logits of different heads,
-    so we take the ablation at its word: the scaled logits are ranked as they are, within each
-    head and across all heads and layers in the one global ranking (keep_mask), exactly like
-    Eq. 2's scores; the comparison then includes that loss of a common scale. This readable
-    reference is the only implementation (no Triton path): it is an ablation, not a fast path.
+    row sums to 1; raw logits are not, so a head whose queries and keys have larger norms scores
+    every pair higher. Neither the paper nor the authors' code says that this variant rescales
+    heads, so the scaled logits are ranked as they are, in the one global ranking (keep_mask), like
+    Eq. 2's scores. An ablation, not a fast path: this is its only implementation.
     """
     Hkv, G, n_q, D = q.shape
     assert k.shape[1] == n_prefix + n_chunk + n_q, (k.shape, n_prefix, n_chunk, n_q)
@@ -463,7 +460,6 @@ def check_ratio(ratio):
         raise InputError(f"ratio must be in (0, 1] (the fraction of context pairs kept), got {ratio!r}")
 
 
-
 def keep_mask(scores, ratio: float, uniform: bool = False, layer_budgets=None):
     """Which context pairs to keep: bool (L, Hkv, n_c) with exactly the budgeted count set.
 
@@ -534,14 +530,13 @@ class CompressedKV:
     on a CPU torch's fused attention (fused.py; a 16-bit cache builds one fused.DecodePlan per
     layer, `plans`, with the cache, so that one new token attends over all heads in one call).
     bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: they are
-    quant.Quantized blocks (uint8 codes, int4 two per byte, plus an fp16 scale and zero per group
-    of 32 values of a row); decoding dequantizes one head's rows at a time (packed_attention) or
-    inside the kernel's tile loads, never the whole cache.
+    quant.Quantized blocks (codes plus an fp16 scale and zero per group of 32 values of a row);
+    decoding dequantizes one head's rows at a time, or inside the kernel's tile loads, never the
+    whole cache.
     Keys were cached after RoPE, so kept pairs need no re-rotation: they keep their positions.
-    New tokens (a query and its answer) go to a dense tail, tail_k[l], tail_v[l] (Hkv, cap, D),
-    at positions n_p + n_c + i, always in the model's dtype (not quantized: it is small, and it is
-    dropped again by `truncate`). `truncate` back to the context drops them, so the same
-    compressed cache serves the next query.
+    New tokens (a query and its answer) go to a dense tail, tail_k[l], tail_v[l] (Hkv, capacity, D),
+    at positions n_p + n_c + i, in the model's dtype (it is small, and dropped again): `truncate`
+    back to the context drops them, so the same compressed cache serves the next query.
 
     Memory: `nbytes` counts the packed K and V, the offsets, the decode plans if any, and the
     n_tail tail rows in use. The tail buffers are allocated by `reserve` (room for a query and its
@@ -718,10 +713,9 @@ def generate(m, tok, query: str, kv, max_new_tokens: int = 64, template: bool = 
 
 # The default demo: pass keys hidden in ~1000 tokens of seeded filler (tasks.needle_task), asked
 # as completion probes ("The pass key for the red door is"). Seed 4 is the first seed whose four
-# keys the default 135M model all retrieves from the full cache (measured; seeds 0-3 miss one to
-# three), so whatever goes wrong is the compression's doing. Chat questions about
-# tasks.fact_task's people are no use here: the model answers them with filler even from the full
-# cache.
+# keys the default 135M model retrieves from the full cache, so whatever goes wrong is the
+# compression's doing. (Chat questions about invented people make a poor demo: the model answers
+# them with filler even from the full cache.)
 DEMO_TASK = dict(n_tokens=1000, n_needles=4, seed=4)
 
 

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 import torch
 
 BITS = (16, 8, 4)  # bits per stored K/V value of a compressed cache; 16 = the model's dtype, not quantized
+QUANTIZED_BITS = (8, 4)  # the widths this file quantizes to
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: scale and zero must fit in fp16
 
@@ -106,7 +107,7 @@ class Quantized:
 
 def check_bits(bits, quantized: bool = False) -> int:
     """bits per stored K/V value: one of BITS; quantized=True (what quantize accepts): 8 or 4."""
-    allowed = (8, 4) if quantized else BITS
+    allowed = QUANTIZED_BITS if quantized else BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
         what = ("8 or 4 to quantize (16, i.e. not quantized, is left to the caller)" if quantized
                 else "16 (not quantized), 8 or 4")

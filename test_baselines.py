@@ -108,6 +108,25 @@ def test_layer_budget_rules_are_integers_summing_to_the_total(rule, ratio, L, Hk
         assert max(b) - min(b) <= 1
 
 
+@settings(deadline=None, max_examples=200)
+@given(weights=st.lists(st.sampled_from([0.0, 0.01, 0.5, 1.0, 3.0, 20.0]), min_size=1, max_size=12),
+       cap=st.integers(1, 50), share=st.floats(0.0, 1.0))
+def test_integer_budgets_split_the_total_in_proportion_under_the_cap(weights, cap, share):
+    """integer_budgets: integers in [0, cap] summing exactly to the total; a heavier group never
+    gets less than a lighter one (up to the rounding of one); where no cap binds, every group is
+    within one of its exact proportional share."""
+    total = round(share * len(weights) * cap)
+    budgets = baselines.integer_budgets(weights, total, cap)
+    assert sum(budgets) == total and all(0 <= b <= cap for b in budgets)
+    for i, j in ((i, j) for i in range(len(weights)) for j in range(len(weights)) if weights[i] > weights[j]):
+        assert budgets[i] >= budgets[j] - 1, (weights, budgets)
+    W = sum(weights)
+    if W > 0 and total * max(weights) / W <= cap - 1:  # no cap binds
+        assert all(abs(b - total * w / W) < 1 for w, b in zip(weights, budgets)), (weights, budgets, total)
+    with pytest.raises(ValueError, match="cannot split"):
+        baselines.integer_budgets(weights, len(weights) * cap + 1, cap)
+
+
 def test_pyramid_budgets_follow_the_line_with_beta_20():
     b = baselines.pyramid_budgets(0.3, 30, 3, 1000)  # average layer budget 900
     assert b[-1] == pytest.approx(900 / 20, abs=1) and b[0] == pytest.approx(2 * 900 - 900 / 20, abs=1)

@@ -131,12 +131,12 @@ def naive_decode_attention(q, k_packed, v_packed, offsets, k_tail=None, v_tail=N
     out = []
     for h in range(n_kv_head):
         a, b = int(offsets[h]), int(offsets[h + 1])
-        k, v = k_packed[a:b].float(), v_packed[a:b].float()  # [n_h, D]
+        k, v = k_packed[a:b].float(), v_packed[a:b].float()  # (n_h, D)
         if k_tail is not None:
             k, v = torch.cat([k, k_tail[h].float()]), torch.cat([v, v_tail[h].float()])
-        w = torch.softmax(q[h].float() @ k.T / math.sqrt(D), dim=-1)  # [G, n_h + n_tail]
-        out.append(w @ v)  # [G, D]
-    return torch.stack(out).to(q.dtype)  # [Hkv, G, D]
+        w = torch.softmax(q[h].float() @ k.T / math.sqrt(D), dim=-1)  # (G, n_h + n_tail)
+        out.append(w @ v)  # (G, D)
+    return torch.stack(out).to(q.dtype)  # (Hkv, G, D)
 
 
 def _random_cache(seed, lengths, n_tail, G, D, std, dtype, tail_capacity=0):
@@ -164,7 +164,7 @@ def assert_decode_close(got, want, q, kp, vp, kt, vt):
     both sides round (almost) the same float32 value, one bfloat16 ulp apart at most (2**-7 < 1e-2).
     """
     assert got.shape == want.shape and got.dtype == want.dtype
-    keys = kp.float() if kt is None else torch.cat([kp.float(), kt.float().flatten(0, 1)])  # [N (+ Hkv n_tail), D]
+    keys = kp.float() if kt is None else torch.cat([kp.float(), kt.float().flatten(0, 1)])  # (N (+ Hkv n_tail), D)
     values = vp.float() if vt is None else torch.cat([vp.float(), vt.float().flatten(0, 1)])
     # every query head against every key (all head pairs): an upper bound of the largest |logit|
     max_logit = (q.float().flatten(0, 1) @ keys.T).abs().max().item() / math.sqrt(q.shape[-1])
