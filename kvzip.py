@@ -27,7 +27,8 @@ Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
   D    head dim                      n_p  prefix tokens   n_c context tokens
   n_q  tokens of one reconstruction input (prompt + postfix + chunk)
-  T    new tokens of one forward     N    rows of a layer's packed buffer (all KV heads)
+  T    new tokens of one forward     S    positions held in a dense cache (as in model.py)
+  N    rows of a layer's packed buffer (all KV heads); n_h of them belong to KV head h
 
 The fast paths live in their own files and are tested against the code here: fused.py (the CPU's:
 torch's fused attention) and kernels.py (the GPU's: Triton). The `backend` argument, model.py's
