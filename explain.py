@@ -11,13 +11,16 @@ Map of this file:
   1. the toy: toy_tokenizer / toy_model (a 1-layer model whose weights are set by hand so every
      logit is 0 or 4), reconstruction_attention (the scorer's attention recomputed from the
      queries that the model's `observe` hook hands out), toy_example (the real pipeline: prefill ->
-     scores -> prune(0.5) -> generate, everything returned as tensors), format_toy (the printout)
+     scores -> prune(0.5) -> generate, everything returned as tensors), format_toy (the printout,
+     one _toy_* helper per part)
   2. reading tools: token_texts, token_kinds / kept_by_kind (digits, punctuation, words; the
      kinds themselves are tasks.token_kind, shared with reuse.py),
      token_scores (a (text, score) list of one head and chunk, for pdb sessions)
   3. the picture: write_kept_html - one self-contained HTML file: context tokens shaded by the
      fraction of (layer, KV head) pairs keeping them, and a layer x head heatmap of head budgets,
-     for a few ratios (radio buttons); the keep masks come from kvzip.keep_mask, prune's own rule
+     for a few ratios (radio buttons); the keep masks come from kvzip.keep_mask, prune's own rule.
+     The page's markup, CSS and script are the template explain_page.html (next to this file);
+     Python fills in data only, and the script does all the drawing
   4. explain_steps: the --explain walk-through on a real model
   5. main(argv): the command line
 
@@ -35,10 +38,11 @@ if __name__ == "__main__":  # our own process: before torch loads OpenMP (see er
     errors.passive_openmp()
 
 import html  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import string  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -227,31 +231,43 @@ def toy_example(ratio: float = 0.5, context: str = TOY_CONTEXT, queries=TOY_QUER
 
 
 def format_toy(d: dict) -> str:
-    """The toy example as text: the tensors of toy_example(), laid out to be checked by hand."""
-    V = d["vocab"]
-    n_p, n_c, n_q = d["n_p"], d["n_c"], d["n_q"]
+    """The toy example as text: the tensors of toy_example(), laid out to be checked by hand.
+    Each part below returns its lines; a line starting with "\\n" opens a new paragraph."""
+    out = (_toy_model_and_ids(d) + _toy_attention_tables(d) + _toy_scores(d) + _toy_ranking(d)
+           + _toy_bytes(d) + _toy_answers(d))
+    return "\n".join(s.rstrip() for s in out)
+
+
+def _toy_model_and_ids(d: dict) -> list[str]:
+    """The title, the hand-set model in brief, and part 1: every piece's token ids."""
+    V, n_p, n_c, n_q = d["vocab"], d["n_p"], d["n_c"], d["n_q"]
     names = lambda ids: " ".join(V[i] for i in ids)  # noqa: E731
-    labels = d["key_labels"]
+    return ["KVzip on a toy model that can be checked by hand",
+            "=" * 48,
+            "Model: 1 layer, 2 query heads sharing 1 KV head, head dim 16, weights set by hand",
+            "(explain.py, section 1): keys 4·e[t]; head 0 queries 4·e[next(t)] (next: "
+            + " -> ".join(["<prompt>"] + [TOY_NEXT[k] for k in TOY_NEXT]) + "),",
+            "head 1 queries 4·e[t]; so logit = q·k/√16 = 4 for a match, else 0. Values e[t]; head 0's",
+            "output is the copied token's logit, <eos> has logit 0.5. No MLP, no RoPE (rope_theta = inf).",
+            "",
+            "1. Token ids (each piece encoded on its own)",
+            "   vocab:  " + "  ".join(f"{i} {t}" for i, t in enumerate(V)),
+            f"   prefix   n_p = {n_p}: {d['prefix_ids']}  {names(d['prefix_ids'])}   (template opener + "
+            "kvzip.INSTRUCTION: unknown text -> one marker)",
+            f"   context  n_c = {n_c}: {d['context_ids']}  {names(d['context_ids'])}",
+            f"   reconstruction input n_q = {n_q}: {d['recon_ids']}  {names(d['recon_ids'])}",
+            f"     = FIRST_PROMPT {kvzip.FIRST_PROMPT!r} -> one marker, + postfix '' -> [], + the context",
+            f"   cache after prefill: positions 0..{n_p + n_c - 1} = {names(d['prefix_ids'][:n_p] + d['context_ids'])}",
+            ""]
+
+
+def _toy_attention_tables(d: dict) -> list[str]:
+    """Part 2's tables: for each query head, the scorer's logits and probabilities, one row per
+    reconstruction input token and one column per key of K', then each context column's max."""
+    V, n_p, n_c, n_q = d["vocab"], d["n_p"], d["n_c"], d["n_q"]
     Hkv, G = d["probs"].shape[:2]
     w = 7  # column width
-    out = ["KVzip on a toy model that can be checked by hand",
-           "=" * 48,
-           "Model: 1 layer, 2 query heads sharing 1 KV head, head dim 16, weights set by hand",
-           "(explain.py, section 1): keys 4·e[t]; head 0 queries 4·e[next(t)] (next: "
-           + " -> ".join(["<prompt>"] + [TOY_NEXT[k] for k in TOY_NEXT]) + "),",
-           "head 1 queries 4·e[t]; so logit = q·k/√16 = 4 for a match, else 0. Values e[t]; head 0's",
-           "output is the copied token's logit, <eos> has logit 0.5. No MLP, no RoPE (rope_theta = inf).",
-           "",
-           "1. Token ids (each piece encoded on its own)",
-           "   vocab:  " + "  ".join(f"{i} {t}" for i, t in enumerate(V)),
-           f"   prefix   n_p = {n_p}: {d['prefix_ids']}  {names(d['prefix_ids'])}   (template opener + "
-           "kvzip.INSTRUCTION: unknown text -> one marker)",
-           f"   context  n_c = {n_c}: {d['context_ids']}  {names(d['context_ids'])}",
-           f"   reconstruction input n_q = {n_q}: {d['recon_ids']}  {names(d['recon_ids'])}",
-           f"     = FIRST_PROMPT {kvzip.FIRST_PROMPT!r} -> one marker, + postfix '' -> [], + the context",
-           f"   cache after prefill: positions 0..{n_p + n_c - 1} = {names(d['prefix_ids'][:n_p] + d['context_ids'])}",
-           "",
-           "2. Scoring: the reconstruction input runs on top of the cache. The scorer ranks keys",
+    out = ["2. Scoring: the reconstruction input runs on top of the cache. The scorer ranks keys",
            "   K' = [prefix ; context ; the input's own keys] (' = input key; row t sees input keys <= t)",
            "   logit = q·k/√16, p = softmax over the keys a row sees, · = masked (causal)"]
     short = lambda s: s.replace("<prompt>", "<p>")  # noqa: E731  (keeps the columns narrow)
@@ -262,7 +278,7 @@ def format_toy(d: dict) -> str:
 
     names_row = "   " + " " * 7 + " |".join(f"{s:>{w * (b - a)}}" for s, (a, b) in
                                            zip(("prefix", "context", "input (causal)"), groups))
-    head = [names_row, line("row", [short(s) for s in labels])]
+    head = [names_row, line("row", [short(s) for s in d["key_labels"]])]
     ctx = slice(n_p, n_p + n_c)
     for h in range(Hkv):
         for g in range(G):
@@ -277,43 +293,61 @@ def format_toy(d: dict) -> str:
             colmax = d["probs"][h, g, :, ctx].amax(dim=0)
             out.append(line("max", [""] * n_p + [f"{float(x):.3f}" for x in colmax] + [""] * n_q).rstrip()
                        + "  <- max over rows")
-    s = d["scores"][0, 0]
-    out.append("\n   score S = max over rows and both query heads of the context columns:")
-    out.append("   " + "   ".join(f"{V[i]} {float(x):.4f}" for i, x in zip(d["context_ids"], s)))
-    same = torch.allclose(d["scores_recomputed"], d["scores"], atol=1e-6)
-    out.append(f"   (kv.scores from kvzip.prefill: {'the same numbers' if same else 'DIFFERENT: ' + str(d['scores'])})")
-    e4 = math.exp(TOY_MATCH)
-    out.append(f"   by hand: A = e^4/(e^4 + 5) = {e4 / (e4 + 5):.4f}: row <prompt>' sees 6 keys, one matches;"
-               " each later row sees one more key,")
-    out.append(f"   so B = e^4/(e^4 + 6) = {e4 / (e4 + 6):.4f}, C = e^4/(e^4 + 7), D = e^4/(e^4 + 8). Here the ranking"
-               " comes only from that growing denominator;")
-    out.append("   a real model's scores spread over orders of magnitude (python explain.py --explain, step 4)")
+    return out
 
-    L, Hkv_, n_c_ = d["scores"].shape
-    total = L * Hkv_ * n_c_
-    out.append(f"\n3. Ranking: one global order over all L·Hkv·n_c = {total} pairs (ties: lower index first)")
+
+def _toy_scores(d: dict) -> list[str]:
+    """The rest of part 2: the scores, checked against kvzip's scorer and against the closed form."""
+    V = d["vocab"]
+    s = d["scores"][0, 0]
+    same = torch.allclose(d["scores_recomputed"], d["scores"], atol=1e-6)
+    e4 = math.exp(TOY_MATCH)
+    return ["\n   score S = max over rows and both query heads of the context columns:",
+            "   " + "   ".join(f"{V[i]} {float(x):.4f}" for i, x in zip(d["context_ids"], s)),
+            f"   (kv.scores from kvzip.prefill: {'the same numbers' if same else 'DIFFERENT: ' + str(d['scores'])})",
+            f"   by hand: A = e^4/(e^4 + 5) = {e4 / (e4 + 5):.4f}: row <prompt>' sees 6 keys, one matches;"
+            " each later row sees one more key,",
+            f"   so B = e^4/(e^4 + 6) = {e4 / (e4 + 6):.4f}, C = e^4/(e^4 + 7), D = e^4/(e^4 + 8). Here the ranking"
+            " comes only from that growing denominator;",
+            "   a real model's scores spread over orders of magnitude (python explain.py --explain, step 4)"]
+
+
+def _toy_ranking(d: dict) -> list[str]:
+    """Part 3: the global order of all pairs, and what prune keeps of it."""
+    V = d["vocab"]
+    L, Hkv, n_c = d["scores"].shape
+    total = L * Hkv * n_c
     flat = d["scores"].reshape(-1)  # (L*Hkv*n_c,), position = flat index % n_c
-    out.append("   " + "   ".join(f"{r + 1}. {V[d['context_ids'][int(i) % n_c_]]} {float(flat[i]):.4f}"
-                                  for r, i in enumerate(d["order"])))
     keep = d["keep"][0, 0]
     kept = [V[i] for i, k in zip(d["context_ids"], keep) if k]
     gone = [V[i] for i, k in zip(d["context_ids"], keep) if not k]
-    out.append(f"   prune({d['ratio']}) keeps round({d['ratio']}·{total}) = {d['k_kept']} pairs: {' '.join(kept)};"
-               f" evicts: {' '.join(gone) or '-'}; the prefix is always kept")
-    out.append(f"   head_lengths (L, Hkv), prefix included: {d['head_lengths'].tolist()}")
+    return [f"\n3. Ranking: one global order over all L·Hkv·n_c = {total} pairs (ties: lower index first)",
+            "   " + "   ".join(f"{r + 1}. {V[d['context_ids'][int(i) % n_c]]} {float(flat[i]):.4f}"
+                               for r, i in enumerate(d["order"])),
+            f"   prune({d['ratio']}) keeps round({d['ratio']}·{total}) = {d['k_kept']} pairs: {' '.join(kept)};"
+            f" evicts: {' '.join(gone) or '-'}; the prefix is always kept",
+            f"   head_lengths (L, Hkv), prefix included: {d['head_lengths'].tolist()}"]
+
+
+def _toy_bytes(d: dict) -> list[str]:
+    """Part 4: the full and the compressed cache's bytes, and why their ratio is not the ratio."""
+    n = d["n_p"] + d["n_c"]  # cached positions
     kept_rows = int(d["head_lengths"].sum())
-    out.append(f"\n4. Bytes: full cache {d['bytes_full']} B (K and V of {n_p + n_c} positions x 16 dims x 4 B);"
-               f" compressed {d['bytes_compressed']} B (packed K and V {d['bytes_packed_kv']} B"
-               f" + offsets {d['bytes_offsets']} B)")
-    out.append(f"   = {d['bytes_compressed'] / d['bytes_full']:.1%} of the full cache at ratio {d['ratio']}: the ratio"
-               f" counts context pairs only, the prefix is never evicted ({kept_rows} of {n_p + n_c} rows"
-               " kept), and the offsets cost a little")
-    out.append("\n5. Greedy answers (query ids = \"\\n\\n\" + query, + postfix)")
-    for q, (full, comp) in d["answers"].items():
-        out.append(f"   query {q!r}: full cache -> {full!r}   compressed -> {comp!r}")
-    out.append("   (an evicted pair cannot be copied: the next-token head finds no match, spreads its"
-               " attention, and <eos>'s 0.5 wins)")
-    return "\n".join(s.rstrip() for s in out)
+    return [f"\n4. Bytes: full cache {d['bytes_full']} B (K and V of {n} positions x 16 dims x 4 B);"
+            f" compressed {d['bytes_compressed']} B (packed K and V {d['bytes_packed_kv']} B"
+            f" + offsets {d['bytes_offsets']} B)",
+            f"   = {d['bytes_compressed'] / d['bytes_full']:.1%} of the full cache at ratio {d['ratio']}: the ratio"
+            f" counts context pairs only, the prefix is never evicted ({kept_rows} of {n} rows"
+            " kept), and the offsets cost a little"]
+
+
+def _toy_answers(d: dict) -> list[str]:
+    """Part 5: greedy answers from the full and the compressed cache."""
+    return (["\n5. Greedy answers (query ids = \"\\n\\n\" + query, + postfix)"]
+            + [f"   query {q!r}: full cache -> {full!r}   compressed -> {comp!r}"
+               for q, (full, comp) in d["answers"].items()]
+            + ["   (an evicted pair cannot be copied: the next-token head finds no match, spreads its"
+               " attention, and <eos>'s 0.5 wins)"])
 
 
 # -----------------------------------------------------------------------------
@@ -365,116 +399,88 @@ def format_kinds(fracs: dict, kinds=None) -> str:
 
 # -----------------------------------------------------------------------------
 # 3. The picture: which tokens are kept, as one HTML file
+#
+# The page itself - markup, CSS and the script that colours it - is explain_page.html, next to
+# this file. Python computes the kept fractions and fills the template's placeholders with data
+# only: escaped text, and elements whose data-kept attribute lists one "ratio:fraction" per ratio.
+# The script draws every colour and number from those attributes, at load and on each switch of
+# ratio, so the shading rule exists once, in the script's shade().
 
-_CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px 32px;
-       color: #1d2327; background: #fff; max-width: 1150px; }
-h1 { font-size: 20px; margin: 0 0 4px; }
-p.lead { margin: 0 0 12px; color: #50575e; }
-.bar { display: flex; gap: 18px; align-items: center; flex-wrap: wrap; margin: 8px 0 6px;
-       padding: 8px 12px; background: #f4f6f8; border-radius: 6px; }
-.bar label { cursor: pointer; font-variant-numeric: tabular-nums; }
-.bar input { margin-right: 4px; }
-.sum { color: #50575e; font-variant-numeric: tabular-nums; font-size: 14px; }
-h2 { font-size: 15px; margin: 16px 0 6px; display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; }
-.heat { border-collapse: collapse; font-size: 10px; font-variant-numeric: tabular-nums; }
-.heat td, .heat th { width: 27px; height: 22px; text-align: center; padding: 0; }
-.heat th { font-weight: normal; color: #646970; }
-.heat th.rh { width: 48px; text-align: right; padding-right: 6px; }
-.text { white-space: pre-wrap; font: 14.5px/1.9 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace;
-        border: 1px solid #dcdcde; border-radius: 6px; padding: 12px 14px; word-break: break-word; }
-.tok { border-radius: 2px; box-shadow: inset -1px 0 0 rgba(255, 255, 255, 0.7); }
-.dark { color: #fff; }
-.tok.gone { background: none; color: #a7aaad; text-decoration: line-through; text-decoration-color: #c3c4c7; }
-.cell.gone { background: #f0f0f1; color: #a7aaad; }
-.nl::before { content: "\\21B5"; opacity: 0.5; }
-.legend { display: inline-flex; align-items: center; gap: 4px; font-size: 12px; font-weight: normal;
-          color: #50575e; }
-.legend span.sw { display: inline-block; width: 20px; height: 14px; border-radius: 2px; }
-.legend span.gap { width: 8px; }
-.kinds td { padding: 1px 12px 1px 0; font-variant-numeric: tabular-nums; }
-.kinds td.kind { padding: 1px 8px; text-align: right; min-width: 52px; border-radius: 2px; }
-details { margin-top: 14px; color: #50575e; font-size: 13px; }
-"""
-
-# Colours. Heatmap cells: a head's kept fraction f on one blue scale (sqrt: small budgets stay
-# visible). Tokens and token kinds: f against the ratio r, the average share - white at f = r,
-# blue deepening toward "kept by every head", orange deepening toward "kept by no head"; grey and
-# struck through at f = 0 (evicted everywhere). Per-token fractions cluster near r, so an absolute
-# scale would paint nearly every token the same colour. Python draws the initial page with these
-# rules and the script redraws with the same ones (keep the two in step).
-_JS = """
-function shade(f, r) {  // [background, white text?]; r === null: the heatmap's absolute scale
-  let hue = 210, span = 60, d = Math.sqrt(f);
-  if (r !== null) {
-    if (f >= r) d = r < 1 ? Math.sqrt((f - r) / (1 - r)) : 0;
-    else { hue = 28; span = 34; d = Math.sqrt((r - f) / r); }
-  }
-  const light = 97 - span * d;
-  return ['hsl(' + hue + ' 85% ' + light.toFixed(1) + '%)', light < 58];
-}
-const parsed = new Map();
-for (const el of document.querySelectorAll('.tok, .cell, .kind')) {
-  const m = {};
-  for (const kv of el.dataset.kept.split(' ')) { const [r, f] = kv.split(':'); m[r] = parseFloat(f); }
-  parsed.set(el, m);
-}
-function show(key) {
-  const r = parseFloat(key);
-  for (const [el, m] of parsed) {
-    const f = m[key], isCell = el.classList.contains('cell');
-    const [bg, dark] = shade(f, isCell ? null : r);
-    el.style.background = f === 0 ? '' : bg;
-    el.classList.toggle('gone', f === 0);
-    el.classList.toggle('dark', f > 0 && dark);
-    if (el.classList.contains('tok')) {
-      el.title = '#' + el.dataset.i + ': kept by ' + (100 * f).toFixed(1) + '% of layer-heads';
-    } else if (isCell) {
-      el.textContent = f > 0 && f < 0.005 ? '<1' : Math.round(100 * f);
-      el.title = el.dataset.name + ': keeps ' + (100 * f).toFixed(1) + '% of the context';
-    } else {
-      el.textContent = (100 * f).toFixed(1) + '%';
-    }
-  }
-  document.getElementById('sum').textContent = SUMMARY[key];
-}
-for (const b of document.querySelectorAll('input[name=ratio]')) b.addEventListener('change', () => show(b.value));
-show(document.querySelector('input[name=ratio]:checked').value);
-"""
+PAGE_TEMPLATE = Path(__file__).parent / "explain_page.html"  # the module's folder, not the current one
 
 
-def _shade(f: float, r: float | None = None) -> tuple[str, bool]:
-    """The script's shade(): (CSS background, white text?) for kept fraction f at ratio r."""
-    hue, span, d = 210, 60, math.sqrt(f)
-    if r is not None:
-        if f >= r:
-            d = math.sqrt((f - r) / (1 - r)) if r < 1 else 0.0
-        else:
-            hue, span, d = 28, 34, math.sqrt((r - f) / r)
-    light = 97 - span * d
-    return f"hsl({hue} 85% {light:.1f}%)", light < 58
-
-
-def _look(f, r=None) -> str:
-    """class suffix and style attribute of an element at the selected ratio (initial page)."""
-    f = float(f)
-    if f == 0:
-        return ' gone"'
-    bg, dark = _shade(f, r)
-    return (' dark"' if dark else '"') + f' style="background:{bg}"'
-
-
-def _swatches(pairs) -> str:
-    return "".join(f'<span class="sw" style="background:{_shade(f, r)[0]}"></span>' for f, r in pairs)
-
-
-def _pct(f) -> str:  # a heatmap cell's text (the script writes the same)
-    f = float(f)
-    return "&lt;1" if 0 < f < 0.005 else str(round(100 * f))
-
-
-def _rkey(r: float) -> str:
+def _rkey(r: float) -> str:  # a ratio as the page writes it: 0.3 -> "0.3"
     return f"{r:g}"
+
+
+def _kept_attr(ratios, vals) -> str:
+    """A data-kept value, "0.1:0.4200 0.3:0.8000": one kept fraction per ratio."""
+    return " ".join(f"{_rkey(r)}:{float(v):.4f}" for r, v in zip(ratios, vals))
+
+
+def _kept_at_ratios(scores, kinds, ratios):
+    """For each ratio, from kvzip.keep_mask (prune's rule): kept, the (n_c,) fraction of layer-heads
+    keeping each token; budgets, the (L, Hkv) fraction of the context each head keeps; by_kind,
+    kept_by_kind; summary, one line of counts. Four dicts keyed by ratio."""
+    L, Hkv, n_c = scores.shape
+    kept, budgets, by_kind, summary = {}, {}, {}, {}
+    for r in ratios:
+        mask = kvzip.keep_mask(scores, r)  # (L, Hkv, n_c)
+        kept[r] = mask.float().mean(dim=(0, 1))  # (n_c,)
+        budgets[r] = mask.float().mean(dim=-1)  # (L, Hkv)
+        by_kind[r] = kept_by_kind(mask, kinds)
+        n_any = int(mask.any(dim=(0, 1)).sum())
+        summary[r] = (f"keeps {int(mask.sum()):,} of the {L * Hkv * n_c:,} context KV pairs "
+                      f"({L} layers x {Hkv} KV heads x {n_c} tokens): a token is kept by {r:.0%} of "
+                      f"the layer-heads on average; {n_any} of {n_c} tokens by at least one, "
+                      f"{n_c - n_any} by none")
+    return kept, budgets, by_kind, summary
+
+
+def _radios(ratios, selected: float, summary) -> str:
+    """One radio button per ratio, carrying that ratio's summary line; `selected` is checked."""
+    return "".join(f'<label><input type="radio" name="ratio" value="{_rkey(r)}" '
+                   f'data-summary="{html.escape(summary[r])}"{" checked" if r == selected else ""}>'
+                   f"{r:.0%}</label>" for r in ratios)
+
+
+def _heatmap_rows(budgets, ratios) -> str:
+    """The heatmap's rows: a header of layer numbers, then one row per KV head with one cell per
+    layer; the script writes each cell's number."""
+    L, Hkv = budgets[ratios[0]].shape
+    rows = ['<tr><th class="rh">layer</th>' + "".join(f"<th>{l}</th>" for l in range(L)) + "</tr>"]
+    for h in range(Hkv):
+        tds = "".join(f'<td class="cell" data-l="{l}" data-h="{h}" data-name="layer {l}, KV head {h}" '
+                      f'data-kept="{_kept_attr(ratios, [budgets[r][l, h] for r in ratios])}"></td>'
+                      for l in range(L))
+        rows.append(f'<tr><th class="rh">head {h}</th>{tds}</tr>')
+    return "".join(rows)
+
+
+def _kind_rows(by_kind, kinds, ratios) -> str:
+    """One row per token kind present in the context: its name, its count, its kept fraction."""
+    present = by_kind[ratios[0]]  # the same kinds at every ratio
+    return "".join(f'<tr><td>{k}</td><td>{kinds.count(k)} tokens</td><td class="kind" '
+                   f'data-kept="{_kept_attr(ratios, [by_kind[r][k] for r in ratios])}"></td></tr>'
+                   for k in tasks.TOKEN_KINDS if k in present)
+
+
+def _token_spans(tokens, kinds, kept, ratios) -> str:
+    """One span per context token holding its escaped text; joined with nothing between them, as
+    the page lays the text out by the tokens' own whitespace."""
+    spans = []
+    for i, text in enumerate(tokens):
+        nl = " nl" if "\n" in text else ""  # the page draws a return mark before the line break
+        spans.append(f'<span class="tok{nl}" data-i="{i}" data-kind="{kinds[i]}" '
+                     f'data-kept="{_kept_attr(ratios, [kept[r][i] for r in ratios])}">{html.escape(text)}</span>')
+    return "".join(spans)
+
+
+def _prefix_details(n_prefix: int, prefix_text: str) -> str:
+    if not n_prefix:
+        return ""
+    return (f"<details><summary>The {n_prefix}-token prefix (chat template and instruction) "
+            f"is never evicted</summary><pre>{html.escape(prefix_text)}</pre></details>")
 
 
 def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 0.3,
@@ -489,8 +495,9 @@ def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 
     every head are greyed. A heatmap shows each head's kept fraction of the context (its budget),
     one <td class="cell" data-l data-h data-kept> per (layer, head). Radio buttons switch the ratio
     (an inline script; no network, fonts or external files). `selected` is the ratio shown first
-    (added to `ratios` if missing). Returns {"kept": {ratio: (n_c,) fractions}, "budgets":
-    {ratio: (L, Hkv) fractions}, "kinds": {ratio: kept_by_kind}}.
+    (added to `ratios` if missing). The page is PAGE_TEMPLATE with its placeholders filled.
+    Returns {"kept": {ratio: (n_c,) fractions}, "budgets": {ratio: (L, Hkv) fractions},
+    "kinds": {ratio: kept_by_kind}}.
     """
     L, Hkv, n_c = scores.shape
     if len(tokens) != n_c:
@@ -499,71 +506,12 @@ def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 
     for r in ratios:
         kvzip.check_ratio(r)
     kinds = [tasks.token_kind(t) for t in tokens]
-    kept, budgets, by_kind, summary = {}, {}, {}, {}
-    for r in ratios:
-        mask = kvzip.keep_mask(scores, r)  # (L, Hkv, n_c)
-        kept[r] = mask.float().mean(dim=(0, 1))  # (n_c,)
-        budgets[r] = mask.float().mean(dim=-1)  # (L, Hkv)
-        by_kind[r] = kept_by_kind(mask, kinds)
-        n_any = int(mask.any(dim=(0, 1)).sum())
-        summary[_rkey(r)] = (f"keeps {int(mask.sum()):,} of the {L * Hkv * n_c:,} context KV pairs "
-                             f"({L} layers x {Hkv} KV heads x {n_c} tokens): a token is kept by {r:.0%} of "
-                             f"the layer-heads on average; {n_any} of {n_c} tokens by at least one, "
-                             f"{n_c - n_any} by none")
-
-    def kept_attr(vals) -> str:  # "0.1:0.4200 0.3:0.8000": one fraction per ratio
-        return " ".join(f"{_rkey(r)}:{float(v):.4f}" for r, v in zip(ratios, vals))
-
-    sel = float(selected)
-    spans = []
-    for i, text in enumerate(tokens):
-        nl = " nl" if "\n" in text else ""  # a visible return mark before the line break
-        spans.append(f'<span class="tok{nl}{_look(kept[sel][i], sel)} data-i="{i}" data-kind="{kinds[i]}" '
-                     f'data-kept="{kept_attr([kept[r][i] for r in ratios])}">{html.escape(text)}</span>')
-    # heatmap: KV heads as rows, layers as columns (L is usually the long side)
-    rows = ['<tr><th class="rh">layer</th>' + "".join(f"<th>{l}</th>" for l in range(L)) + "</tr>"]
-    for h in range(Hkv):
-        tds = "".join(f'<td class="cell{_look(budgets[sel][l, h])} data-l="{l}" data-h="{h}" '
-                      f'data-name="layer {l}, KV head {h}" '
-                      f'data-kept="{kept_attr([budgets[r][l, h] for r in ratios])}">{_pct(budgets[sel][l, h])}</td>'
-                      for l in range(L))
-        rows.append(f'<tr><th class="rh">head {h}</th>{tds}</tr>')
-    kind_rows = "".join(
-        f'<tr><td>{k}</td><td>{kinds.count(k)} tokens</td><td class="kind{_look(by_kind[sel][k], sel)} '
-        f'data-kept="{kept_attr([by_kind[r][k] for r in ratios])}">{100 * by_kind[sel][k]:.1f}%</td></tr>'
-        for k in tasks.TOKEN_KINDS if k in by_kind[sel])
-    radios = "".join(f'<label><input type="radio" name="ratio" value="{_rkey(r)}"'
-                     f'{" checked" if r == sel else ""}>{r:.0%}</label>' for r in ratios)
-    heat_legend = _swatches((f, None) for f in (0.02, 0.1, 0.25, 0.5, 1.0))
-    r0 = 0.5  # the token legend is drawn in units of "how far from average", the same at any ratio
-    tok_legend = (_swatches((r0 * (1 - d * d), r0) for d in (1.0, 0.7, 0.4)) + _swatches([(r0, r0)])
-                  + _swatches((r0 + (1 - r0) * d * d, r0) for d in (0.4, 0.7, 1.0)))
-    prefix_html = ""
-    if n_prefix:
-        prefix_html = (f"<details><summary>The {n_prefix}-token prefix (chat template and instruction) "
-                       f"is never evicted</summary><pre>{html.escape(prefix_text)}</pre></details>")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_CSS}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p class="lead">KVzip scores every cached (layer, KV head, token) pair by the most attention it gets while the
-model repeats the context, then keeps the top fraction of all pairs in one global ranking, so heads get
-different budgets. {html.escape(note)}</p>
-<div class="bar"><b>kept ratio</b> {radios}</div>
-<div class="sum" id="sum">{html.escape(summary[_rkey(sel)])}</div>
-<h2>Per-head budgets: % of the context each (layer, KV head) keeps
-<span class="legend">0%{heat_legend}100%</span></h2>
-<table class="heat">{"".join(rows)}</table>
-<h2>Kept by token kind (pooled over layers and heads)</h2>
-<table class="kinds">{kind_rows}</table>
-<h2>The context ({n_c} tokens), shaded by the share of layer-heads that keep each token
-<span class="legend"><span style="text-decoration: line-through; color: #a7aaad">none</span>
-<span class="gap"></span>fewer than average{tok_legend}more&nbsp;&middot;&nbsp;all</span></h2>
-<div class="text">{"".join(spans)}</div>
-{prefix_html}
-<script>const SUMMARY = {json.dumps(summary)};{_JS}</script>
-</body></html>
-"""
+    kept, budgets, by_kind, summary = _kept_at_ratios(scores, kinds, ratios)
+    template = string.Template(PAGE_TEMPLATE.read_text(encoding="utf-8"))
+    page = template.substitute(  # substitute, not safe_substitute: a placeholder left unfilled is an error
+        title=html.escape(title), note=html.escape(note), radios=_radios(ratios, float(selected), summary),
+        heatmap=_heatmap_rows(budgets, ratios), kinds=_kind_rows(by_kind, kinds, ratios), n_c=n_c,
+        tokens=_token_spans(tokens, kinds, kept, ratios), prefix=_prefix_details(n_prefix, prefix_text))
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return {"kept": kept, "budgets": budgets, "kinds": by_kind}

@@ -1,6 +1,7 @@
 """
 Tests for explain.py (teaching material): the toy example against arithmetic written out here,
-the HTML page parsed back and compared with kvzip.keep_mask, token kinds, and the command line.
+the HTML page parsed back and compared with kvzip.keep_mask (and its template: every placeholder
+filled, the shading logic only in the page's script), token kinds, and the command line.
 
 Run: .venv/bin/python -m pytest -q test_explain.py   (CPU only, a few seconds; no default model:
 the HTML and --explain runs use a tiny random checkpoint written here)
@@ -8,6 +9,7 @@ the HTML and --explain runs use a tiny random checkpoint written here)
 import json
 import math
 import re
+import string
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -224,9 +226,44 @@ def test_html_escapes_and_round_trips(tmp_path):
     radios = [a for tag, a in page.tags if tag == "input"]
     assert [a["value"] for a in radios] == ["0.1", "0.3", "0.5"]
     assert [("checked" in a) for a in radios] == [False, True, False]
+    assert all(a["data-summary"].startswith("keeps ") for a in radios)  # the line the script shows
     # a ratio off the list is added to it
     explain.write_kept_html(path, tokens, scores, ratios, selected=0.25)
     check_page(path, tokens, scores, (0.1, 0.25, 0.3, 0.5))
+
+
+def test_html_template_placeholders_are_all_filled(tmp_path, monkeypatch):
+    """The page is explain_page.html with every placeholder filled with data; the template is
+    found next to explain.py, whatever the current folder."""
+    template = (Path(explain.__file__).parent / "explain_page.html").read_text(encoding="utf-8")
+    names = {m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(template)} - {None}
+    assert {"title", "note", "radios", "heatmap", "kinds", "n_c", "tokens", "prefix"} <= names
+    monkeypatch.chdir(tmp_path)  # a folder without the template
+    path = tmp_path / "kept.html"
+    explain.write_kept_html(path, ["a", " b", "\n"], torch.rand(2, 1, 3), (0.5,), title="Title & co",
+                            n_prefix=1, prefix_text="sys", note="A note.")
+    text = path.read_text(encoding="utf-8")
+    assert not re.search(r"\$\{?[A-Za-z_]", text)  # no placeholder left over
+    assert "<h1>Title &amp; co</h1>" in text and "budgets. A note.</p>" in text
+    assert "The context (3 tokens)" in text and "<pre>sys</pre>" in text
+
+
+def test_html_shading_logic_exists_once(tmp_path):
+    """The colours and numbers are drawn by the page's script alone: Python writes no colour
+    (explain.py has no shading function) and leaves the cells' text to the script."""
+    source = Path(explain.__file__).read_text(encoding="utf-8")
+    assert "hsl" not in source and "def _shade" not in source
+    path = tmp_path / "kept.html"
+    explain.write_kept_html(path, ["a", " b", "c"], torch.rand(2, 2, 3), (0.3, 0.7))
+    text = path.read_text(encoding="utf-8")
+    assert text.count("function shade(") == 1
+    markup = text[text.index("<body>"):text.index("<script>")]
+    assert "style=" not in markup and "hsl" not in markup
+    page = Page()
+    page.feed(text)
+    assert len(page.cells) == 4 and all(c["text"] == "" for c in page.cells)
+    swatches = [a for tag, a in page.tags if "sw" in (a.get("class") or "").split()]
+    assert len(swatches) == 12 and all("data-f" in a for a in swatches)  # the script paints them
 
 
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
