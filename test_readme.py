@@ -1,6 +1,11 @@
 """
-Tests for README.md: the numbers and pointers in it that the code can check, so that they move
-with the code (line counts of the files table, the pdb sessions' breakpoints).
+Tests for README.md and the pages in docs/: what a reader relies on and the code can check.
+
+  - every pdb breakpoint `(Pdb) b FILE.py:N ...  # code` stops on the line of FILE.py it quotes
+  - every relative link (markdown links and images) leads to a file that exists, and a link to a
+    heading (`page.md#anchor`) to a heading that exists
+  - every docs/*.md page is linked from README.md
+  - README.md stays a front door: at most README_MAX_LINES lines
 
 Run: .venv/bin/python -m pytest -q test_readme.py   (instant; reads files only)
 """
@@ -8,33 +13,71 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).parent
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
+README_MAX_LINES = 250  # the front door's budget: everything else belongs in docs/
+
+BREAKPOINT = re.compile(r"\(Pdb\) b (\w+\.py):(\d+)[^#]*# (.+?)(?:  in \w+)?$")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 
 
-def test_readme_breakpoints_point_at_the_code_they_quote():
-    """The README's pdb sessions set breakpoints by line number and quote the line; after edits to
-    the code the numbers must move with it (this test names the line to use)."""
-    pattern = re.compile(r"\(Pdb\) b (\w+\.py):(\d+)[^#]*# (.+?)(?:  in \w+)?$")
+def _prose(text: str) -> str:
+    """The page without its fenced code blocks (a link inside one is code, not a link)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def _anchors(page: Path) -> set:
+    """The anchors of a page's headings, as GitHub makes them: lower case, punctuation dropped
+    (but - and _), spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", _prose(page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_breakpoints_point_at_the_code_they_quote():
+    """The pdb sessions set breakpoints by line number and quote the line; after edits to the code
+    the numbers must move with it (the message names the line to use)."""
     found = 0
-    for text in README.splitlines():
-        hit = pattern.search(text)
-        if not hit:
-            continue
-        name, line, code = hit.group(1), int(hit.group(2)), hit.group(3).strip()
-        lines = (ROOT / name).read_text().splitlines()
-        where = [i + 1 for i, src in enumerate(lines) if code in src]
-        assert where, f"README quotes {code!r} from {name}, which no longer has it"
-        assert code in lines[line - 1], f"README breaks at {name}:{line} for {code!r}, now at line(s) {where}"
-        found += 1
-    assert found >= 3  # the README's three pdb sessions
+    for page in PAGES:
+        for text in page.read_text().splitlines():
+            hit = BREAKPOINT.search(text)
+            if not hit:
+                continue
+            name, line, code = hit.group(1), int(hit.group(2)), hit.group(3).strip()
+            lines = (ROOT / name).read_text().splitlines()
+            where = [i + 1 for i, src in enumerate(lines) if code in src]
+            assert where, f"{page.name} quotes {code!r} from {name}, which no longer has it"
+            assert line <= len(lines) and code in lines[line - 1], (
+                f"{page.name} breaks at {name}:{line} for {code!r}, now at line(s) {where}")
+            found += 1
+    assert found >= 3, f"only {found} pdb breakpoints found; the docs show three sessions"
 
 
-def test_readme_file_table_counts_the_lines():
-    """The files table gives each file's line count (as `wc -l`); the tests' row sums conftest.py
-    and every test_*.py."""
-    rows = re.findall(r"^\| `([^`|]+)`(?:, `test_\*\.py`)? \| (\d+) \|", README, re.M)
-    assert len(rows) >= 14
-    for name, count in rows:
-        files = [ROOT / name] + (sorted(ROOT.glob("test_*.py")) if name == "conftest.py" else [])
-        lines = sum(len(f.read_text().splitlines()) for f in files)
-        assert int(count) == lines, f"README's files table: {name} has {lines} lines, not {count}"
+def test_relative_links_resolve():
+    """Every relative link and image in README.md and docs/*.md names a file that exists; a
+    `#anchor` names a heading of the page it points to."""
+    checked = 0
+    for page in PAGES:
+        for target in LINK.findall(_prose(page.read_text())):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: ...: not ours to check
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.is_file(), f"{page.name} links to {target!r}, but {dest} does not exist"
+            if anchor and dest.suffix == ".md":
+                assert anchor in _anchors(dest), (
+                    f"{page.name} links to {target!r}, but {dest.name} has no heading #{anchor}")
+            checked += 1
+    assert checked >= 5
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    """A page nobody can reach from the front door is a page nobody reads."""
+    linked = {(README.parent / t.partition("#")[0]).resolve() for t in LINK.findall(_prose(README.read_text()))}
+    missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
+    assert not missing, f"README.md does not link to docs/{', docs/'.join(missing)}"
+
+
+def test_readme_is_a_front_door():
+    n = len(README.read_text().splitlines())
+    assert n <= README_MAX_LINES, (
+        f"README.md has {n} lines, over its budget of {README_MAX_LINES}: move details to a docs/ page")
