@@ -48,8 +48,6 @@ import json
 import math
 import os
 import re
-import sys
-import time
 from pathlib import Path
 
 import errors
@@ -97,14 +95,6 @@ QUANT_BITS = (16, 8, 4)  # quant.BITS: the quantized-cache rows (5)
 # The paper's memory figures for Llama-3.1-8B at 124K tokens (quoted, not measured here): the full
 # FP16 cache, and KVzip at ratio 0.3 with 4-bit KV (scales and zero points not counted).
 PAPER_FULL_GB, PAPER_INT4_RATIO_0_3_GB = 16.3, 1.2
-
-_T0 = time.perf_counter()
-
-
-def progress(msg: str):
-    """Progress on stderr; stdout holds only the report."""
-    print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
 
 # -----------------------------------------------------------------------------
 # Geometries: the KV-cache shapes that the memory and decode rows are measured at
@@ -326,6 +316,34 @@ def random_layer(geo: Geometry, n_tokens: int, dtype, device, seed: int = 0):
     return cache
 
 
+def in_decode_dtype(cache, decode_dtype):
+    """A one-layer cache in the dtype its decode is timed in: the cache itself, or (on a CPU, where
+    the project decodes in float32) a copy of its whole buffer in that dtype, same values."""
+    if decode_dtype == cache.k[0].dtype:
+        return cache
+    Hkv, capacity, D = cache.k[0].shape
+    dec = model_lib.KVCache(1, Hkv, D, capacity, decode_dtype, cache.k[0].device)
+    dec.k[0].copy_(cache.k[0])
+    dec.v[0].copy_(cache.v[0])
+    dec.seq_len = cache.seq_len
+    return dec
+
+
+def new_token(geo: Geometry, dtype, device, seed: int):
+    """A random new token at the target geometry: its query heads q (Hkv, G, 1, D), and its key
+    and value, k_new and v_new (Hkv, 1, D)."""
+    Hkv, G, D = geo.n_kv_heads, geo.group, geo.head_dim
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g, device=device).to(dtype)
+                 for shape in ((Hkv, G, 1, D), (Hkv, 1, D), (Hkv, 1, D)))
+
+
+def _inner(device) -> int:
+    """Calls per function and timing round (measure.time_interleaved): on CUDA one decode call is
+    shorter than the clock's overhead."""
+    return 20 if device.type == "cuda" else 1
+
+
 def cache_memory(full, n_p: int, n_c: int, counts):
     """(full bytes, compressed bytes) of all L layers, counted from real cache objects.
 
@@ -372,9 +390,11 @@ def full_decode_paths(cache, q, kern) -> dict:
     return paths
 
 
-def compressed_decode_path(full, n_p: int, n_c: int, counts, q, k_new, v_new, kern):
+def compressed_decode_path(full, *, n_p: int, n_c: int, counts, q, k_new, v_new, kern):
     """The compressed cache's decode step for one layer with per-head budgets counts (Hkv,).
 
+    full: the one-layer uncompressed cache (n_p prefix + n_c context positions) it is packed from;
+    q (Hkv, G, 1, D), k_new and v_new (Hkv, 1, D): the new token.
     Returns (name, fn, bytes of K and V read, bytes of the layer's decode plan): fn is
     CompressedKV.attend, which stores the new token in the tail and attends over [kept pairs ;
     tail] through the project's default decode path for the device (fused.packed_decode over the
@@ -399,67 +419,66 @@ def _check_same(name, out, ref_name, ref):
         raise RuntimeError(f"decode path {name} disagrees with {ref_name}: max |diff| {err:.3g} > {tol}")
 
 
-def measure_geometry(geo, n_p, n_c, fractions, ratios, device, decode_dtype, reps, kern):
-    """Memory (all layers) and decode latency (one layer) of the target geometry at each ratio.
+def pick_full_path(paths: dict, device, reps: int, n_keys: int):
+    """The fastest of the full cache's decode paths: (its name, {name: ms} of every path, the
+    names timed side by side).
 
-    fractions: {ratio: (L_real, Hkv_real) per-head kept fractions from the real model's scores}.
-    First the full cache's decode path is picked: every path is run once (as warm-up and to drop
-    hopeless ones), the rest are timed side by side, and the fastest one is used at every ratio.
+    Every path is run once, as warm-up, to check that all compute the same attention, and to drop
+    the hopeless ones (3x slower than the best); the rest are timed side by side among themselves.
+    Only the winner is then timed beside the compressed path: with every contender in the same
+    rounds, the slow paths' large temporaries disturb the short calls around them, and the
+    compressed path's time drifts.
     """
-    S = n_p + n_c
-    inner = 20 if device.type == "cuda" else 1
-    progress(f"building one {geo.name} layer: {S:,} positions of random {geo.dtype} K/V "
-             f"({geo.kv_bytes(S) / geo.n_layers / GB:.2f} GB)")
-    full = random_layer(geo, S, geo.torch_dtype, device)
-    if decode_dtype == geo.torch_dtype:
-        dec = full
-    else:  # CPU: decode in the project's CPU dtype (float32), same values
-        dec = model_lib.KVCache(1, geo.n_kv_heads, geo.head_dim, S + 1, decode_dtype, device)
-        dec.k[0].copy_(full.k[0])
-        dec.v[0].copy_(full.v[0])
-        dec.seq_len = S
-    Hkv, G, D = geo.n_kv_heads, geo.group, geo.head_dim
-    g = torch.Generator(device=device).manual_seed(1)
-    q, k_new, v_new = (torch.randn(shape, generator=g, device=device).to(decode_dtype)
-                       for shape in ((Hkv, G, 1, D), (Hkv, 1, D), (Hkv, 1, D)))
-    dec.k[0][:, S] = k_new[:, 0]  # the new token's K/V at row S, as KVCache.attend stores them
-    dec.v[0][:, S] = v_new[:, 0]
-    full_read = 2 * Hkv * (S + 1) * D * dec.k[0].element_size()  # bytes of K and V over S + 1 keys
-    read_fn, read_bytes = read_probe(device)
-
-    paths = full_decode_paths(dec, q, kern)
     probe, ref = {}, None
     for name, fn in paths.items():
-        progress(f"decode: one run of {name} over {S + 1:,} keys per head")
+        errors.progress(f"decode: one run of {name} over {n_keys:,} keys per head")
         out, probe[name] = timed(fn, device)
         if ref is None:
             ref = (name, out)
         else:
             _check_same(name, out, *ref)
     best = min(probe.values())
-    contenders = [n for n, t in probe.items() if t <= 3 * best]  # a path 3x slower once never wins
-    # The full cache's path is picked first, its contenders timed side by side among themselves;
-    # each ratio then times only that path, the compressed one and the read probe together. (With
-    # every contender in the same rounds, the compressed path's time drifted: the slow paths' large
-    # temporaries disturb the short calls around them. Measured here, four blocks of 15 rounds in
-    # one process: compressed / full 0.341, 0.356, 0.373, 0.383 with them; 0.327-0.346 without.)
+    contenders = [name for name, t in probe.items() if t <= 3 * best]
     pick_rounds = max(3, reps // 3)
-    progress(f"decode: timing {len(contenders)} full-cache paths side by side, {pick_rounds} rounds")
-    picked = time_interleaved({n: paths[n] for n in contenders}, device, pick_rounds, inner)
-    full_name = min(picked, key=picked.get)
-    candidates = {n: picked.get(n, t) * 1e3 for n, t in probe.items()}
+    errors.progress(f"decode: timing {len(contenders)} full-cache paths side by side, {pick_rounds} rounds")
+    picked = time_interleaved({name: paths[name] for name in contenders}, device, pick_rounds, _inner(device))
+    candidates_ms = {name: picked.get(name, t) * 1e3 for name, t in probe.items()}
+    return min(picked, key=picked.get), candidates_ms, sorted(picked)
 
+
+def measure_geometry(geo, *, n_p, n_c, fractions, ratios, device, decode_dtype, reps, kern):
+    """Memory (all layers) and decode latency (one layer) of the target geometry at each ratio.
+
+    fractions: {ratio: (L_real, Hkv_real) per-head kept fractions from the real model's scores}.
+    The full cache's decode path is picked first (pick_full_path), then used at every ratio.
+    """
+    S = n_p + n_c
+    errors.progress(f"building one {geo.name} layer: {S:,} positions of random {geo.dtype} K/V "
+                    f"({geo.kv_bytes(S) / geo.n_layers / GB:.2f} GB)")
+    full = random_layer(geo, S, geo.torch_dtype, device)
+    dec = in_decode_dtype(full, decode_dtype)
+    Hkv, D = geo.n_kv_heads, geo.head_dim
+    q, k_new, v_new = new_token(geo, decode_dtype, device, seed=1)
+    dec.k[0][:, S] = k_new[:, 0]  # the new token's K/V at row S, as KVCache.attend stores them
+    dec.v[0][:, S] = v_new[:, 0]
+    full_read = 2 * Hkv * (S + 1) * D * dec.k[0].element_size()  # bytes of K and V over S + 1 keys
+    read_fn, read_bytes = read_probe(device)
+
+    paths = full_decode_paths(dec, q, kern)
+    full_name, candidates, timed_candidates = pick_full_path(paths, device, reps, S + 1)
     rows = []
     for r in ratios:
         counts = target_budgets(fractions[r], geo, n_c, r)  # (L, Hkv)
-        progress(f"ratio {r}: packing all {geo.n_layers} layers' compressed caches to count bytes")
+        errors.progress(f"ratio {r}: packing all {geo.n_layers} layers' compressed caches to count bytes")
         full_bytes, comp_bytes = cache_memory(full, n_p, n_c, counts)
         layer = representative_layer(counts)
-        c_name, c_fn, c_read, plan_bytes = compressed_decode_path(dec, n_p, n_c, counts[layer], q, k_new, v_new, kern)
+        c_name, c_fn, c_read, plan_bytes = compressed_decode_path(
+            dec, n_p=n_p, n_c=n_c, counts=counts[layer], q=q, k_new=k_new, v_new=v_new, kern=kern)
         c_fn()  # warm-up
         fns = {full_name: paths[full_name], c_name: c_fn, "read": read_fn}
-        progress(f"ratio {r}: timing {full_name}, the compressed path and the read probe side by side, {reps} rounds")
-        med = time_interleaved(fns, device, reps, inner)
+        errors.progress(f"ratio {r}: timing {full_name}, the compressed path and the read probe side by side, "
+                        f"{reps} rounds")
+        med = time_interleaved(fns, device, reps, _inner(device))
         rows.append(dict(
             ratio=r, full_bytes=full_bytes, compressed_bytes=comp_bytes,
             expected_fraction=(n_p * geo.n_layers * Hkv + int(counts.sum())) / (S * geo.n_layers * Hkv),
@@ -469,14 +488,14 @@ def measure_geometry(geo, n_p, n_c, fractions, ratios, device, decode_dtype, rep
             full_gbps=full_read / med[full_name] / GB, compressed_gbps=c_read / med[c_name] / GB,
             device_gbps=read_bytes / med["read"] / GB,
             full_path=full_name, compressed_path=c_name,
-            candidates_ms=candidates, timed_candidates=sorted(picked)))
+            candidates_ms=candidates, timed_candidates=timed_candidates))
     return rows
 
 
 # -----------------------------------------------------------------------------
 # 5. The quantized compressed cache: memory for bits 16 / 8 / 4, decode time per bit width
 
-def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, device, decode_dtype, reps, kern):
+def measure_quantized(geo, *, n_p, n_c, counts, ratio, full_bytes, comp_bytes, device, decode_dtype, reps, kern):
     """Memory rows for bits 16, 8, 4 at ratio 1.0 and at `ratio`, and one layer's decode time per
     bit width. counts: (L, Hkv) kept context pairs per head at `ratio` (target_budgets);
     full_bytes, comp_bytes: row 1's real counts (cache_memory), the check of the bits-16 count.
@@ -491,59 +510,51 @@ def measure_quantized(geo, n_p, n_c, counts, ratio, full_bytes, comp_bytes, devi
     # random layer of n_p + the longest head's kept count, each head keeping its own count of it.
     n_kept = int(kept.max())
     src = random_layer(geo, n_p + n_kept, geo.torch_dtype, device, seed=2)  # the cache's own dtype
-    if decode_dtype == geo.torch_dtype:
-        dec = src
-    else:  # CPU: decode in the project's CPU dtype (float32), same values
-        dec = model_lib.KVCache(1, Hkv, D, n_p + n_kept + 1, decode_dtype, device)
-        dec.k[0].copy_(src.k[0])
-        dec.v[0].copy_(src.v[0])
-        dec.seq_len = src.seq_len
+    dec = in_decode_dtype(src, decode_dtype)
     keep = spread_keep_mask(kept[None], n_kept)  # (1, Hkv, n_kept)
     backend = "auto" if kern is None else "triton"  # the default decode path of the device
-    g = torch.Generator(device=device).manual_seed(3)
-    q, k_new, v_new = (torch.randn(shape, generator=g, device=device).to(decode_dtype)
-                       for shape in ((Hkv, geo.group, 1, D), (Hkv, 1, D), (Hkv, 1, D)))
+    q, k_new, v_new = new_token(geo, decode_dtype, device, seed=3)
     offsets_bytes = (Hkv + 1) * 8  # one int64 offsets tensor per layer
     rows_at = {1.0: [Hkv * (n_p + n_c)] * L, ratio: (Hkv * n_p + counts.sum(dim=1)).tolist()}
     memory, fns = [], {}
     for bits in QUANT_BITS:
-        progress(f"quantized cache: one {geo.name} layer of {n_p * Hkv + int(kept.sum()):,} kept pairs at {bits} bits")
+        errors.progress(f"quantized cache: one {geo.name} layer of {n_p * Hkv + int(kept.sum()):,} kept pairs "
+                        f"at {bits} bits")
         ckv = kvzip.CompressedKV.from_full(dec, n_p, keep, backend, bits=bits)  # decoded below
-        # codes, scales and zeros do not depend on the input dtype; bits 16 stores the cache's dtype
-        # (bits 16 in the cache's own dtype, and without the CPU's decode plan, as row 1 counts it)
+        # Counted: codes, scales and zeros, which do not depend on the input dtype; at bits 16 the
+        # cache's own dtype, without the CPU's decode plan, as row 1 counts it.
         counted = ckv if bits != 16 else kvzip.CompressedKV.from_full(src, n_p, keep, "reference", bits=16)
         n_rows = int(counted.head_lengths().sum())
         per_row, rest = divmod(counted.nbytes - offsets_bytes, n_rows)  # bytes of one kept pair, K and V
         per_value = 8 * geo.torch_dtype.itemsize if bits == 16 else bits + 32 / min(32, D)  # + fp16 scale, zero
         assert rest == 0 and per_row == 2 * D * per_value / 8, (bits, per_row, rest)
-        for r, rows in rows_at.items():
-            total = sum(int(n) * per_row + offsets_bytes for n in rows)
+        for r, per_layer in rows_at.items():
+            total = sum(int(n) * per_row + offsets_bytes for n in per_layer)
             memory.append(dict(bits=bits, ratio=r, bytes=total, fraction_of_full=total / full_bytes))
         ckv.reserve(1)
         fns[bits] = (lambda c=ckv: c.attend(0, q, k_new, v_new))
-    at_ratio_16 = next(m["bytes"] for m in memory if m["bits"] == 16 and m["ratio"] == ratio)
+    at_ratio_16 = next(row["bytes"] for row in memory if row["bits"] == 16 and row["ratio"] == ratio)
     if at_ratio_16 != comp_bytes:
         raise RuntimeError(f"bits-16 bytes per pair times kept pairs, {at_ratio_16:,}, differ from the "
                            f"layer-by-layer count {comp_bytes:,}")
-    # A third of the rounds (at least 3): on a CPU the int8/int4 steps take ~1 s each at 124K, and
-    # this table must not double the main command's minute.
+    # A third of the rounds (at least 3): on a CPU an int8/int4 step costs over ten times a bits-16
+    # one (it dequantizes what it reads), and this table must not double the main command's minute.
     rounds = max(3, reps // 3)
-    progress(f"quantized cache: timing one layer's decode at bits {QUANT_BITS} side by side, {rounds} rounds")
+    errors.progress(f"quantized cache: timing one layer's decode at bits {QUANT_BITS} side by side, {rounds} rounds")
     for fn in fns.values():
         fn()  # warm-up
-    inner = 20 if device.type == "cuda" else 1
-    med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, inner)
+    med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, _inner(device))
     path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None else
                                       "fused.packed_decode at bits 16, fused.packed_attention_fused at 8 and 4")
     decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
               for b in fns]
-    return sorted(memory, key=lambda m: (-m["ratio"], -m["bits"])), decode
+    return sorted(memory, key=lambda row: (-row["ratio"], -row["bits"])), decode
 
 
 # -----------------------------------------------------------------------------
 # 3 + 4. Scoring cost and quality with the real model
 
-def quality_context(tok, n_tokens: int, n_needles: int, n_questions: int, seed: int = 0):
+def quality_context(tok, n_tokens: int, *, n_needles: int, n_questions: int, seed: int = 0):
     """One context of about n_tokens tokens: facts about invented people first, then pass-key
     needles hidden in haystack prose. Returns (context, needle probes, fact questions), each a
     list of (prompt, answer)."""
@@ -555,35 +566,36 @@ def quality_context(tok, n_tokens: int, n_needles: int, n_questions: int, seed: 
     return fact_text + needles["context"], needles["probes"], questions
 
 
-def fitting_context(m, tok, n_tokens: int, n_needles: int, n_questions: int, seed: int = 0):
+def fitting_context(m, tok, n_tokens: int, *, n_needles: int, n_questions: int, seed: int = 0):
     """quality_context sized to fit the model: the generators size a context to within ~3% of
     n_tokens, so shrink the target until prefill accepts it."""
     limit = kvzip.max_context_tokens(m, tok)
     while True:
-        context, probes, questions = quality_context(tok, n_tokens, n_needles, n_questions, seed)
+        context, probes, questions = quality_context(tok, n_tokens, n_needles=n_needles,
+                                                     n_questions=n_questions, seed=seed)
         if len(tok.encode(context)) <= limit:
             return context, probes, questions
         n_tokens = int(n_tokens * 0.97)
 
 
-def scoring_cost(m, tok, context: str, device, base: int):
+def scoring_cost(m, tok, context: str, *, device, base: int):
     """Prefill and KVzip-score one context with the real model: time and peak memory of each.
 
     The two steps of kvzip.prefill, one at a time so that each can be timed: prefill(score=False)
     (prefix + context into a cache with room for the reconstruction input), then score_context
     (the project's default path for the device). Returns (FullKV, figures).
     """
-    progress(f"scoring cost: prefill of the prefix + {len(tok.encode(context)):,} context tokens")
+    errors.progress(f"scoring cost: prefill of the prefix + {len(tok.encode(context)):,} context tokens")
     with PeakMemory(device, base) as mem_prefill:
         kv, t_prefill = timed(lambda: kvzip.prefill(m, tok, context, score=False), device)
     n_chunks = math.ceil(kv.n_context / kvzip.CHUNK_SIZE)
-    progress(f"scoring cost: KVzip scoring of {kv.n_context:,} tokens ({n_chunks} chunk(s) of at most "
-             f"{kvzip.CHUNK_SIZE})")
+    errors.progress(f"scoring cost: KVzip scoring of {kv.n_context:,} tokens ({n_chunks} chunk(s) of at most "
+                    f"{kvzip.CHUNK_SIZE})")
     with PeakMemory(device, base) as mem_score:
         _, t_score = timed(lambda: kvzip.score_context(m, tok, kv), device)
     # Prefill once more, after scoring, so that the two timings bracket it: other processes on this
     # machine come and go, and one run of each would compare two different machine loads.
-    progress("scoring cost: prefill again (the prefill time is the mean of the runs before and after scoring)")
+    errors.progress("scoring cost: prefill again (the prefill time is the mean of the runs before and after scoring)")
     _, t_prefill_after = timed(lambda: kvzip.prefill(m, tok, context, score=False), device)
     row = dict(ctx=kv.n_context, n_chunks=n_chunks, n_prefix=kv.n_prefix,
                prefill_s=(t_prefill + t_prefill_after) / 2, scoring_s=t_score,
@@ -593,17 +605,17 @@ def scoring_cost(m, tok, context: str, device, base: int):
     return kv, row
 
 
-def real_run(m, tok, n_tokens: int, n_needles: int, n_questions: int, device, base: int):
+def real_run(m, tok, n_tokens: int, *, n_needles: int, n_questions: int, device, base: int):
     """The scoring cost of one real context with quality probes in it: (FullKV, probes,
     questions, figures)."""
-    progress("warm-up: prefill + scoring of a 60-word context")
+    errors.progress("warm-up: prefill + scoring of a 60-word context")
     kvzip.prefill(m, tok, tasks.haystack(60, seed=99))  # first calls pay one-time costs; not timed
-    context, probes, questions = fitting_context(m, tok, n_tokens, n_needles, n_questions)
-    kv, row = scoring_cost(m, tok, context, device, base)
+    context, probes, questions = fitting_context(m, tok, n_tokens, n_needles=n_needles, n_questions=n_questions)
+    kv, row = scoring_cost(m, tok, context, device=device, base=base)
     return kv, probes, questions, row
 
 
-def quality_row(m, tok, kv, probes, questions, ratio: float) -> dict:
+def quality_row(m, tok, kv, *, probes, questions, ratio: float) -> dict:
     """Quality of the compressed cache relative to the full one, on the real context.
 
     relative_accuracy: needle probes the compressed cache answers right, among those the full cache
@@ -613,26 +625,24 @@ def quality_row(m, tok, kv, probes, questions, ratio: float) -> dict:
     ckv = kv.prune(ratio)
     full_right = both_right = agree = 0
     for i, (prompt, key) in enumerate(probes):
-        progress(f"quality: pass-key probe {i + 1}/{len(probes)}, full and compressed cache")
+        errors.progress(f"quality: pass-key probe {i + 1}/{len(probes)}, full and compressed cache")
         full = kvzip.generate(m, tok, prompt, kv, max_new_tokens=NEEDLE_MAX_NEW, template=False)
         comp = kvzip.generate(m, tok, prompt, ckv, max_new_tokens=NEEDLE_MAX_NEW, template=False)
         if tasks.check_answer(full, key):
             full_right += 1
             both_right += tasks.check_answer(comp, key)
-    q_full = q_comp = 0
+    qa_full = qa_comp = 0
     for i, (question, answer) in enumerate(questions):
-        progress(f"quality: question {i + 1}/{len(questions)}, full and compressed cache")
+        errors.progress(f"quality: question {i + 1}/{len(questions)}, full and compressed cache")
         full = kvzip.generate(m, tok, question, kv, max_new_tokens=QA_MAX_NEW)
         comp = kvzip.generate(m, tok, question, ckv, max_new_tokens=QA_MAX_NEW)
         agree += tasks.first_line(full) == tasks.first_line(comp)
-        q_full += tasks.check_answer(full, answer)
-        q_comp += tasks.check_answer(comp, answer)
+        qa_full += tasks.check_answer(full, answer)
+        qa_comp += tasks.check_answer(comp, answer)
     return dict(ratio=ratio, relative_accuracy=both_right / full_right if full_right else None,
                 n_probes=len(probes), n_probes_full_right=full_right, n_probes_both_right=both_right,
                 agreement=agree / len(questions) if questions else None, n_questions=len(questions),
-                n_agree=agree, n_questions_full_right=q_full, n_questions_compressed_right=q_comp)
-
-
+                n_agree=agree, n_questions_full_right=qa_full, n_questions_compressed_right=qa_comp)
 
 
 # -----------------------------------------------------------------------------
@@ -642,21 +652,37 @@ def _gb(n):
     return f"{n / GB:.2f} GB"
 
 
-def _ms(s):
-    return f"{s:,.1f} ms"
+def _ms(ms):
+    return f"{ms:,.1f} ms"
 
 
 def _mark(ok):
     return "ok" if ok else "MISSED"
 
 
+def _row(label, a, b, ratio="", target=""):
+    """One line of the report's table: the row's label, figures A and B, their ratio, its target."""
+    return f"{label:42}{a:>13}{b:>13}{ratio:>8}   {target}".rstrip()
+
+
 def format_report(res: dict) -> str:
-    """Summary card, then one table: each row a pair of figures (A, B), their ratio B/A, the target."""
-    geo, sc, q, d, mem = res["geometry"], res["scoring"], res["quality"], res["decode"], res["memory"]
+    """Summary card, then one table: each row a pair of figures (A, B), their ratio B/A, the target.
+    Then notes on the decode row, the quantized-cache table, and the sweep's table (--sweep)."""
+    lines = _summary_card(res) + [""] + _measured_rows(res) + _quality_rows(res) + [""] + _decode_notes(res)
+    if res["memory"].get("quantized"):
+        lines += [""] + format_quantized(res)
+    if res.get("sweep"):
+        lines += [""] + _sweep_table(res)
+    return "\n".join(lines)
+
+
+def _summary_card(res: dict) -> list[str]:
+    """The machine, the target geometry and context, and which rows are synthetic, which real."""
+    geo, d, sc = res["geometry"], res["decode"], res["scoring"]
     r, L = res["ratio"], geo["n_layers"]
     decode_note = ("" if d["dtype"] == geo["dtype"] else
                    f"; decode timed in {d['dtype']}, the project's dtype on this device")
-    lines = [
+    return [
         f"KVzip benchmark | {res['device_name']} | torch {torch.__version__} | "
         f"load average {res['load_average']} on {os.cpu_count()} CPUs",
         f"geometry {geo['name']}: {L} layers, {geo['n_heads']} query heads, {geo['n_kv_heads']} KV "
@@ -667,65 +693,78 @@ def format_report(res: dict) -> str:
         f"real: {res['model_name']} on a {sc['ctx']:,}-token haystack (scoring and quality rows; the "
         f"per-head budgets are the fractions its heads keep at ratio {r}, cycled over the target's "
         f"{L} x {geo['n_kv_heads']} KV heads)",
-        "",
     ]
+
+
+def _measured_rows(res: dict) -> list[str]:
+    """The table's memory, decode and scoring rows, each against its target (TARGETS)."""
+    sc, d, mem = res["scoring"], res["decode"], res["memory"]
+    L = res["geometry"]["n_layers"]
     exp = mem["expected_fraction"]
     mem_frac = mem["compressed_bytes"] / mem["full_bytes"]
     dec_frac = d["compressed_ms_per_layer"] / d["full_ms_per_layer"]
     t_frac = sc["scoring_s"] / sc["prefill_s"]
     m_frac = sc["scoring_peak_bytes"] / sc["prefill_peak_bytes"] if sc["prefill_peak_bytes"] > 0 else math.nan
     bw_full = d["full_gbps"] / d["device_gbps"]
-
-    def row(label, a, b, ratio="", target=""):
-        return f"{label:42}{a:>13}{b:>13}{ratio:>8}   {target}".rstrip()
-
-    lines += [
-        row("", "full cache", "compressed", "ratio", "target"),
-        row(f"KV cache memory, {L} layers", _gb(mem["full_bytes"]), _gb(mem["compressed_bytes"]),
-            f"{mem_frac:.3f}", f"{exp:.3f} expected (+-{TARGETS['memory_tolerance']:.0%}): "
-            f"{_mark(abs(mem_frac / exp - 1) <= TARGETS['memory_tolerance'])}"),
-        row(f"decode attention, 1 layer (median of {d['reps']})", _ms(d["full_ms_per_layer"]),
-            _ms(d["compressed_ms_per_layer"]), f"{dec_frac:.3f}",
-            f"<= {TARGETS['decode_fraction']}: {_mark(dec_frac <= TARGETS['decode_fraction'])} "
-            f"(this layer keeps {d['layer_kept_fraction']:.3f} of its bytes)"),
-        row("  K+V bytes read / latency", f"{d['full_gbps']:.2f} GB/s", f"{d['compressed_gbps']:.2f} GB/s", "",
-            f"full >= {TARGETS['full_read_share']:.0%} of the {d['device_gbps']:.2f} GB/s read: {bw_full:.0%}, "
-            f"{_mark(bw_full >= TARGETS['full_read_share'])}"),
-        row("", "prefill", "scoring", "", ""),
-        row(f"KVzip scoring cost, {sc['ctx']:,} real tokens", f"{sc['prefill_s']:.1f} s*", f"{sc['scoring_s']:.1f} s",
-            f"{t_frac:.2f}", f"<= {TARGETS['scoring_over_prefill']} (paper ~2): "
-            f"{_mark(t_frac <= TARGETS['scoring_over_prefill'])}"),
-        row("  peak memory", f"{sc['prefill_peak_bytes'] / MB:,.0f} MB", f"{sc['scoring_peak_bytes'] / MB:,.0f} MB",
-            f"{m_frac:.2f}", f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
-            f"{_mark(m_frac <= TARGETS['scoring_peak_over_prefill'])}"),
+    lines = [
+        _row("", "full cache", "compressed", "ratio", "target"),
+        _row(f"KV cache memory, {L} layers", _gb(mem["full_bytes"]), _gb(mem["compressed_bytes"]),
+             f"{mem_frac:.3f}", f"{exp:.3f} expected (+-{TARGETS['memory_tolerance']:.0%}): "
+             f"{_mark(abs(mem_frac / exp - 1) <= TARGETS['memory_tolerance'])}"),
+        _row(f"decode attention, 1 layer (median of {d['reps']})", _ms(d["full_ms_per_layer"]),
+             _ms(d["compressed_ms_per_layer"]), f"{dec_frac:.3f}",
+             f"<= {TARGETS['decode_fraction']}: {_mark(dec_frac <= TARGETS['decode_fraction'])} "
+             f"(this layer keeps {d['layer_kept_fraction']:.3f} of its bytes)"),
+        _row("  K+V bytes read / latency", f"{d['full_gbps']:.2f} GB/s", f"{d['compressed_gbps']:.2f} GB/s", "",
+             f"full >= {TARGETS['full_read_share']:.0%} of the {d['device_gbps']:.2f} GB/s read: {bw_full:.0%}, "
+             f"{_mark(bw_full >= TARGETS['full_read_share'])}"),
+        _row("", "prefill", "scoring", "", ""),
+        _row(f"KVzip scoring cost, {sc['ctx']:,} real tokens", f"{sc['prefill_s']:.1f} s*", f"{sc['scoring_s']:.1f} s",
+             f"{t_frac:.2f}", f"<= {TARGETS['scoring_over_prefill']} (paper ~2): "
+             f"{_mark(t_frac <= TARGETS['scoring_over_prefill'])}"),
+        _row("  peak memory", f"{sc['prefill_peak_bytes'] / MB:,.0f} MB", f"{sc['scoring_peak_bytes'] / MB:,.0f} MB",
+             f"{m_frac:.2f}", f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
+             f"{_mark(m_frac <= TARGETS['scoring_peak_over_prefill'])}"),
     ]
     mc = res.get("scoring_multi_chunk")
     if mc:
         mc_frac = mc["scoring_s"] / mc["prefill_s"]
         mc_mem = mc["scoring_peak_bytes"] / mc["prefill_peak_bytes"] if mc["prefill_peak_bytes"] > 0 else math.nan
         lines += [
-            row(f"  {mc['ctx']:,} real tokens, {mc['n_chunks']} chunks", f"{mc['prefill_s']:.1f} s*",
-                f"{mc['scoring_s']:.1f} s", f"{mc_frac:.2f}", f"<= {TARGETS['scoring_over_prefill_multi']} "
-                f"(paper ~2): {_mark(mc_frac <= TARGETS['scoring_over_prefill_multi'])}"),
-            row("    peak memory", f"{mc['prefill_peak_bytes'] / MB:,.0f} MB", f"{mc['scoring_peak_bytes'] / MB:,.0f} MB",
-                f"{mc_mem:.2f}", f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
-                f"{_mark(mc_mem <= TARGETS['scoring_peak_over_prefill'])}"),
+            _row(f"  {mc['ctx']:,} real tokens, {mc['n_chunks']} chunks", f"{mc['prefill_s']:.1f} s*",
+                 f"{mc['scoring_s']:.1f} s", f"{mc_frac:.2f}", f"<= {TARGETS['scoring_over_prefill_multi']} "
+                 f"(paper ~2): {_mark(mc_frac <= TARGETS['scoring_over_prefill_multi'])}"),
+            _row("    peak memory", f"{mc['prefill_peak_bytes'] / MB:,.0f} MB",
+                 f"{mc['scoring_peak_bytes'] / MB:,.0f} MB", f"{mc_mem:.2f}",
+                 f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
+                 f"{_mark(mc_mem <= TARGETS['scoring_peak_over_prefill'])}"),
         ]
-    lines += [
-        row("", "full cache", "compressed", "", ""),
-        row(f"quality at ratio {r}: pass keys right", f"{q['n_probes_full_right']} of {q['n_probes']}",
-            f"{q['n_probes_both_right']} of those", _fmt(q["relative_accuracy"]),
-            "relative accuracy (paper: ~0.97 at 0.3)"),
-        row("  questions answered right", f"{q['n_questions_full_right']} of {q['n_questions']}",
-            f"{q['n_questions_compressed_right']} of {q['n_questions']}"),
-        row("  same greedy answer as the full cache", "", f"{q['n_agree']} of {q['n_questions']}",
-            _fmt(q["agreement"]), "agreement (first answer line, exact)"),
-        row("  vs query-aware baselines (SnapKV, ...)", "", "", "", "python reuse.py"),
+    return lines
+
+
+def _quality_rows(res: dict) -> list[str]:
+    """The table's quality rows: the compressed cache's answers against the full cache's."""
+    qual = res["quality"]
+    return [
+        _row("", "full cache", "compressed", "", ""),
+        _row(f"quality at ratio {res['ratio']}: pass keys right",
+             f"{qual['n_probes_full_right']} of {qual['n_probes']}", f"{qual['n_probes_both_right']} of those",
+             _fmt(qual["relative_accuracy"]),
+             "relative accuracy (paper: ~0.97 at 0.3)"),
+        _row("  questions answered right", f"{qual['n_questions_full_right']} of {qual['n_questions']}",
+             f"{qual['n_questions_compressed_right']} of {qual['n_questions']}"),
+        _row("  same greedy answer as the full cache", "", f"{qual['n_agree']} of {qual['n_questions']}",
+             _fmt(qual["agreement"]), "agreement (first answer line, exact)"),
+        _row("  vs query-aware baselines (SnapKV, ...)", "", "", "", "python reuse.py"),
     ]
-    tried = ", ".join(f"{n} {t:,.1f} ms" + ("" if n in d["timed_candidates"] else " (one run)")
-                      for n, t in d["candidates_ms"].items())
-    lines += [
-        "",
+
+
+def _decode_notes(res: dict) -> list[str]:
+    """Below the table: which decode paths were tried, the decode layer, how peaks are measured."""
+    d, sc = res["decode"], res["scoring"]
+    tried = ", ".join(f"{name} {t:,.1f} ms" + ("" if name in d["timed_candidates"] else " (one run)")
+                      for name, t in d["candidates_ms"].items())
+    return [
         f"decode, full cache: {tried}, timed side by side among themselves; the fastest is then timed "
         f"beside the compressed path. Compressed: {d['compressed_path']}"
         + (f" (its DecodePlan: {d['plan_bytes'] / MB:.2f} MB, {d['plan_bytes'] / (d['compressed_read_bytes']):.2%} "
@@ -735,20 +774,22 @@ def format_report(res: dict) -> str:
         f"peak memory: {sc['peak_memory']}: weights, caches and activations. * prefill: mean of "
         f"{' and '.join(f'{t:.1f}' for t in sc['prefill_runs_s'])} s, run before and after scoring.",
     ]
-    if res["memory"].get("quantized"):
-        lines += [""] + format_quantized(res)
-    if res.get("sweep"):
-        lines += ["", f"sweep: {geo['name']} at {res['ctx']:,} tokens (full cache {_gb(mem['full_bytes'])}); "
-                      "each row times its compressed layer side by side with the full one",
-                  f"{'ratio':>6}{'KV memory':>12}{'/ full':>8}{'decode/layer':>14}{'full, same rounds':>19}"
-                  f"{'/ full':>8}{'GB/s':>7}"]
-        for row_ in res["sweep"]:
-            lines.append(f"{row_['ratio']:>6}{_gb(row_['compressed_bytes']):>12}"
-                         f"{row_['compressed_bytes'] / row_['full_bytes']:>8.3f}"
-                         f"{_ms(row_['compressed_ms_per_layer']):>14}{_ms(row_['full_ms_per_layer']):>19}"
-                         f"{row_['compressed_ms_per_layer'] / row_['full_ms_per_layer']:>8.3f}"
-                         f"{row_['compressed_gbps']:>7.2f}")
-    return "\n".join(lines)
+
+
+def _sweep_table(res: dict) -> list[str]:
+    """--sweep: memory and decode time at every ratio of SWEEP_RATIOS."""
+    geo, mem = res["geometry"], res["memory"]
+    lines = [f"sweep: {geo['name']} at {res['ctx']:,} tokens (full cache {_gb(mem['full_bytes'])}); "
+             "each row times its compressed layer side by side with the full one",
+             f"{'ratio':>6}{'KV memory':>12}{'/ full':>8}{'decode/layer':>14}{'full, same rounds':>19}"
+             f"{'/ full':>8}{'GB/s':>7}"]
+    for row in res["sweep"]:
+        lines.append(f"{row['ratio']:>6}{_gb(row['compressed_bytes']):>12}"
+                     f"{row['compressed_bytes'] / row['full_bytes']:>8.3f}"
+                     f"{_ms(row['compressed_ms_per_layer']):>14}{_ms(row['full_ms_per_layer']):>19}"
+                     f"{row['compressed_ms_per_layer'] / row['full_ms_per_layer']:>8.3f}"
+                     f"{row['compressed_gbps']:>7.2f}")
+    return lines
 
 
 def format_quantized(res: dict) -> list[str]:
@@ -762,11 +803,11 @@ def format_quantized(res: dict) -> list[str]:
              "codes + fp16 scale and zero per 32 values + offsets",
              f"{'bits':>6}{'ratio':>7}{'KV memory':>12}{'/ full':>8}{'decode/layer':>14}"
              f"{'paper, Llama-3.1-8B 124K':>28}"]
-    for row_ in res["memory"]["quantized"]:
-        t = _ms(ms[row_["bits"]]) if row_["ratio"] == r and row_["bits"] in ms else ""
-        cited = paper.get((row_["bits"], row_["ratio"]), "") if paper_geo else ""
-        lines.append(f"{row_['bits']:>6}{row_['ratio']:>7}{_gb(row_['bytes']):>12}{row_['fraction_of_full']:>8.3f}"
-                     f"{t:>14}{cited:>28}".rstrip())
+    for row in res["memory"]["quantized"]:
+        timed_ms = _ms(ms[row["bits"]]) if row["ratio"] == r and row["bits"] in ms else ""
+        cited = paper.get((row["bits"], row["ratio"]), "") if paper_geo else ""
+        lines.append(f"{row['bits']:>6}{row['ratio']:>7}{_gb(row['bytes']):>12}{row['fraction_of_full']:>8.3f}"
+                     f"{timed_ms:>14}{cited:>28}".rstrip())
     path = (res.get("quantized_decode") or [{}])[0].get("path", "")
     rounds = (res.get("quantized_decode") or [{}])[0].get("rounds", "")
     lines.append(f"decode/layer: one new token over the layer nearest the mean at ratio {r}, bits 16 / 8 / 4 "
@@ -794,19 +835,20 @@ def main(args: argparse.Namespace) -> dict:
     n_needles, n_questions = (2, 1) if args.quick else (N_NEEDLES, N_QUESTIONS)
     check_memory(args, device)
 
-    progress(f"loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})")
+    errors.progress(f"loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})")
     m, tok = model_lib.load(args.model, device=device)
     geo = get_geometry(args.geometry, m)
     limit = kvzip.max_context_tokens(m, tok)
     default_score = limit if device.type == "cuda" else QUICK_SCORE_CTX if args.quick else CPU_SCORE_CTX
     n_score = min(args.ctx, args.score_ctx or default_score, limit)
     if args.score_ctx and args.score_ctx > limit:
-        progress(f"--score-ctx {args.score_ctx:,} is beyond the model's context limit: using {limit:,}")
-    progress(f"--ctx {args.ctx:,} tokens; real-model context {n_score:,} tokens")
+        errors.progress(f"--score-ctx {args.score_ctx:,} is beyond the model's context limit: using {limit:,}")
+    errors.progress(f"--ctx {args.ctx:,} tokens; real-model context {n_score:,} tokens")
 
     # The real model first, before the big synthetic caches take memory (peaks are measured here).
-    kv, probes, questions, scoring = real_run(m, tok, n_score, n_needles, n_questions, device, base)
-    quality = quality_row(m, tok, kv, probes, questions, args.ratio)
+    kv, probes, questions, scoring = real_run(m, tok, n_score, n_needles=n_needles, n_questions=n_questions,
+                                              device=device, base=base)
+    quality = quality_row(m, tok, kv, probes=probes, questions=questions, ratio=args.ratio)
     ratios = [args.ratio] + ([r for r in SWEEP_RATIOS if r != args.ratio] if args.sweep else [])
     fractions = {r: head_fractions(kv.scores, r).cpu() for r in ratios}
     n_p = kv.n_prefix
@@ -814,16 +856,17 @@ def main(args: argparse.Namespace) -> dict:
     multi_chunk = None
     if args.sweep and not args.quick:  # the regime of the paper's ~2x: each chunk's forward sees the whole cache
         n_multi = min(SWEEP_SCORE_CTX, limit)
-        context, _, _ = fitting_context(m, tok, n_multi, 4, 0, seed=1)
-        multi_chunk = scoring_cost(m, tok, context, device, base)[1]
+        context, _, _ = fitting_context(m, tok, n_multi, n_needles=4, n_questions=0, seed=1)
+        multi_chunk = scoring_cost(m, tok, context, device=device, base=base)[1]
 
     kern = _kernels(device)
     decode_dtype = geo.torch_dtype if device.type == "cuda" else m.dtype
-    rows = measure_geometry(geo, n_p, args.ctx, fractions, ratios, device, decode_dtype, reps, kern)
+    timing = dict(device=device, decode_dtype=decode_dtype, reps=reps, kern=kern)  # both time alike
+    rows = measure_geometry(geo, n_p=n_p, n_c=args.ctx, fractions=fractions, ratios=ratios, **timing)
     main_row = rows[0]
     quantized, quantized_decode = measure_quantized(
-        geo, n_p, args.ctx, target_budgets(fractions[args.ratio], geo, args.ctx, args.ratio), args.ratio,
-        main_row["full_bytes"], main_row["compressed_bytes"], device, decode_dtype, reps, kern)
+        geo, n_p=n_p, n_c=args.ctx, counts=target_budgets(fractions[args.ratio], geo, args.ctx, args.ratio),
+        ratio=args.ratio, full_bytes=main_row["full_bytes"], comp_bytes=main_row["compressed_bytes"], **timing)
 
     res = dict(
         ctx=args.ctx,

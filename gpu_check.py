@@ -16,7 +16,11 @@ The steps, each one timed:
   4. bench     python bench.py --ctx 124k --ratio 0.3 --device cuda --json FILE
 --dry runs steps 2 and 3 at tiny shapes (a CPU needs TRITON_INTERPRET=1, which --dry sets), runs
 step 4's command only as far as bench.py's device check (its arguments must parse, and on a CPU it
-must stop there with one line), and skips step 1 (the test suite runs those tests anyway). The test suite runs --dry, so a typo cannot wait for the first GPU.
+must stop there with one line), and skips step 1 (the test suite runs those tests anyway). The
+test suite runs --dry, so a typo cannot wait for the first GPU.
+Output, as for every command: progress lines on stderr (errors.progress, one as each step starts);
+on stdout the results: the output of steps 1 and 4 as they run (pytest's, and bench.py's report,
+whose progress goes to stderr too), then the summary table, a line per step.
 Nothing imports this file.
 """
 import json
@@ -68,16 +72,16 @@ def check_scoring(shape, device, reps):
     k = torch.randn(Hkv, n_p + n_c + n_q, D, generator=g, device=device).to(shape["dtype"])  # (Hkv, |K'|, D)
     v = torch.randn_like(k)
     kern = kvzip.triton_kernels(device)
-    fused = lambda: kern.chunk_max_scores(q, k, n_p, n_c)  # noqa: E731
+    kernel = lambda: kern.chunk_max_scores(q, k, n_p, n_c)  # noqa: E731
     reference = lambda: kvzip.chunk_scores_reference(q, k, n_p, n_c)  # noqa: E731
     # SDPA over the same keys with the same visibility: every cached key, input keys causally
     visible = torch.ones(n_q, k.shape[1], dtype=torch.bool, device=device)
     visible[:, n_p + n_c:] = torch.ones(n_q, n_q, dtype=torch.bool, device=device).tril()
     sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
         q.reshape(1, Hkv * G, n_q, D), k[None], v[None], attn_mask=visible, enable_gqa=True)
-    err = (fused() - reference()).abs().max().item()
+    err = (kernel() - reference()).abs().max().item()
     t = {name: time_fn(fn, device, reps) for name, fn in
-         (("kernels.chunk_max_scores", fused), ("kvzip.chunk_scores_reference", reference), ("SDPA", sdpa))}
+         (("kernels.chunk_max_scores", kernel), ("kvzip.chunk_scores_reference", reference), ("SDPA", sdpa))}
     return dict(shape=f"Hkv {Hkv}, G {G}, D {D}, n_q {n_q}, |K'| {k.shape[1]}, {str(q.dtype)[6:]}",
                 max_abs_diff=err, ms={n: s * 1e3 for n, s in t.items()})
 
@@ -117,11 +121,33 @@ def check_decode(shape, device, reps):
 
 
 def run_step(name, fn, summary):
+    """Run one step, timed: its (name, seconds, result) joins the summary."""
     t0 = time.perf_counter()
-    print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
+    errors.progress(f"{name} ...")
     result = fn()
     summary.append((name, time.perf_counter() - t0, result))
     return result
+
+
+def step_text(step, result, out_json) -> str:
+    """A step's result in the summary table: the figures of scoring and decode, passed or FAILED
+    for a command's exit code, the text of a skipped or dry step."""
+    if step == "scoring":
+        ms = result["ms"]
+        return (f"{result['shape']}: " + ", ".join(f"{n} {t:,.2f} ms" for n, t in ms.items())
+                + f"; fused / SDPA {ms['kernels.chunk_max_scores'] / ms['SDPA']:.2f}, "
+                f"max |fused - reference| {result['max_abs_diff']:.1e}")
+    if step == "decode":
+        return (f"{result['keys']:,} keys, ratio {result['ratio']}: full (SDPA) {result['ms_full']:.3f} ms "
+                f"{result['gbps_full']:.0f} GB/s ({result['share_full']:.0%}), compressed (varlen kernel) "
+                f"{result['ms_compressed']:.3f} ms {result['gbps_compressed']:.0f} GB/s "
+                f"({result['share_compressed']:.0%}); compressed / full "
+                f"{result['ms_compressed'] / result['ms_full']:.2f}; x.sum() reads {result['gbps_read']:.0f} GB/s; "
+                f"max |diff| {result['max_abs_diff']:.1e}")
+    if isinstance(result, int):
+        text = "passed" if result == 0 else f"FAILED (exit code {result})"
+        return text + f": {out_json}" if step == "bench" and result == 0 else text
+    return str(result)
 
 
 def main(argv=None) -> dict:
@@ -159,29 +185,10 @@ def main(argv=None) -> dict:
     else:
         run_step("bench", lambda: subprocess.run(bench_cmd, check=False).returncode, summary)
 
-    lines = [f"gpu_check | {name} | torch {torch.__version__}" + (" | --dry: tiny shapes" if args.dry else ""),
-             f"{'step':<9}{'seconds':>9}  result"]
-    for step, seconds, result in summary:
-        if step == "scoring":
-            ms = result["ms"]
-            text = (f"{result['shape']}: " + ", ".join(f"{n} {t:,.2f} ms" for n, t in ms.items())
-                    + f"; fused / SDPA {ms['kernels.chunk_max_scores'] / ms['SDPA']:.2f}, "
-                    f"max |fused - reference| {result['max_abs_diff']:.1e}")
-        elif step == "decode":
-            text = (f"{result['keys']:,} keys, ratio {result['ratio']}: full (SDPA) {result['ms_full']:.3f} ms "
-                    f"{result['gbps_full']:.0f} GB/s ({result['share_full']:.0%}), compressed (varlen kernel) "
-                    f"{result['ms_compressed']:.3f} ms {result['gbps_compressed']:.0f} GB/s "
-                    f"({result['share_compressed']:.0%}); compressed / full "
-                    f"{result['ms_compressed'] / result['ms_full']:.2f}; x.sum() reads {result['gbps_read']:.0f} GB/s; "
-                    f"max |diff| {result['max_abs_diff']:.1e}")
-        elif isinstance(result, int):
-            text = "passed" if result == 0 else f"FAILED (exit code {result})"
-            if step == "bench" and result == 0:
-                text += f": {out_json}"
-        else:
-            text = str(result)
-        lines.append(f"{step:<9}{seconds:>9.1f}  {text}")
-    print("\n".join(lines))
+    header = f"gpu_check | {name} | torch {torch.__version__}" + (" | --dry: tiny shapes" if args.dry else "")
+    print("\n".join([header, f"{'step':<9}{'seconds':>9}  result"]
+                    + [f"{step:<9}{seconds:>9.1f}  {step_text(step, result, out_json)}"
+                       for step, seconds, result in summary]))
     res = dict(device=name, dry=args.dry, steps={s: r for s, _, r in summary})
     if args.json:
         with open(args.json, "w") as f:

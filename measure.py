@@ -21,6 +21,7 @@ READ_PROBE_BYTES = 256 * 2**20  # x.sum() over 256 MiB of float32 measures the r
 
 
 def sync(device):
+    """Wait for the device's queued kernels (CUDA), so that the clock reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 

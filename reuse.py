@@ -18,17 +18,17 @@ The same context also gives the quantized rows: KVzip caches stored in int8 / in
 
 Map of this file: the methods and presets, the evaluation of one cache (_answer,
 _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
-(_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask,
-_compress), the intervals and _summarize (one row), run_quality (the experiment),
-format_quality_table, format_kinds_table (what each method keeps of digits, punctuation and
-words), plot_quality (the figure), main(). Nothing imports this file.
+(_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask),
+the intervals and _summarize (one row), run_quality (the experiment) and its steps (_settings,
+_score_baselines, _evaluate_caches, _result), format_quality_table, format_kinds_table (what each
+method keeps of digits, punctuation and words), plot_quality (the figure), main(). Nothing
+imports this file.
 """
 import argparse
 import json
 import math
 import os
 import random
-import sys
 import time
 
 import errors
@@ -80,22 +80,19 @@ QUALITY_PRESETS = {
     # question first, so agreement measures how faithfully the compressed cache reproduces the
     # full cache's greedy continuation.
     # Needles (tasks.varied_needle_task) are each a different sentence with a 3-digit number: with
-    # needle_task's shared template ("The pass key for the red door is 48213.") the 135M model's
-    # full cache answered only 10 of 32 probes (1.5K tokens, 8 needles, 5 digits; 8 of 32 with 3
-    # digits, 7 of 48 with 12 needles in 1K tokens): it answers with another needle's key. Varied
-    # sentences: 35 of 36 (1K tokens, 12 needles), 33 of 36 (2K tokens). Only probes the full
-    # cache gets right count, so sixteen needles per context give many counted probes per prefill
-    # and scoring pass. needle_max_new = 5 covers a 3-digit answer and the token after it (which
-    # tells "432" from "4321"); longer answers only cost decoding.
-    # Ratios: answering dominates the run time (every cache answers every query, ~0.4 s per probe
-    # on one CPU thread; 17 caches per context by default), so each method runs only where it can
-    # tell us something: KVzip at kvzip_ratios (beside the baselines at 0.3, the ablations at 0.1
-    # and head-level at 0.6); the query-aware baselines at baseline_ratios (below 0.3 they kept
-    # almost no probe in earlier runs, at 0.7 some); the controls (StreamingLLM, random) at one
-    # ratio; KVzip's pair-level ablations at 0.1, where KVzip itself loses probes (where it keeps
-    # them all an ablation cannot differ); head-level at the paper's 0.6; ratio 1 once, shared.
-    # Scoring is the other large cost (four KVzip passes per context for the ablations), hence
-    # contexts of 1-1.5K tokens.
+    # needle_task's one shared template ("The pass key for the red door is 48213.") the 135M model
+    # often answers with another needle's key even from the full cache, and only probes the full
+    # cache gets right count. Sixteen needles per context then give many counted probes per
+    # prefill and scoring pass. needle_max_new = 5 covers a 3-digit answer and the token after it
+    # (which tells "432" from "4321"); longer answers only cost decoding.
+    # Ratios: answering dominates the run time (every cache answers every query: 17 caches per
+    # context by default), so each method runs only where it can tell us something: KVzip at
+    # kvzip_ratios (beside the baselines at 0.3, the ablations at 0.1 and head-level at 0.6); the
+    # query-aware baselines at baseline_ratios (below 0.3 they keep almost no probe, at 0.7
+    # some); the controls (StreamingLLM, random) at one ratio; KVzip's pair-level ablations at
+    # 0.1, where KVzip itself loses probes (where it keeps them all an ablation cannot differ);
+    # head-level at the paper's 0.6; ratio 1 once, shared. Scoring is the other large cost (four
+    # KVzip passes per context for the ablations), hence contexts of 1-1.5K tokens.
     "default": dict(needle_contexts=3, needle_tokens=(1000, 1500, 1000), needles=(16,), key_digits=3,
                     fact_contexts=1, fact_entities=6, fact_filler_words=400, questions_per_context=6,
                     recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
@@ -144,8 +141,6 @@ def _answer(m, tok, cache, q_ids, ref, max_new) -> str:
     return tok.decode(out)
 
 
-
-
 def _reconstruction_nll(m, cache, spans) -> float:
     """Summed NLL (nats) of each span's context tokens, teacher-forced after its reconstruction prompt."""
     total = 0.0
@@ -163,14 +158,14 @@ def _quality_contexts(tok, cfg, seed):
     for i in range(cfg["needle_contexts"]):
         n_tokens = cfg["needle_tokens"][i % len(cfg["needle_tokens"])]
         n_needles = cfg["needles"][i % len(cfg["needles"])]
-        t = tasks.varied_needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok,
-                                     key_digits=cfg["key_digits"])
-        probes = random.Random(f"quality-needle-{seed}-{i}").sample(t["probes"], n_needles)  # asking order
-        out.append(dict(kind="needle", context=t["context"], template=False, queries=probes))
+        task = tasks.varied_needle_task(n_tokens, n_needles=n_needles, seed=1000 * seed + i, tok=tok,
+                                        key_digits=cfg["key_digits"])
+        probes = random.Random(f"quality-needle-{seed}-{i}").sample(task["probes"], n_needles)  # asking order
+        out.append(dict(kind="needle", context=task["context"], template=False, queries=probes))
     for i in range(cfg["fact_contexts"]):
-        t = tasks.fact_task(cfg["fact_entities"], seed=1000 * seed + i, filler_words=cfg["fact_filler_words"])
-        qs = random.Random(f"quality-fact-{seed}-{i}").sample(t["questions"], cfg["questions_per_context"])
-        out.append(dict(kind="fact", context=t["context"], template=True, queries=qs))
+        task = tasks.fact_task(cfg["fact_entities"], seed=1000 * seed + i, filler_words=cfg["fact_filler_words"])
+        qs = random.Random(f"quality-fact-{seed}-{i}").sample(task["questions"], cfg["questions_per_context"])
+        out.append(dict(kind="fact", context=task["context"], template=True, queries=qs))
     return out
 
 
@@ -199,10 +194,10 @@ def _score_kvzip_variants(m, tok, kv, methods) -> tuple[dict, dict]:
     if "kvzip-uniform" in methods and "kvzip" not in wanted:
         wanted.append("kvzip")
     for meth in wanted:  # kvzip last, so kv.scores ends as its own
-        t = time.perf_counter()
+        start = time.perf_counter()
         scores[meth] = kvzip.score_context(m, tok, kv, chunk_size=VARIANT_CHUNKS.get(meth, kvzip.CHUNK_SIZE),
                                            scorer="logits" if meth == "kvzip-softmax-free" else "softmax")
-        seconds[meth] = time.perf_counter() - t
+        seconds[meth] = time.perf_counter() - start
     if "kvzip-uniform" in methods:  # the same scores, another budget rule
         scores["kvzip-uniform"], seconds["kvzip-uniform"] = scores["kvzip"], seconds["kvzip"]
     return scores, seconds
@@ -210,17 +205,17 @@ def _score_kvzip_variants(m, tok, kv, methods) -> tuple[dict, dict]:
 
 def _full_reference(m, tok, kv, ctx, cfg, offset=0.5) -> dict:
     """The full cache's side of every measure: its greedy answers (token ids), which needle probes
-    it gets right, and the reconstruction spans with their NLL. The k spans sit at depths
-    (i + offset) / k of the context; the caller varies offset over contexts (stratified depths), so
-    that with one span per context the spans still cover beginnings, middles and ends."""
+    it gets right, and the reconstruction spans with their NLL. The n_spans spans sit at depths
+    (i + offset) / n_spans of the context; the caller varies offset over contexts (stratified
+    depths), so that with one span per context the spans still cover beginnings, middles and ends."""
     max_new = cfg["needle_max_new" if ctx["kind"] == "needle" else "qa_max_new"]
     q_ids = [kvzip.query_ids(tok, q, ctx["template"]) for q, _ in ctx["queries"]]
     ref = [kvzip.generate_ids(m, tok, ids, kv, max_new) for ids in q_ids]
     right = [ctx["kind"] == "needle" and tasks.check_answer(tok.decode(r), a)
              for r, (_, a) in zip(ref, ctx["queries"])]
     spans = kvzip.reconstruction_inputs(tok, kv.context_ids, cfg["recon_span_tokens"])
-    k = min(cfg["recon_spans"], len(spans))
-    spans = [spans[int((i + offset) * len(spans) / k)] for i in range(k)]
+    n_spans = min(cfg["recon_spans"], len(spans))
+    spans = [spans[int((i + offset) * len(spans) / n_spans)] for i in range(n_spans)]
     return dict(q_ids=q_ids, ref=ref, right=right, max_new=max_new, spans=spans,
                 nll=_reconstruction_nll(m, kv.cache, spans),
                 n_tokens=sum(end - start for start, end, _ in spans))
@@ -245,24 +240,26 @@ def _kind_order(kind):
     return (tasks.TOKEN_KINDS.index(kind), "") if kind in tasks.TOKEN_KINDS else (len(tasks.TOKEN_KINDS), kind)
 
 
-def _keep_mask(kv, method, ratio, scores, head_scores, budget):
+def _scores_key(method) -> str:
+    """The scores a method ranks by: its own, but PyramidKV's are SnapKV's (with layer budgets of
+    its own)."""
+    return "snapkv" if method == "pyramidkv" else method
+
+
+def _keep_mask(kv, method, ratio, scores, hs, budget):
     """Which context pairs (bool (L, Hkv, n_c)) a method keeps at a ratio: KVzip's variants by
-    their own rule (head level, uniform, or the global ranking of their scores), the baselines by
-    theirs (baselines.eviction_budgets). The same mask gives the cache (kv.pack) and the kept share
-    of each token kind; test_reuse checks it against each method's own prune path."""
+    their own rule (head level by the head scores hs (L, Hkv), uniform, or the global ranking of
+    their scores), the baselines by theirs (baselines.eviction_budgets). The same mask gives the
+    cache (kv.pack) and the kept share of each token kind; test_reuse checks it against each
+    method's own prune path."""
     if method == "kvzip-head":
-        return kvzip.head_keep_mask(head_scores.to(kv.cache.k[0].device), ratio, kv.n_context)
+        return kvzip.head_keep_mask(hs.to(kv.cache.k[0].device), ratio, kv.n_context)
     if method == "kvzip-uniform":
         return kvzip.keep_mask(scores[method], ratio, uniform=True)
     if method in KVZIP_VARIANTS:
         return kvzip.keep_mask(scores[method], ratio)
-    s = scores["snapkv" if method == "pyramidkv" else method]
+    s = scores[_scores_key(method)]
     return kvzip.keep_mask(s, ratio, layer_budgets=baselines.eviction_budgets(method, ratio, s.shape, budget))
-
-
-def _compress(kv, method, ratio, scores, head_scores, budget):
-    """The compressed cache of one method at one ratio."""
-    return kv.pack(_keep_mask(kv, method, ratio, scores, head_scores, budget))
 
 
 def _wilson_ci(k, n, z=1.96):
@@ -318,9 +315,64 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
     methods: default METHODS (the baselines and KVzip's ablations); n_contexts: contexts per task
     (needle and fact each; default from the preset); quick: the small preset; budget: the
     baselines' budget rule (baselines.BUDGETS); head_scores: (L, Hkv) for kvzip-head (default:
-    computed here on calibration contexts); overrides: any QUALITY_PRESETS key (e.g.
-    needle_tokens=(200,) for tests). A measure with nothing to count is None.
+    computed here on calibration contexts); progress: progress lines on stderr (errors.progress);
+    overrides: any QUALITY_PRESETS key (e.g. needle_tokens=(200,) for tests). A measure with
+    nothing to count is None.
     """
+    methods, cfg, ratios_of, quantized = _settings(ratios=ratios, methods=methods, n_contexts=n_contexts,
+                                                   quick=quick, budget=budget, quantized=quantized,
+                                                   overrides=overrides)
+    say = errors.progress if progress else (lambda msg: None)
+    t0 = time.perf_counter()
+    head_seconds = 0.0
+    if "kvzip-head" in methods and head_scores is None:  # once per model, on other contexts
+        start = time.perf_counter()
+        head_scores = kvzip.head_scores(m, tok, _calibration_contexts(tok, cfg, seed))
+        head_seconds = time.perf_counter() - start
+        say(f"head scores from 2 calibration contexts: {head_seconds:.0f} s")
+
+    contexts = _quality_contexts(tok, cfg, seed)
+    counts = {(meth, r): [] for meth in methods for r in ratios_of[meth]}  # one count dict per context
+    quantized_counts = {rb: [] for rb in quantized}  # the same, for the quantized KVzip caches
+    scoring_seconds = {meth: 0.0 for meth in methods}  # summed over contexts
+    per_context = []
+    kinds = []  # tasks.token_kind of every context position, contexts concatenated
+    for ci, ctx in enumerate(contexts):
+        start = time.perf_counter()
+        kv = kvzip.prefill(m, tok, ctx["context"], score=False)
+        prefill_s = time.perf_counter() - start
+        scores, seconds = _score_kvzip_variants(m, tok, kv, methods)
+        full = _full_reference(m, tok, kv, ctx, cfg, offset=(ci + 0.5) / len(contexts))
+        _score_baselines(m, tok, kv, ctx, methods=methods, scores=scores, seconds=seconds, seed=seed + ci)
+        for meth in methods:
+            scoring_seconds[meth] += 0.0 if meth == "kvzip-head" else seconds[_scores_key(meth)]
+        start = time.perf_counter()
+        kinds += [tasks.token_kind(tok.decode([i])) for i in kv.context_ids]
+        plain, stored = _evaluate_caches(m, tok, kv, ctx, full, scores=scores, methods=methods, ratios_of=ratios_of,
+                                         quantized=quantized, hs=head_scores, budget=budget)
+        for key, count in plain:
+            counts[key].append(count)
+        for key, count in stored:
+            quantized_counts[key].append(count)
+        right, n_q = sum(full["right"]), len(full["ref"])
+        per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
+                                full_right=right, recon_tokens=full["n_tokens"],
+                                full_nll_per_token=full["nll"] / max(1, full["n_tokens"]),
+                                prefill_seconds=round(prefill_s, 2),
+                                scoring_seconds={k: round(v, 2) for k, v in seconds.items()}))
+        say(f"context {ci + 1}/{len(contexts)} ({ctx['kind']}, {kv.n_context} tokens, {n_q} queries"
+            + (f", {right} right with the full cache" if ctx["kind"] == "needle" else "")
+            + f"): prefill {prefill_s:.0f} s, scoring {sum(seconds.values()):.0f} s, "
+            f"evaluation {time.perf_counter() - start:.0f} s")
+
+    return _result(counts, quantized_counts, per_context, kinds, methods=methods, ratios_of=ratios_of,
+                   quantized=quantized, seed=seed, quick=quick, cfg=cfg, budget=budget,
+                   scoring_seconds=scoring_seconds, head_seconds=head_seconds, hs=head_scores, t0=t0)
+
+
+def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, overrides):
+    """run_quality's arguments, checked before any work (ValueError) and resolved: (the methods,
+    the preset with its overrides, {method: its ratios}, the quantized (ratio, bits) pairs)."""
     methods = tuple(methods or METHODS)
     for meth in methods:
         if meth not in METHODS:
@@ -339,73 +391,60 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
     for r, bits in quantized:
         kvzip.check_ratio(r)
         quant.check_bits(bits)
-    t0 = time.perf_counter()
+    return methods, cfg, ratios_of, quantized
 
-    def log(msg):  # progress goes to stderr, so stdout stays the table / JSON
-        if progress:
-            print(f"[quality {time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    head_seconds = 0.0
-    if "kvzip-head" in methods and head_scores is None:  # once per model, on other contexts
-        head_seconds = time.perf_counter()
-        head_scores = kvzip.head_scores(m, tok, _calibration_contexts(tok, cfg, seed))
-        head_seconds = time.perf_counter() - head_seconds
-        log(f"head scores from 2 calibration contexts: {head_seconds:.0f} s")
+def _score_baselines(m, tok, kv, ctx, *, methods, scores, seconds, seed):
+    """Adds to scores and seconds (_score_kvzip_variants') those of the baselines in `methods`
+    not scored yet. The query-aware ones see the context's first query only: the cache must then
+    answer every query of its context."""
+    first_query = ctx["queries"][0][0]
+    for meth in methods:
+        key = _scores_key(meth)
+        if meth in baselines.METHODS and key not in scores:
+            start = time.perf_counter()
+            scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"], seed=seed)
+            seconds[key] = time.perf_counter() - start
 
-    contexts = _quality_contexts(tok, cfg, seed)
-    counts = {(meth, r): [] for meth in methods for r in ratios_of[meth]}  # one count dict per context
-    scoring_seconds = {meth: 0.0 for meth in methods}  # summed over contexts
-    quantized_counts = {rb: [] for rb in quantized}  # the same, for the quantized KVzip caches
-    per_context = []
-    kinds = []  # tasks.token_kind of every context position, contexts concatenated
-    for ci, ctx in enumerate(contexts):
-        t1 = time.perf_counter()
-        kv = kvzip.prefill(m, tok, ctx["context"], score=False)
-        prefill_s = time.perf_counter() - t1
-        scores, seconds = _score_kvzip_variants(m, tok, kv, methods)
-        full = _full_reference(m, tok, kv, ctx, cfg, offset=(ci + 0.5) / len(contexts))
-        right, n_q = full["right"], len(full["ref"])
-        # score once per method: query-aware methods see the first query only
-        first_query = ctx["queries"][0][0]
-        for meth in methods:
-            key = "snapkv" if meth == "pyramidkv" else meth  # PyramidKV = SnapKV scores + layer budgets
-            if meth in baselines.METHODS and key not in scores:
-                t = time.perf_counter()
-                scores[key] = baselines.method_scores(key, m, tok, kv, first_query, ctx["template"], seed=seed + ci)
-                seconds[key] = time.perf_counter() - t
-            scoring_seconds[meth] += 0.0 if meth == "kvzip-head" else seconds[key]
-        t2 = time.perf_counter()
-        kinds += [tasks.token_kind(tok.decode([i])) for i in kv.context_ids]
-        res_full = None  # at ratio 1 every method keeps every pair: one cache, evaluated once
-        for meth in methods:
-            for r in ratios_of[meth]:
-                keep = _keep_mask(kv, meth, r, scores, head_scores, budget)  # (L, Hkv, n_c)
-                if r < 1 or res_full is None:
-                    ckv = kv.pack(keep)
-                    res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
-                    if r == 1:
-                        res_full = res
-                res = res_full if r == 1 else res
-                kept = keep.float().mean(dim=(0, 1)).tolist()  # (n_c,): the share of heads keeping each position
-                counts[(meth, r)].append(dict(res, probes=sum(right), full_nll=full["nll"],
-                                              questions=n_q if ctx["kind"] == "fact" else 0, kept=kept))
-        for r, bits in quantized if "kvzip" in scores else ():  # KVzip's own scores, stored in int8 / int4
-            keep = _keep_mask(kv, "kvzip", r, scores, head_scores, budget)  # the same pairs as bits 16
-            ckv = kv.pack(keep, bits=bits)
-            res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
-            quantized_counts[(r, bits)].append(dict(res, probes=sum(right), full_nll=full["nll"],
-                                                    questions=n_q if ctx["kind"] == "fact" else 0,
-                                                    kept=keep.float().mean(dim=(0, 1)).tolist()))
-        per_context.append(dict(kind=ctx["kind"], n_context=kv.n_context, n_queries=n_q,
-                                full_right=sum(right), recon_tokens=full["n_tokens"],
-                                full_nll_per_token=full["nll"] / max(1, full["n_tokens"]),
-                                prefill_seconds=round(prefill_s, 2),
-                                scoring_seconds={k: round(v, 2) for k, v in seconds.items()}))
-        log(f"context {ci + 1}/{len(contexts)} ({ctx['kind']}, {kv.n_context} tokens, {n_q} queries"
-            + (f", {sum(right)} right with the full cache" if ctx["kind"] == "needle" else "")
-            + f"): prefill {prefill_s:.0f} s, scoring {sum(seconds.values()):.0f} s, "
-            f"evaluation {time.perf_counter() - t2:.0f} s")
 
+def _evaluate_caches(m, tok, kv, ctx, full, *, scores, methods, ratios_of, quantized, hs, budget):
+    """Every cache of one context, pruned from kv and evaluated against the full cache's side
+    `full`: ([((method, ratio), count)], [((ratio, bits), count)] for the quantized KVzip caches),
+    each count as _summarize reads it. At ratio 1 every method keeps every pair: one cache,
+    evaluated once."""
+    plain, stored = [], []
+    res_full = None
+    for meth in methods:
+        for r in ratios_of[meth]:
+            keep = _keep_mask(kv, meth, r, scores, hs, budget)  # (L, Hkv, n_c)
+            if r < 1 or res_full is None:
+                ckv = kv.pack(keep)
+                res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
+                if r == 1:
+                    res_full = res
+            plain.append(((meth, r), _count(res_full if r == 1 else res, keep, ctx, full)))
+    for r, bits in quantized if "kvzip" in scores else ():  # KVzip's own scores, stored in int8 / int4
+        keep = _keep_mask(kv, "kvzip", r, scores, hs, budget)  # the same pairs as bits 16
+        ckv = kv.pack(keep, bits=bits)
+        res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
+        stored.append(((r, bits), _count(res, keep, ctx, full)))
+    return plain, stored
+
+
+def _count(res, keep, ctx, full) -> dict:
+    """One cache's count on one context: its results res (_evaluate's, with kept_ratio), the full
+    cache's side (the probes it gets right, its NLL, the questions asked), and kept (n_c,): the
+    share of heads keeping each context position."""
+    return dict(res, probes=sum(full["right"]), full_nll=full["nll"],
+                questions=len(full["ref"]) if ctx["kind"] == "fact" else 0,
+                kept=keep.float().mean(dim=(0, 1)).tolist())
+
+
+def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of, quantized, seed, quick, cfg,
+            budget, scoring_seconds, head_seconds, hs, t0) -> dict:
+    """run_quality's result: one row per (method, ratio) and per quantized (ratio, bits) from the
+    per-context counts, the totals over contexts, the settings, the head scores hs (L, Hkv) of
+    kvzip-head, and the seconds (t0: the start)."""
     rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed))
             for (meth, r), cs in counts.items()]
     rows += [dict(method="kvzip", ratio=r, bits=bits, **_summarize(cs, kinds, seed))
@@ -416,7 +455,7 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
         rows=rows, methods=list(methods), ratios=sorted({r for rs in ratios_of.values() for r in rs}),
         quantized=[list(rb) for rb in quantized],
         seed=seed, quick=quick, config=cfg, baseline_budget=budget,
-        n_contexts=len(contexts), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
+        n_contexts=len(per_context), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
         n_probes_asked=sum(c["n_queries"] for c in needle),
         n_probes=sum(c["full_right"] for c in needle),  # those the full cache gets right: the denominator
         n_questions=sum(c["n_queries"] for c in fact),
@@ -427,7 +466,7 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
         prefill_seconds=round(sum(c["prefill_seconds"] for c in per_context), 1),
         scoring_seconds={k: round(v, 3) for k, v in scoring_seconds.items()},  # per method, all contexts
         head_scores_seconds=round(head_seconds, 3),  # once per model (kvzip-head), not per context
-        head_scores=None if head_scores is None else head_scores.tolist(),  # (L, Hkv)
+        head_scores=None if hs is None else hs.tolist(),  # (L, Hkv)
         per_context=per_context,
         seconds=round(time.perf_counter() - t0, 1))
 
@@ -469,7 +508,7 @@ def format_quality_table(result) -> str:
 def format_kinds_table(result) -> str:
     """A text table: rows method x ratio (below 1), columns the kept % of each token kind's pairs."""
     kinds = list(result.get("token_kinds", {}))
-    rows = [r for r in result["rows"] if r.get("kept_by_kind") and r["ratio"] < 1]
+    rows = [row for row in result["rows"] if row.get("kept_by_kind") and row["ratio"] < 1]
     if not rows:
         return ""
     order = {meth: i for i, meth in enumerate(result["methods"])}
@@ -591,16 +630,16 @@ def main(args: argparse.Namespace) -> dict:
                          budget=args.baseline_budget, head_scores=hs)
     if args.head_scores and hs is None and result.get("head_scores") is not None:
         kvzip.save_head_scores(args.head_scores, torch.tensor(result["head_scores"]), m)
-        print(f"wrote {args.head_scores}", file=sys.stderr)
+        errors.progress(f"wrote {args.head_scores}")
     print(format_quality_table(result))
     print()
     print(format_kinds_table(result))
     plot_quality(result, args.plot)
-    print(f"wrote {args.plot}", file=sys.stderr)
+    errors.progress(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        errors.progress(f"wrote {args.json}")
     return result
 
 

@@ -16,10 +16,6 @@ from conftest import HERE
 
 
 # -----------------------------------------------------------------------------
-# bench.py: arguments, budgets, memory accounting, a tiny end-to-end run
-
-
-# -----------------------------------------------------------------------------
 # arguments
 
 @pytest.mark.parametrize("text, n", [("124k", 124_000), ("124K", 124_000), ("4096", 4096),
@@ -63,30 +59,30 @@ def test_bad_arguments_from_the_command_line():
 # geometries, budgets, masks
 
 def test_llama_geometry_matches_the_paper():
-    g = bench.get_geometry("llama3.1-8b")
-    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.group) == (32, 32, 8, 128, 4)
-    assert round(g.kv_bytes(124_000) / 1e9, 1) == 16.3  # the paper's 16.3 GB at 124K tokens
+    geo = bench.get_geometry("llama3.1-8b")
+    assert (geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, geo.group) == (32, 32, 8, 128, 4)
+    assert round(geo.kv_bytes(124_000) / 1e9, 1) == 16.3  # the paper's 16.3 GB at 124K tokens
     with pytest.raises(ValueError, match="unknown geometry"):
         bench.get_geometry("gpt-5")
 
 
 def test_model_geometry_reads_the_loaded_model():
     cfg = SimpleNamespace(n_layer=2, n_head=4, n_kv_head=2, head_dim=16)
-    g = bench.get_geometry("model", SimpleNamespace(cfg=cfg, dtype=torch.float32))
-    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.dtype) == (2, 4, 2, 16, "float32")
+    geo = bench.get_geometry("model", SimpleNamespace(cfg=cfg, dtype=torch.float32))
+    assert (geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim, geo.dtype) == (2, 4, 2, 16, "float32")
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.8, 0.3, 0.2, 0.01])
 @pytest.mark.parametrize("geometry", ["llama3.1-8b", "smollm2-135m", "qwen2.5-7b"])
 def test_target_budgets_total_and_cap(ratio, geometry):
-    g = bench.get_geometry(geometry)
+    geo = bench.get_geometry(geometry)
     n_c = 1000
     # a skewed real pattern from 5 "layers" x 3 heads: some heads keep everything, some nothing
     fractions = torch.tensor([[1.0, 0.0, 0.5], [0.9, 0.1, 0.3], [1.0, 1.0, 0.0],
                               [0.2, 0.2, 0.2], [0.05, 0.6, 0.95]])
-    counts = bench.target_budgets(fractions, g, n_c, ratio)
-    assert counts.shape == (g.n_layers, g.n_kv_heads) and counts.dtype == torch.int64
-    assert int(counts.sum()) == round(ratio * g.n_layers * g.n_kv_heads * n_c)
+    counts = bench.target_budgets(fractions, geo, n_c, ratio)
+    assert counts.shape == (geo.n_layers, geo.n_kv_heads) and counts.dtype == torch.int64
+    assert int(counts.sum()) == round(ratio * geo.n_layers * geo.n_kv_heads * n_c)
     assert int(counts.min()) >= 0 and int(counts.max()) <= n_c
     if ratio == 1.0:
         assert bool((counts == n_c).all())
@@ -94,9 +90,9 @@ def test_target_budgets_total_and_cap(ratio, geometry):
 
 def test_target_budgets_follow_the_pattern():
     """Same number of heads: the pattern is copied as is (it already keeps `ratio` overall)."""
-    g = bench.Geometry("t", 2, 4, 2, 16, "float32")
+    geo = bench.Geometry("t", 2, 4, 2, 16, "float32")
     fractions = torch.tensor([[0.1, 0.3], [0.5, 0.3]])  # mean 0.3
-    assert bench.target_budgets(fractions, g, 100, 0.3).tolist() == [[10, 30], [50, 30]]
+    assert bench.target_budgets(fractions, geo, 100, 0.3).tolist() == [[10, 30], [50, 30]]
 
 
 def test_spread_keep_mask_keeps_exactly_the_budget():
@@ -108,9 +104,9 @@ def test_spread_keep_mask_keeps_exactly_the_budget():
 
 def test_cache_memory_counts_real_objects():
     """Compressed bytes = kept rows of K and V plus the int64 offsets, layer by layer."""
-    g = bench.Geometry("t", 3, 4, 2, 8, "float32")
+    geo = bench.Geometry("t", 3, 4, 2, 8, "float32")
     n_p, n_c = 5, 40
-    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    full = bench.random_layer(geo, n_p + n_c, torch.float32, torch.device("cpu"))
     counts = torch.tensor([[10, 20], [0, 40], [12, 12]])
     full_bytes, comp = bench.cache_memory(full, n_p, n_c, counts)
     assert full_bytes == 3 * 2 * 2 * (n_p + n_c) * 8 * 4
@@ -122,20 +118,22 @@ def test_cache_memory_counts_real_objects():
 def test_quantized_memory_equals_every_layer_built_for_real(dtype):
     """measure_quantized's bytes (one real layer's bytes per kept pair, times every layer's kept
     pairs) equal the nbytes of all L layers' CompressedKV built for real at each bit width."""
-    g = bench.Geometry("t", 3, 4, 2, 64, str(dtype).removeprefix("torch."))
+    geo = bench.Geometry("t", 3, 4, 2, 64, str(dtype).removeprefix("torch."))
     n_p, n_c, ratio = 5, 40, 0.3
-    full = bench.random_layer(g, n_p + n_c, dtype, torch.device("cpu"))
-    counts = bench.target_budgets(torch.tensor([[0.1, 0.6], [0.0, 0.5], [0.3, 0.3]]), g, n_c, ratio)
+    full = bench.random_layer(geo, n_p + n_c, dtype, torch.device("cpu"))
+    counts = bench.target_budgets(torch.tensor([[0.1, 0.6], [0.0, 0.5], [0.3, 0.3]]), geo, n_c, ratio)
     full_bytes, comp = bench.cache_memory(full, n_p, n_c, counts)
-    memory, decode = bench.measure_quantized(g, n_p, n_c, counts, ratio, full_bytes, comp, torch.device("cpu"),
-                                             torch.float32, 1, None)
-    assert [(m["bits"], m["ratio"]) for m in memory] == [(16, 1.0), (8, 1.0), (4, 1.0), (16, 0.3), (8, 0.3), (4, 0.3)]
-    for m in memory:
-        keep = torch.ones(3, 2, n_c, dtype=torch.bool) if m["ratio"] == 1.0 else bench.spread_keep_mask(counts, n_c)
-        real = sum(kvzip.CompressedKV.from_full(full, n_p, keep[l:l + 1], "reference", bits=m["bits"]).nbytes
+    memory, decode = bench.measure_quantized(geo, n_p=n_p, n_c=n_c, counts=counts, ratio=ratio, full_bytes=full_bytes,
+                                             comp_bytes=comp, device=torch.device("cpu"), decode_dtype=torch.float32,
+                                             reps=1, kern=None)
+    assert [(row["bits"], row["ratio"]) for row in memory] == [(16, 1.0), (8, 1.0), (4, 1.0), (16, 0.3), (8, 0.3),
+                                                              (4, 0.3)]
+    for row in memory:
+        keep = torch.ones(3, 2, n_c, dtype=torch.bool) if row["ratio"] == 1.0 else bench.spread_keep_mask(counts, n_c)
+        real = sum(kvzip.CompressedKV.from_full(full, n_p, keep[l:l + 1], "reference", bits=row["bits"]).nbytes
                    for l in range(3))  # the stored cache, without the CPU's decode plans (as cache_memory)
-        assert m["bytes"] == real and m["fraction_of_full"] == real / full_bytes
-    by = {(m["bits"], m["ratio"]): m["bytes"] for m in memory}
+        assert row["bytes"] == real and row["fraction_of_full"] == real / full_bytes
+    by = {(row["bits"], row["ratio"]): row["bytes"] for row in memory}
     assert by[(16, 0.3)] == comp
     assert by[(4, 1.0)] < by[(8, 1.0)] < by[(16, 1.0)]
     assert [d["bits"] for d in decode] == [16, 8, 4] and all(d["ms_per_layer"] > 0 for d in decode)
@@ -145,18 +143,18 @@ def test_llama_int4_at_0_3_stays_within_1_6_gb():
     """The issue's bound at the paper's geometry (124K tokens, Llama-3.1-8B), everything counted:
     int4 codes, fp16 scale and zero per 32 values, the offsets (here from the formula that
     test_quantized_memory_equals_every_layer_built_for_real checks against real objects)."""
-    g = bench.get_geometry("llama3.1-8b")
+    geo = bench.get_geometry("llama3.1-8b")
     n_p, n_c = 30, 124_000
-    rows = round(0.3 * g.n_layers * g.n_kv_heads * n_c) + g.n_layers * g.n_kv_heads * n_p
-    total = rows * 2 * g.head_dim * (4 + 1) / 8 + g.n_layers * (g.n_kv_heads + 1) * 8
+    rows = round(0.3 * geo.n_layers * geo.n_kv_heads * n_c) + geo.n_layers * geo.n_kv_heads * n_p
+    total = rows * 2 * geo.head_dim * (4 + 1) / 8 + geo.n_layers * (geo.n_kv_heads + 1) * 8
     assert 1.4e9 < total <= 1.6e9
 
 
 def test_decode_paths_agree():
     """Every full-cache path and the compressed path at ratio 1 compute the same attention."""
-    g = bench.Geometry("t", 1, 6, 2, 16, "float32")
+    geo = bench.Geometry("t", 1, 6, 2, 16, "float32")
     n_p, n_c = 3, 50
-    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    full = bench.random_layer(geo, n_p + n_c, torch.float32, torch.device("cpu"))
     q, k_new, v_new = torch.randn(2, 3, 1, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16)
     full.k[0][:, n_p + n_c] = k_new[:, 0]
     full.v[0][:, n_p + n_c] = v_new[:, 0]
@@ -167,8 +165,8 @@ def test_decode_paths_agree():
     for name, out in outs.items():
         bench._check_same(name, out, "model.attention", ref)
     full.k[0][:, n_p + n_c] = 0  # the compressed path must use its own tail, not this row
-    name, fn, nbytes, plan_bytes = bench.compressed_decode_path(full, n_p, n_c, torch.tensor([n_c, n_c]),
-                                                                q, k_new, v_new, None)
+    name, fn, nbytes, plan_bytes = bench.compressed_decode_path(full, n_p=n_p, n_c=n_c, counts=torch.tensor([n_c, n_c]),
+                                                                q=q, k_new=k_new, v_new=v_new, kern=None)
     assert name.endswith("fused.packed_decode") and plan_bytes > 0  # the CPU's one-token path
     bench._check_same("compressed", fn(), "model.attention", ref)
     assert nbytes == 2 * (2 * (n_p + n_c) + 2) * 16 * 4
@@ -179,14 +177,13 @@ def test_kernel_decode_path_agrees():
     the same attention over the uncompressed cache viewed as a packed one."""
     pytest.importorskip("triton", reason="Triton is not installed (no wheels for this platform)")
     import kernels
-    g = bench.Geometry("t", 1, 4, 2, 16, "float32")
+    geo = bench.Geometry("t", 1, 4, 2, 16, "float32")
     n_p, n_c = 3, 40
-    full = bench.random_layer(g, n_p + n_c, torch.float32, torch.device("cpu"))
+    full = bench.random_layer(geo, n_p + n_c, torch.float32, torch.device("cpu"))
     q = torch.randn(2, 2, 1, 16)
     paths = bench.full_decode_paths(full, q, kernels)
     ref = paths["model.attention"]()
     bench._check_same("kernel", paths["kernels.varlen_decode_attention"](), "model.attention", ref)
-
 
 
 # -----------------------------------------------------------------------------
@@ -229,12 +226,12 @@ def test_tiny_run_json_keys(tiny_run):
     frac = data["memory"]["compressed_bytes"] / data["memory"]["full_bytes"]
     assert abs(frac / data["memory"]["expected_fraction"] - 1) < 0.02
     quantized = data["memory"]["quantized"]
-    assert {(q["bits"], q["ratio"]) for q in quantized} == {(b, r) for b in (16, 8, 4) for r in (1.0, 0.5)}
-    for q in quantized:
-        assert set(q) == {"bits", "ratio", "bytes", "fraction_of_full"}
-        assert q["fraction_of_full"] == q["bytes"] / data["memory"]["full_bytes"]
-        if (q["bits"], q["ratio"]) == (16, 0.5):
-            assert q["bytes"] == data["memory"]["compressed_bytes"]
+    assert {(row["bits"], row["ratio"]) for row in quantized} == {(b, r) for b in (16, 8, 4) for r in (1.0, 0.5)}
+    for row in quantized:
+        assert set(row) == {"bits", "ratio", "bytes", "fraction_of_full"}
+        assert row["fraction_of_full"] == row["bytes"] / data["memory"]["full_bytes"]
+        if (row["bits"], row["ratio"]) == (16, 0.5):
+            assert row["bytes"] == data["memory"]["compressed_bytes"]
     assert [d["bits"] for d in data["quantized_decode"]] == [16, 8, 4]
 
 

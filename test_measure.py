@@ -4,6 +4,7 @@ import torch
 
 import measure
 
+
 def test_peak_memory_sees_an_allocation():
     measure.release_freed_memory()  # PeakMemory trims on entry too: measure the base after a trim
     before = measure.proc_status("VmRSS")

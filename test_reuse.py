@@ -132,11 +132,11 @@ def test_keep_mask_is_what_each_method_prunes(tiny_kv):
     g = torch.Generator().manual_seed(0)
     L, Hkv, _ = tiny_kv.scores.shape
     scores = {meth: torch.rand(tiny_kv.scores.shape, generator=g) for meth in reuse.METHODS}
-    head_scores = torch.rand(L, Hkv, generator=g)
+    hs = torch.rand(L, Hkv, generator=g)
 
     def own_prune(meth, ratio, budget):
         if meth == "kvzip-head":
-            return tiny_kv.prune(ratio, level="head", head_scores=head_scores)
+            return tiny_kv.prune(ratio, level="head", head_scores=hs)
         if meth == "kvzip-uniform":
             return tiny_kv.prune(ratio, uniform=True, scores=scores[meth])
         if meth in reuse.KVZIP_VARIANTS:
@@ -147,7 +147,7 @@ def test_keep_mask_is_what_each_method_prunes(tiny_kv):
         for ratio in (0.1, 0.45):
             for budget in baselines.BUDGETS:
                 want = own_prune(meth, ratio, budget)
-                ckv = reuse._compress(tiny_kv, meth, ratio, scores, head_scores, budget)
+                ckv = tiny_kv.pack(reuse._keep_mask(tiny_kv, meth, ratio, scores, hs, budget))
                 for l in range(len(ckv.k)):
                     assert torch.equal(ckv.offsets[l], want.offsets[l]), (meth, ratio, budget, l)
                     assert torch.equal(ckv.k[l], want.k[l]) and torch.equal(ckv.v[l], want.v[l]), (meth, ratio, l)
@@ -239,9 +239,9 @@ def test_kvzip_variants_are_rows_with_their_ratios_kept_fractions_and_scoring_ti
 
 
 def test_variant_caches_are_kvzip_prunes_and_layer_budgets_hold(tiny, tiny_kv, monkeypatch):
-    """reuse._compress: each variant is kv.prune with its own scores or rule (scores recomputed
-    here with kvzip.prefill); the baselines' layer budget rule gives per-layer counts equal to
-    the budgets."""
+    """kv.pack(reuse._keep_mask(...)), the cache run_quality evaluates: each variant is kv.prune
+    with its own scores or rule (scores recomputed here with kvzip.prefill); the baselines' layer
+    budget rule gives per-layer counts equal to the budgets."""
     m, tok, _ = tiny
     kv = tiny_kv
     L, Hkv, n_c = m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context
@@ -256,15 +256,15 @@ def test_variant_caches_are_kvzip_prunes_and_layer_budgets_hold(tiny, tiny_kv, m
     for meth, s in want.items():
         torch.testing.assert_close(scores[meth], s)
         assert not torch.equal(s, before), meth
-        ckv = reuse._compress(kv, meth, 0.3, scores, None, "layer")
+        ckv = kv.pack(reuse._keep_mask(kv, meth, 0.3, scores, None, "layer"))
         assert torch.equal(ckv.head_lengths() - kv.n_prefix, kvzip.keep_mask(s, 0.3).sum(-1))
-    uni = reuse._compress(kv, "kvzip-uniform", 0.3, scores, None, "layer")
+    uni = kv.pack(reuse._keep_mask(kv, "kvzip-uniform", 0.3, scores, None, "layer"))
     assert (uni.head_lengths() - kv.n_prefix == round(0.3 * n_c)).all()
     hs = torch.rand(L, Hkv)
-    head = reuse._compress(kv, "kvzip-head", 0.5, scores, hs, "layer")
+    head = kv.pack(reuse._keep_mask(kv, "kvzip-head", 0.5, scores, hs, "layer"))
     assert torch.equal(head.head_lengths() - kv.n_prefix, kvzip.head_keep_mask(hs, 0.5, n_c).sum(-1))
     scores["snapkv"] = baselines.method_scores("snapkv", m, tok, kv, "Where is the mill?")
-    ckv = reuse._compress(kv, "snapkv", 0.3, scores, None, "layer")
+    ckv = kv.pack(reuse._keep_mask(kv, "snapkv", 0.3, scores, None, "layer"))
     assert (ckv.head_lengths() - kv.n_prefix).sum(1).tolist() == baselines.layer_budgets(0.3, L, Hkv, n_c)
     assert reuse.parse_args(["--baseline-budget", "global"]).baseline_budget == "global"
     assert reuse.parse_args([]).baseline_budget == baselines.DEFAULT_BUDGET == "layer"
