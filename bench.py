@@ -4,6 +4,7 @@ bench.py: KVzip's efficiency results (Kim et al., NeurIPS 2025, arXiv 2505.23416
     python bench.py --ctx 124k --ratio 0.3     # the main command: about a minute on a 2-core CPU
     python bench.py --ctx 124k --sweep         # ratios 1.0, 0.8, 0.6, 0.3, 0.2 (the paper's figure)
     python bench.py --quick --json out.json    # a small, fast run that writes the figures as JSON
+    python bench.py --synthetic                # rows 1, 2 and 5 only: no model needed (the GPU check)
 
 What it measures, every figure in the same run (k = 1000 tokens: the paper's "124K" context of
 Llama-3.1-8B is 124,000 tokens, 16.3 GB of bf16 KV):
@@ -33,7 +34,9 @@ Llama-3.1-8B is 124,000 tokens, 16.3 GB of bf16 KV):
      count is checked against row 1's layer-by-layer real objects. (Quantizing all 32 layers of a
      124K cache would take minutes on a CPU; a layer of ~300K kept rows takes seconds.)
 The K/V values of rows 1-2 are synthetic (random, at the target geometry); rows 3-4 and the head
-budgets are real (the default model, SmolLM2-135M-Instruct, on haystack contexts).
+budgets are real (the default model, SmolLM2-135M-Instruct, on haystack contexts). --synthetic
+runs rows 1, 2 and 5 alone, where no model is installed: every head then keeps the same share
+and the template prefix has the default model's length (SYNTHETIC_PREFIX).
 
 Map of this file: geometries, arguments, per-head budgets, the memory check (before any model
 work: check_memory), the five measurements (1 + 2: measure_geometry; 3 + 4: real_run,
@@ -79,6 +82,7 @@ SWEEP_RATIOS = (1.0, 0.8, 0.6, 0.3, 0.2)  # the ratios of the paper's latency/me
 CPU_SCORE_CTX = 2000
 QUICK_SCORE_CTX = 300  # --quick
 SWEEP_SCORE_CTX = 6000  # --sweep: a second scoring row over 3 chunks (within SmolLM2's 8,192 positions)
+SYNTHETIC_PREFIX = 29  # --synthetic: the default model's KVzip template prefix, in tokens (kv.n_prefix)
 # The targets each row is checked against (goals for the code, measured side by side in one run):
 TARGETS = dict(
     memory_tolerance=0.02,  # compressed bytes within 2% of (n_p + r * n_c) / (n_p + n_c)
@@ -199,6 +203,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Hugging Face folder for the real-model rows (default: embedded SmolLM2-135M)")
     p.add_argument("--reps", type=parse_positive, default=None,
                    help="timed repeats of each decode path (default 15 on CPU, 30 on CUDA; --quick 3)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="only the rows that need no model (memory, decode, quantized decode), every "
+                        "head keeping the same share: for a machine without the default model")
     args = p.parse_args(argv)
     # cheap checks first, so that a long run cannot fail at its end (memory: check_memory in main)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -207,6 +214,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(why)
     if args.model and (why := errors.check_folder(args.model, "--model")):
         p.error(why)
+    if args.synthetic:  # these options are about the model, which --synthetic does not load
+        for given, option in ((args.model, "--model"), (args.score_ctx, "--score-ctx"),
+                              (args.geometry == "model", "--geometry model")):
+            if given:
+                p.error(f"{option} needs the model, and --synthetic loads none")
     return args
 
 
@@ -692,7 +704,8 @@ def _summary_card(res: dict) -> list[str]:
         f"synthetic: random K/V at the target geometry (memory and decode rows{decode_note})",
         f"real: {res['model_name']} on a {sc['ctx']:,}-token haystack (scoring and quality rows; the "
         f"per-head budgets are the fractions its heads keep at ratio {r}, cycled over the target's "
-        f"{L} x {geo['n_kv_heads']} KV heads)",
+        f"{L} x {geo['n_kv_heads']} KV heads)" if sc else
+        f"real: none (--synthetic: no scoring or quality rows; every KV head keeps {r} of the context)",
     ]
 
 
@@ -703,8 +716,6 @@ def _measured_rows(res: dict) -> list[str]:
     exp = mem["expected_fraction"]
     mem_frac = mem["compressed_bytes"] / mem["full_bytes"]
     dec_frac = d["compressed_ms_per_layer"] / d["full_ms_per_layer"]
-    t_frac = sc["scoring_s"] / sc["prefill_s"]
-    m_frac = sc["scoring_peak_bytes"] / sc["prefill_peak_bytes"] if sc["prefill_peak_bytes"] > 0 else math.nan
     bw_full = d["full_gbps"] / d["device_gbps"]
     lines = [
         _row("", "full cache", "compressed", "ratio", "target"),
@@ -718,6 +729,16 @@ def _measured_rows(res: dict) -> list[str]:
         _row("  K+V bytes read / latency", f"{d['full_gbps']:.2f} GB/s", f"{d['compressed_gbps']:.2f} GB/s", "",
              f"full >= {TARGETS['full_read_share']:.0%} of the {d['device_gbps']:.2f} GB/s read: {bw_full:.0%}, "
              f"{_mark(bw_full >= TARGETS['full_read_share'])}"),
+    ]
+    return lines + (_scoring_rows(res) if sc else [])
+
+
+def _scoring_rows(res: dict) -> list[str]:
+    """The table's scoring rows (the real model): time and peak memory against the prefill's."""
+    sc = res["scoring"]
+    t_frac = sc["scoring_s"] / sc["prefill_s"]
+    m_frac = sc["scoring_peak_bytes"] / sc["prefill_peak_bytes"] if sc["prefill_peak_bytes"] > 0 else math.nan
+    lines = [
         _row("", "prefill", "scoring", "", ""),
         _row(f"KVzip scoring cost, {sc['ctx']:,} real tokens", f"{sc['prefill_s']:.1f} s*", f"{sc['scoring_s']:.1f} s",
              f"{t_frac:.2f}", f"<= {TARGETS['scoring_over_prefill']} (paper ~2): "
@@ -745,6 +766,8 @@ def _measured_rows(res: dict) -> list[str]:
 def _quality_rows(res: dict) -> list[str]:
     """The table's quality rows: the compressed cache's answers against the full cache's."""
     qual = res["quality"]
+    if qual is None:  # --synthetic
+        return []
     return [
         _row("", "full cache", "compressed", "", ""),
         _row(f"quality at ratio {res['ratio']}: pass keys right",
@@ -771,9 +794,9 @@ def _decode_notes(res: dict) -> list[str]:
            f"of the layer's K+V, held by a CPU cache, not in the memory row)." if d.get("plan_bytes") else "."),
         f"decode layer {d['layer']}: its kept total is nearest the mean over layers. Read bandwidth: "
         f"x.sum() over {measure.READ_PROBE_BYTES // 2**20} MiB, timed in the same rounds.",
-        f"peak memory: {sc['peak_memory']}: weights, caches and activations. * prefill: mean of "
-        f"{' and '.join(f'{t:.1f}' for t in sc['prefill_runs_s'])} s, run before and after scoring.",
-    ]
+    ] + ([f"peak memory: {sc['peak_memory']}: weights, caches and activations. * prefill: mean of "
+          f"{' and '.join(f'{t:.1f}' for t in sc['prefill_runs_s'])} s, run before and after scoring."]
+         if sc else [])
 
 
 def _sweep_table(res: dict) -> list[str]:
@@ -827,14 +850,10 @@ def _fmt(x):
 # -----------------------------------------------------------------------------
 # main
 
-def main(args: argparse.Namespace) -> dict:
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    base = (proc_status("VmRSS") or 0) if device.type == "cpu" else 0  # runtime, before the model
-    reps = args.reps or (3 if args.quick else 30 if device.type == "cuda" else 15)
+def real_rows(args: argparse.Namespace, device, base: int, ratios) -> dict:
+    """Rows 3 and 4 with the real model, and what rows 1, 2 and 5 take from it: the template
+    prefix's length, the per-head budget fractions at each ratio, the model's geometry and dtype."""
     n_needles, n_questions = (2, 1) if args.quick else (N_NEEDLES, N_QUESTIONS)
-    check_memory(args, device)
-
     errors.progress(f"loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})")
     m, tok = model_lib.load(args.model, device=device)
     geo = get_geometry(args.geometry, m)
@@ -849,7 +868,6 @@ def main(args: argparse.Namespace) -> dict:
     kv, probes, questions, scoring = real_run(m, tok, n_score, n_needles=n_needles, n_questions=n_questions,
                                               device=device, base=base)
     quality = quality_row(m, tok, kv, probes=probes, questions=questions, ratio=args.ratio)
-    ratios = [args.ratio] + ([r for r in SWEEP_RATIOS if r != args.ratio] if args.sweep else [])
     fractions = {r: head_fractions(kv.scores, r).cpu() for r in ratios}
     n_p = kv.n_prefix
     del kv
@@ -858,9 +876,30 @@ def main(args: argparse.Namespace) -> dict:
         n_multi = min(SWEEP_SCORE_CTX, limit)
         context, _, _ = fitting_context(m, tok, n_multi, n_needles=4, n_questions=0, seed=1)
         multi_chunk = scoring_cost(m, tok, context, device=device, base=base)[1]
+    return dict(n_p=n_p, fractions=fractions, geo=geo, dtype=m.dtype, scoring=scoring, quality=quality,
+                multi_chunk=multi_chunk, model_name=args.model or "SmolLM2-135M-Instruct (default model)")
+
+
+def synthetic_rows(args: argparse.Namespace, ratios) -> dict:
+    """What real_rows gives rows 1, 2 and 5, without a model (--synthetic): every head keeps the
+    same share of the context, and the prefix has the default model's length."""
+    return dict(n_p=SYNTHETIC_PREFIX, fractions={r: torch.full((1, 1), r) for r in ratios},
+                geo=get_geometry(args.geometry), dtype=torch.float32, scoring=None, quality=None,
+                multi_chunk=None, model_name=None)
+
+
+def main(args: argparse.Namespace) -> dict:
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    base = (proc_status("VmRSS") or 0) if device.type == "cpu" else 0  # runtime, before the model
+    reps = args.reps or (3 if args.quick else 30 if device.type == "cuda" else 15)
+    check_memory(args, device)
+    ratios = [args.ratio] + ([r for r in SWEEP_RATIOS if r != args.ratio] if args.sweep else [])
+    real = synthetic_rows(args, ratios) if args.synthetic else real_rows(args, device, base, ratios)
+    geo, n_p, fractions, scoring, quality = (real[k] for k in ("geo", "n_p", "fractions", "scoring", "quality"))
 
     kern = _kernels(device)
-    decode_dtype = geo.torch_dtype if device.type == "cuda" else m.dtype
+    decode_dtype = geo.torch_dtype if device.type == "cuda" else real["dtype"]  # float32 on a CPU
     timing = dict(device=device, decode_dtype=decode_dtype, reps=reps, kern=kern)  # both time alike
     rows = measure_geometry(geo, n_p=n_p, n_c=args.ctx, fractions=fractions, ratios=ratios, **timing)
     main_row = rows[0]
@@ -872,7 +911,7 @@ def main(args: argparse.Namespace) -> dict:
         ctx=args.ctx,
         ratio=args.ratio, device=device.type, device_name=_device_name(device),
         load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
-        model_name=args.model or "SmolLM2-135M-Instruct (default model)", n_prefix=n_p,
+        model_name=real["model_name"], synthetic_only=args.synthetic, n_prefix=n_p,
         geometry=dict(name=geo.name, n_layers=geo.n_layers, n_heads=geo.n_heads,
                       n_kv_heads=geo.n_kv_heads, head_dim=geo.head_dim, dtype=geo.dtype),
         memory=dict(full_bytes=main_row["full_bytes"], compressed_bytes=main_row["compressed_bytes"],
@@ -886,7 +925,7 @@ def main(args: argparse.Namespace) -> dict:
         | dict(dtype=str(decode_dtype).removeprefix("torch."), reps=reps),
         scoring=scoring, quality=quality,
         sweep=sorted(rows, key=lambda row: -row["ratio"]) if args.sweep else None,
-        scoring_multi_chunk=multi_chunk,
+        scoring_multi_chunk=real["multi_chunk"],
     )
     print(format_report(res))
     if args.json:
@@ -896,8 +935,8 @@ def main(args: argparse.Namespace) -> dict:
     summary = dict(ctx=res["ctx"], ratio=res["ratio"], device=res["device"], geometry=geo.name,
                    memory_fraction=round(main_row["compressed_bytes"] / main_row["full_bytes"], 4),
                    decode_fraction=round(main_row["compressed_ms_per_layer"] / main_row["full_ms_per_layer"], 4),
-                   scoring_over_prefill=round(scoring["scoring_s"] / scoring["prefill_s"], 3),
-                   relative_accuracy=quality["relative_accuracy"])
+                   scoring_over_prefill=round(scoring["scoring_s"] / scoring["prefill_s"], 3) if scoring else None,
+                   relative_accuracy=quality["relative_accuracy"] if quality else None)
     print(json.dumps(summary))
     return res
 

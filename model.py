@@ -678,6 +678,19 @@ def default_model_dir() -> Path:
     return Path(root) / "smollm2-135m-instruct"
 
 
+def default_model_problem() -> str | None:
+    """Why load() with no path cannot work on this machine (the wheel or `gguf` missing, and no
+    converted folder yet), or None if it can: checked without loading or converting anything."""
+    if (default_model_dir() / "config.json").exists():
+        return None
+    try:
+        convert_gguf.default_gguf_path()
+        convert_gguf.import_gguf()
+    except (FileNotFoundError, InputError) as e:
+        return str(e)
+    return None
+
+
 def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from a Hugging Face folder, or the embedded SmolLM2-135M-Instruct.
 

@@ -39,7 +39,9 @@ def test_defaults_are_the_main_command():
 @pytest.mark.parametrize("argv, word", [
     (["--ctx", "0"], "--ctx"), (["--ctx", "12x"], "--ctx"), (["--ratio", "1.5"], "--ratio"),
     (["--ratio", "0"], "--ratio"), (["--ratio", "nan"], "--ratio"),
-    (["--geometry", "gpt-5"], "--geometry"), (["--reps", "0"], "--reps"), (["--bogus"], "--bogus")])
+    (["--geometry", "gpt-5"], "--geometry"), (["--reps", "0"], "--reps"), (["--bogus"], "--bogus"),
+    (["--synthetic", "--geometry", "model"], "--geometry model"), (["--synthetic", "--model", "."], "--model"),
+    (["--synthetic", "--score-ctx", "1k"], "--score-ctx")])
 def test_bad_arguments_one_line_exit_2(argv, word, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
@@ -253,3 +255,21 @@ def test_report_shows_the_multi_chunk_scoring_row(tiny_run):
     line = next(x for x in text.splitlines() if "6,000 real tokens, 3 chunks" in x)
     assert f"<= {bench.TARGETS['scoring_over_prefill_multi']}" in line
     assert "3 chunks" not in bench.format_report(res)
+
+
+def test_synthetic_run_needs_no_model(tmp_path, monkeypatch):
+    """--synthetic: rows 1, 2 and 5 alone, every head keeping the ratio; the model is never loaded."""
+    monkeypatch.setattr(bench.model_lib, "load", lambda *a, **k: pytest.fail("--synthetic loaded a model"))
+    path = tmp_path / "out.json"
+    args = bench.parse_args(["--synthetic", "--ctx", "1k", "--ratio", "0.5", "--quick", "--reps", "1",
+                             "--json", str(path)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench.main(args)
+    data, text = json.loads(path.read_text()), out.getvalue()
+    assert data["synthetic_only"] and data["scoring"] is None and data["quality"] is None
+    assert data["n_prefix"] == bench.SYNTHETIC_PREFIX and data["decode"]["layer_kept_fraction"] == pytest.approx((30 + 500) / (30 + 1000))  # + the new token
+    assert [d["bits"] for d in data["quantized_decode"]] == [16, 8, 4]
+    assert "real: none (--synthetic" in text and "KVzip scoring cost" not in text and "pass keys" not in text
+    last = json.loads(text.strip().splitlines()[-1])
+    assert last["scoring_over_prefill"] is None and last["relative_accuracy"] is None
