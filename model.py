@@ -631,6 +631,8 @@ def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     cfg = read_config(path)
     tok = Tokenizer(path / "tokenizer.json")
     files = checkpoint_files(path)
+    for file in files:  # complete and well-formed, before seconds of reading weights
+        errors.safetensors_header(file, "checkpoint")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -701,7 +703,10 @@ def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     if path is None:
         path = default_model_dir()
         if not (path / "config.json").exists():
-            convert_gguf.convert_gguf(convert_gguf.default_gguf_path(), path)
+            gguf_file = convert_gguf.default_gguf_path()
+            convert_gguf.import_gguf()  # a missing package is one line, before the progress line
+            errors.progress(f"converting the embedded default model into {path}, once (about 10 s)")
+            convert_gguf.convert_gguf(gguf_file, path)
     return load_hf(path, dtype=dtype, device=device)
 
 

@@ -596,9 +596,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one needle and one fact context (~2.5 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated contexts (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and counts to FILE as JSON")
-    p.add_argument("--plot", metavar="FILE", default="quality.png",
-                   help="the figure, as a PNG: relative accuracy and reconstruction NLL vs ratio, one "
-                   "line per method (default quality.png)")
+    p.add_argument("--plot", metavar="FILE",
+                   help="also draw the figure into FILE (.png, .pdf, .svg, .jpg): relative accuracy and "
+                   "reconstruction NLL vs ratio, one line per method")
     p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--baseline-budget", choices=baselines.BUDGETS, default=baselines.DEFAULT_BUDGET,
                    help="the baselines' budget rule: 'layer' (equal layer budgets, heads ranked within each "
@@ -610,8 +610,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "otherwise compute them on calibration contexts and write FILE")
     args = p.parse_args(argv)
     # cheap checks first: the outputs are written after a run of minutes, which must not be lost
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and (why := errors.check_output(path, option)):
+    for option, path, suffixes in (("--json", args.json, None), ("--plot", args.plot, errors.IMAGE_SUFFIXES)):
+        if path and (why := errors.check_output(path, option, suffixes)):
+            p.error(why)
+    if args.head_scores:  # read if it exists (so it must be a head-scores file), else written at the end
+        if os.path.exists(args.head_scores):
+            header = errors.safetensors_header(args.head_scores, "--head-scores")
+            if "head_scores" not in header:
+                raise errors.InputError(f"--head-scores {args.head_scores}: no 'head_scores' tensor in "
+                                        "this safetensors file (kvzip.save_head_scores writes one)")
+        elif why := errors.check_output(args.head_scores, "--head-scores"):
             p.error(why)
     if args.model and (why := errors.check_folder(args.model, "--model")):
         p.error(why)
@@ -634,8 +642,9 @@ def main(args: argparse.Namespace) -> dict:
     print(format_quality_table(result))
     print()
     print(format_kinds_table(result))
-    plot_quality(result, args.plot)
-    errors.progress(f"wrote {args.plot}")
+    if args.plot:
+        plot_quality(result, args.plot)
+        errors.progress(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -15,6 +15,8 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import bench
 import errors
@@ -64,6 +66,9 @@ def text_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("texts")
     (d / "empty.txt").write_text("  \n")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with open(d / "huge.txt", "wb") as f:  # sparse: no disk used, but its size is over the limit
+        f.truncate(errors.MAX_TEXT_BYTES + 1)
+    save_file({"x": torch.zeros(2)}, str(d / "other.safetensors"))
     return d
 
 
@@ -82,6 +87,8 @@ def text_files(tmp_path_factory):
     ("kvzip.py", ["--context", "{d}/empty.txt"], 1, ["--context", "empty.txt", "empty"]),
     ("kvzip.py", ["--context", "{d}/latin1.txt"], 1, ["--context", "latin1.txt", "not UTF-8", "0xe9"]),
     ("kvzip.py", ["--context", "{d}"], 1, ["--context", "is a folder"]),
+    ("kvzip.py", ["--context", "/dev/zero"], 1, ["--context", "/dev/zero", "not a regular file"]),
+    ("kvzip.py", ["--context", "{d}/huge.txt"], 1, ["--context", "huge.txt", "16,777,217 bytes", "16,777,216"]),
     ("kvzip.py", ["--bogus"], 2, ["--bogus"]),
     ("model.py", [""], 2, ["empty prompt"]),
     ("model.py", ["hi", "--max-new-tokens", "-3"], 2, ["--max-new-tokens", "-3"]),
@@ -93,6 +100,11 @@ def text_files(tmp_path_factory):
     ("bench.py", ["--ctx", "1000000000"], 1, ["--ctx 1,000,000,000", "bytes", "available"]),
     ("reuse.py", ["--json", "/nonexistent/out.json"], 2, ["--json", "/nonexistent"]),
     ("reuse.py", ["--plot", "/nonexistent/q.png"], 2, ["--plot", "/nonexistent"]),
+    ("reuse.py", ["--plot", "{d}/fig.txt"], 2, ["--plot", "fig.txt", "unknown format '.txt'", ".png"]),
+    ("reuse.py", ["--plot", "{d}/fig"], 2, ["--plot", "unknown format '(no suffix)'"]),
+    ("reuse.py", ["--head-scores", "{d}/latin1.txt"], 1, ["--head-scores", "latin1.txt", "not a safetensors file"]),
+    ("reuse.py", ["--head-scores", "{d}/other.safetensors"], 1, ["--head-scores", "no 'head_scores' tensor"]),
+    ("reuse.py", ["--head-scores", "/nonexistent/h.safetensors"], 2, ["--head-scores", "does not exist"]),
     ("reuse.py", ["--model", "/nonexistent"], 2, ["--model", "/nonexistent"]),
 ])
 def test_bad_arguments_fail_in_one_line_before_loading(capsys, no_model_load, text_files, prog, argv, code, words):
@@ -154,8 +166,8 @@ def broken(ckpt, tmp_path, how):
 
 
 CHECKPOINT_CASES = {
-    "safetensors_header": ("model.safetensors", "not a valid safetensors file"),
-    "safetensors_truncated": ("model.safetensors", "not a valid safetensors file"),
+    "safetensors_header": ("model.safetensors", "not a safetensors file"),
+    "safetensors_truncated": ("model.safetensors", "truncated"),
     "config_json": ("config.json", "not valid JSON"),
     "config_not_object": ("config.json", "expected a JSON object"),
     "config_missing_key": ("config.json", "hidden_size must be a positive integer, got None"),
@@ -248,3 +260,28 @@ def test_scripts_fail_in_one_line_fast_without_loading(good_checkpoint, tmp_path
     # empty cache folder above is the precise check; this bound is a coarse backstop (the demo's
     # load, prefill and scoring took 128 s at that load, ~20 s on a quiet machine).
     assert seconds < 60, seconds
+
+
+def test_reuse_draws_a_figure_only_when_asked():
+    assert reuse.parse_args([]).plot is None
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        errors.run(interrupted, prog="x.py")
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["x.py: interrupted"]
+
+
+def test_ctrl_c_during_a_real_command(tmp_path):
+    """SIGINT once the demo has begun (its first progress line): no traceback, exit code 130."""
+    import signal
+    p = subprocess.Popen([sys.executable, "kvzip.py"], cwd=HERE, stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True)
+    first = p.stderr.readline()  # blocks until the command is past its imports
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130, first + rest
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "kvzip.py: interrupted", rest

@@ -161,8 +161,9 @@ def test_malformed_checkpoint_files_are_named(tmp_path):
     d = tmp_path / "ck"
     write_tiny_checkpoint(d)
     good = {name: (d / name).read_bytes() for name in ("config.json", "tokenizer.json", "model.safetensors")}
-    cases = [("model.safetensors", (2**40).to_bytes(8, "little") + b"{}", "not a valid safetensors file"),
-             ("model.safetensors", good["model.safetensors"][:200], "not a valid safetensors file"),
+    cases = [("model.safetensors", (2**40).to_bytes(8, "little") + b"{}", "not a safetensors file"),
+             ("model.safetensors", good["model.safetensors"][:200], "truncated"),
+             ("model.safetensors", good["model.safetensors"][:-1], "truncated"),
              ("config.json", b'{"architectures": [', "not valid JSON"),
              ("config.json", b"\xff\xfe", "not valid JSON"),
              ("config.json", b'"LlamaForCausalLM"', "expected a JSON object, got str"),
