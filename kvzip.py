@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import time
 
 import errors
@@ -720,25 +721,35 @@ def generate(m, tok, query: str, kv, max_new_tokens: int = 64, template: bool = 
 DEMO_TASK = dict(n_tokens=1000, n_needles=4, seed=4)
 
 
-def _first_line(text: str, width: int = 72) -> str:
-    """The first non-empty line of an answer (the part tasks.check_answer judges), cut to width."""
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= width else line[:width - 3] + "..."
+def _wrapped(label: str, answer: str, width: int = 100) -> str:
+    """An answer in full after its label, its whitespace made single spaces, wrapped under itself."""
+    return textwrap.fill(" ".join(answer.split()) or "(no answer)", width=width, initial_indent=label,
+                         subsequent_indent=" " * len(label))
+
+
+def _parting(full: str, compressed: str) -> str:
+    """Whether two answers are the same (word for word) or, if not, where they part."""
+    a, b = full.split(), compressed.split()
+    if a == b:
+        return "the same answer"
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    full_at, comp_at = (" ".join(w[i:i + 4]) or "(the answer ends)" for w in (a, b))
+    return f'the answers part at word {i + 1}: full "{full_at}" | compressed "{comp_at}"'
 
 
 def _demo_probes(args, tok, context):
     """(context, what it is, [(query, expected answer or None)], template) for the demo's arguments;
     context: the text of --context, or None for the built-in one."""
+    about = args.context
     if context is None:
         task = tasks.needle_task(**DEMO_TASK, tok=tok)
-        about = (f"seeded filler with {DEMO_TASK['n_needles']} pass keys hidden in it "
-                 f"(tasks.needle_task, seed {DEMO_TASK['seed']})")
-        if args.query:  # questions about the built-in context, in the chat template; no answer key
-            return task["context"], about, [(q, None) for q in args.query], True
-        return task["context"], about, task["probes"], False  # completion probes, each with its key
+        context, about = task["context"], (f"seeded filler with {DEMO_TASK['n_needles']} pass keys hidden in it "
+                                           f"(tasks.needle_task, seed {DEMO_TASK['seed']})")
+        if not args.query:
+            return context, about, task["probes"], False  # completion probes, each with its key
     queries = args.query or ["Summarize the context in one sentence."]
-    return context, args.context, [(q, None) for q in queries], True
+    expected = args.expect or [None] * len(queries)  # main checked that they pair up
+    return context, about, list(zip(queries, expected)), not args.raw
 
 
 def _print_sizes(m, kv, ckv, ratio: float):
@@ -757,8 +768,9 @@ def _print_sizes(m, kv, ckv, ratio: float):
 
 
 def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_tokens: int, ratio: float):
-    """Each probe answered from both caches ({"full": kv, "compressed": ckv}), marked right or
-    WRONG where the expected answer is known; otherwise whether the first answer lines agree."""
+    """Each probe answered from both caches ({"full": kv, "compressed": ckv}), in full, marked
+    right or WRONG where the expected answer is known (tasks.check_answer: its first line), then
+    whether the two answers are the same or where they part."""
     n_right = dict.fromkeys(caches, 0)
     for i, (q, expected) in enumerate(probes):
         errors.progress(f"answering {i + 1}/{len(probes)} from both caches")
@@ -766,15 +778,13 @@ def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_token
         answers = {}
         for name, cache in caches.items():
             answers[name] = generate(m, tok, q, cache, max_new_tokens, template=template)
-            mark = ""
+            label = f"  {name + ' cache':<16}"
             if expected:
                 right = tasks.check_answer(answers[name], expected)
                 n_right[name] += right
-                mark = "   right" if right else "   WRONG"
-            print(f"  {name + ' cache':<16}: {_first_line(answers[name])}{mark}")
-        if not expected:
-            same = tasks.first_line(answers["full"]) == tasks.first_line(answers["compressed"])
-            print(f"  {'':<16}  (first lines {'agree' if same else 'differ'})")
+                label += " right" if right else " WRONG"
+            print(_wrapped(label + ": ", answers[name]))
+        print(f"  -> {_parting(answers['full'], answers['compressed'])}")
     n_scored = sum(1 for _, e in probes if e)
     if n_scored:
         print(f"\nright: full cache {n_right['full']}/{n_scored}, compressed cache "
@@ -783,11 +793,18 @@ def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_token
 
 def main(argv=None):
     p = errors.ArgumentParser(prog="kvzip.py", description="KVzip demo: full-cache vs compressed-cache answers.")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
-    p.add_argument("--context", help="a text file to use as the context (default: built-in)")
-    p.add_argument("--query", action="append", help="a question (repeatable)")
-    p.add_argument("--model", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept (default 0.3)")
+    p.add_argument("--context", metavar="FILE", help="a UTF-8 text file to use as the context (default: "
+                   "four pass keys hidden in seeded filler, asked as completion probes)")
+    p.add_argument("--query", action="append", metavar="TEXT", help="a question, repeatable (default with "
+                   "--context: 'Summarize the context in one sentence.')")
+    p.add_argument("--expect", action="append", metavar="ANSWER", help="the expected answer of each --query, "
+                   "in order (one per --query): both caches are then marked right or WRONG")
+    p.add_argument("--raw", action="store_true", help="ask each --query as raw text to complete (e.g. 'The "
+                   "pass key for the red door is'), not as a chat question")
+    p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="the longest answer, in tokens (default 32)")
     args = p.parse_args(argv)
     # cheap checks first: nothing is loaded, prefilled or scored before the arguments are usable
     try:
@@ -799,6 +816,10 @@ def main(argv=None):
     for q in args.query or []:
         if not q.strip():
             p.error(f"--query {q!r}: empty question")
+    if args.expect and len(args.expect) != len(args.query or []):
+        p.error(f"--expect: one per --query, in order ({len(args.query or [])} --query, {len(args.expect)} --expect)")
+    if args.raw and not args.query:
+        p.error("--raw: applies to --query, and none was given")
     if args.model and (why := errors.check_folder(args.model, "--model")):
         p.error(why)
     context = None

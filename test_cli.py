@@ -90,6 +90,9 @@ def text_files(tmp_path_factory):
     ("kvzip.py", ["--context", "/dev/zero"], 1, ["--context", "/dev/zero", "not a regular file"]),
     ("kvzip.py", ["--context", "{d}/huge.txt"], 1, ["--context", "huge.txt", "16,777,217 bytes", "16,777,216"]),
     ("kvzip.py", ["--bogus"], 2, ["--bogus"]),
+    ("kvzip.py", ["--query", "a?", "--query", "b?", "--expect", "x"], 2, ["--expect", "2 --query, 1 --expect"]),
+    ("kvzip.py", ["--expect", "x"], 2, ["--expect", "0 --query"]),
+    ("kvzip.py", ["--raw"], 2, ["--raw", "--query"]),
     ("model.py", [""], 2, ["empty prompt"]),
     ("model.py", ["hi", "--max-new-tokens", "-3"], 2, ["--max-new-tokens", "-3"]),
     ("model.py", ["hi", "--model", "/nonexistent"], 2, ["--model", "/nonexistent"]),
@@ -285,3 +288,12 @@ def test_ctrl_c_during_a_real_command(tmp_path):
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 130, first + rest
     assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "kvzip.py: interrupted", rest
+
+
+def test_demo_help_shows_every_option_with_its_default():
+    r = subprocess.run([sys.executable, "kvzip.py", "--help"], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for option in ("--ratio", "--context", "--query", "--expect", "--raw", "--model", "--max-new-tokens"):
+        assert option in text
+    assert "(default 0.3)" in text and "(default 32)" in text and "SmolLM2-135M-Instruct" in text

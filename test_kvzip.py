@@ -301,7 +301,8 @@ def test_default_model_keeps_every_pass_key_at_ratio_0_3(smol):
 def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     """python kvzip.py on the tiny checkpoint: the built-in needle task (smaller here, for time)
     prints each key and right/WRONG for both caches, and the byte arithmetic; with --context and
-    --query there is no answer key, so it says whether the two caches' first lines agree."""
+    --query there is no answer key, so it says whether the two answers are the same or where they
+    part; --expect gives one, and --raw asks the query as text to complete."""
     folder, _ = tiny_checkpoint
     monkeypatch.setattr(kvzip, "DEMO_TASK", dict(kvzip.DEMO_TASK, n_tokens=200, n_needles=2))
     kvzip.main(["--model", str(folder), "--max-new-tokens", "3"])
@@ -309,7 +310,7 @@ def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, mo
     task = tasks.needle_task(200, 2, seed=kvzip.DEMO_TASK["seed"], tok=model.load(folder)[1])
     for probe, key in task["probes"]:
         assert f"Q: {probe}   (expected {key})" in out
-    marks = re.findall(r"^  (full|compressed) cache *: .*   (right|WRONG)$", out, flags=re.M)
+    marks = re.findall(r"^  (full|compressed) cache *(right|WRONG): ", out, flags=re.M)
     assert [c for c, _ in marks] == ["full", "compressed"] * 2
     n_full = sum(c == "full" and m == "right" for c, m in marks)
     n_comp = sum(c == "compressed" and m == "right" for c, m in marks)
@@ -324,8 +325,27 @@ def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, mo
                 "--max-new-tokens", "3", "--ratio", "0.5"])
     out = capsys.readouterr().out
     assert "Q: Where is the mill?\n" in out and "(expected" not in out
-    assert not re.search(r"   (right|WRONG)$", out, flags=re.M) and "right: full cache" not in out
-    assert re.search(r"\(first lines (agree|differ)\)", out)
+    assert not re.search(r"(right|WRONG): ", out) and "right: full cache" not in out
+    assert re.search(r"^  -> (the same answer|the answers part at word \d+: full )", out, flags=re.M)
+
+    calls = []
+    monkeypatch.setattr(kvzip, "generate", lambda *a, template=True, **k: calls.append(template) or "the mill")
+    kvzip.main(["--model", str(folder), "--context", str(ctx), "--query", "The mill is by", "--raw",
+                "--expect", "mill"])
+    out = capsys.readouterr().out
+    assert calls == [False, False]  # --raw: both caches asked without the chat template
+    assert "Q: The mill is by   (expected mill)" in out and "right: full cache 1/1, compressed cache 1/1" in out
+    assert "  -> the same answer" in out
+
+
+def test_demo_says_where_two_answers_part():
+    assert kvzip._parting("17963. The wind", " 17963.  The wind\n") == "the same answer"
+    assert kvzip._parting("17963. The wind is", "97259. The wind") == (
+        'the answers part at word 1: full "17963. The wind is" | compressed "97259. The wind"')
+    assert kvzip._parting("a b c", "a b") == 'the answers part at word 3: full "c" | compressed "(the answer ends)"'
+    long = "word " * 60  # shown in full, wrapped under its label
+    lines = kvzip._wrapped("  full cache      : ", long).splitlines()
+    assert len(lines) > 1 and all(len(x) <= 100 for x in lines) and " ".join(lines).split().count("word") == 60
 
 
 # -----------------------------------------------------------------------------
