@@ -1,7 +1,8 @@
 """
 Tests for README.md and the pages in docs/: what a reader relies on and the code can check.
 
-  - every pdb breakpoint `(Pdb) b FILE.py:N ...  # code` stops on the line of FILE.py it quotes
+  - every pdb breakpoint `(Pdb) b FILE.py:N ...  # code` stops on the line of FILE.py it quotes, and
+    every place pdb shows (`> .../FILE.py(N)func()` then `-> code`) is that line
   - every relative link (markdown links and images) leads to a file that exists, and a link to a
     heading (`page.md#anchor`) to a heading that exists
   - every docs/*.md page is linked from README.md
@@ -22,6 +23,7 @@ PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 README_MAX_LINES = 250  # the front door's budget: everything else belongs in docs/
 
 BREAKPOINT = re.compile(r"\(Pdb\) b (\w+\.py):(\d+)[^#]*# (.+?)(?:  in \w+)?$")
+LOCATION = re.compile(r"^> \.\.\./(\w+\.py)\((\d+)\)\S*\n-> (.+)$", re.M)  # pdb: where it stopped
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 
 
@@ -54,6 +56,20 @@ def test_breakpoints_point_at_the_code_they_quote():
                 f"{page.name} breaks at {name}:{line} for {code!r}, now at line(s) {where}")
             found += 1
     assert found >= 3, f"only {found} pdb breakpoints found; the docs show three sessions"
+
+
+def test_pdb_locations_show_the_line_they_print():
+    """pdb's `> .../FILE.py(N)func()` lines in the sessions, each followed by `-> code`: line N of
+    FILE.py holds that code."""
+    found = 0
+    for page in PAGES:
+        for name, line, code in LOCATION.findall(page.read_text()):
+            lines = (ROOT / name).read_text().splitlines()
+            where = [i + 1 for i, src in enumerate(lines) if code.strip() in src]
+            assert int(line) <= len(lines) and code.strip() in lines[int(line) - 1], (
+                f"{page.name} shows {name}({line}) for {code.strip()!r}, now at line(s) {where}")
+            found += 1
+    assert found >= 5, f"only {found} pdb locations found"
 
 
 def test_relative_links_resolve():
