@@ -61,13 +61,17 @@ def write_tokenizer(path: Path):
 
 
 def write_tiny_checkpoint(path: Path, arch="LlamaForCausalLM", n_head=4, n_kv_head=2, head_dim=16,
-                          n_layer=2, tie=True, shards=1, seed=0, max_pos=4096, **extra):
-    """Write config.json, tokenizer.json and random weights (one file or `shards` shards + index)."""
+                          n_layer=2, tie=True, shards=1, seed=0, max_pos=4096, hidden=None, **extra):
+    """Write config.json, tokenizer.json and random weights (one file or `shards` shards + index).
+    hidden: the width C (default n_head * head_dim; Qwen3 checkpoints may differ, and then write
+    head_dim into config.json)."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(path / "tokenizer.json")
-    C, inter = n_head * head_dim, 96
+    C, inter = hidden or n_head * head_dim, 96
+    if C != n_head * head_dim:
+        extra = dict(extra, head_dim=head_dim)
     cfg = dict(architectures=[arch], vocab_size=vocab, hidden_size=C, intermediate_size=inter,
                num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
                rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=max_pos,
@@ -93,6 +97,8 @@ def write_tiny_checkpoint(path: Path, arch="LlamaForCausalLM", n_head=4, n_kv_he
                   p + "mlp.gate_proj.weight": rnd(inter, C),
                   p + "mlp.up_proj.weight": rnd(inter, C),
                   p + "mlp.down_proj.weight": rnd(C, inter)})
+        if arch == "Qwen3ForCausalLM":
+            w.update({p + "self_attn.q_norm.weight": 1 + rnd(D, std=0.3), p + "self_attn.k_norm.weight": 1 + rnd(D, std=0.3)})
         if arch == "Qwen2ForCausalLM":
             w.update({p + "self_attn.q_proj.bias": rnd(n_head * D), p + "self_attn.k_proj.bias": rnd(Hkv * D),
                       p + "self_attn.v_proj.bias": rnd(Hkv * D)})
@@ -125,6 +131,16 @@ def tiny(tiny_checkpoint):
     return m, tok, w
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """A Qwen3 checkpoint loaded: q/k RMSNorms, and a head_dim of its own (6 query heads, 3 KV heads
+    of D = 16 on a 48-wide model). (model, tokenizer, hf_weights)."""
+    d = tmp_path_factory.mktemp("tiny_qwen3")
+    w = write_tiny_checkpoint(d, arch="Qwen3ForCausalLM", n_head=6, n_kv_head=3, head_dim=16, hidden=48)
+    m, tok = model.load(d)
+    return m, tok, w
+
+
 def reference_forward(w, cfg, ids):
     """An independent, cache-free forward from the raw Hugging Face weights, written from the
     equations (repeat_interleave GQA, dense causal mask). Returns logits (T, V) and, per layer,
@@ -149,8 +165,10 @@ def reference_forward(w, cfg, ids):
     for i in range(cfg.n_layer):
         p = f"model.layers.{i}."
         h = norm(x, w[p + "input_layernorm.weight"])
-        q = rope(lin(h, p + "self_attn.q_proj").view(T, H, D).transpose(0, 1))
-        k = rope(lin(h, p + "self_attn.k_proj").view(T, Hkv, D).transpose(0, 1))
+        q, k = lin(h, p + "self_attn.q_proj").view(T, H, D), lin(h, p + "self_attn.k_proj").view(T, Hkv, D)
+        if p + "self_attn.q_norm.weight" in w:  # Qwen3: RMSNorm of each head's q and k, before RoPE
+            q, k = norm(q, w[p + "self_attn.q_norm.weight"]), norm(k, w[p + "self_attn.k_norm.weight"])
+        q, k = rope(q.transpose(0, 1)), rope(k.transpose(0, 1))
         v = lin(h, p + "self_attn.v_proj").view(T, Hkv, D).transpose(0, 1)
         qs.append(q), ks.append(k)
         kr, vr = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)  # (H, T, D)

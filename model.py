@@ -1,5 +1,5 @@
 """
-A single-file Llama / Qwen2-style decoder with an explicit GQA KV cache, written to be read.
+A single-file Llama / Qwen2 / Qwen3-style decoder with an explicit GQA KV cache, written to be read.
 
 What is in this file, top to bottom:
   1. ModelConfig   - the architecture, read from a Hugging Face config.json
@@ -57,24 +57,25 @@ import convert_gguf  # noqa: E402
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    architecture: str  # "LlamaForCausalLM" or "Qwen2ForCausalLM"
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
     vocab_size: int
     n_embd: int  # hidden size C
     n_layer: int
     n_head: int  # query heads H
     n_kv_head: int  # key/value heads Hkv (GQA: several query heads share one KV head)
-    head_dim: int  # D
+    head_dim: int  # D (Qwen3 sets it explicitly: H * D need not equal C)
     intermediate_size: int  # width of the SwiGLU MLP
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3.x: {"rope_type": "llama3", "factor": 8.0, ...}
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     attention_bias: bool = False  # Qwen2 has biases on q, k and v (not on o)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's D values of q and of k, before RoPE
     max_position_embeddings: int = 2048
 
     def __post_init__(self):
@@ -94,7 +95,7 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' (SwiGLU)")
         if cfg.get("mlp_bias", False):
             raise ValueError("unsupported config: mlp_bias=true")
-        if arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window", False):
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and cfg.get("use_sliding_window", False):
             raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention)")
         scaling = cfg.get("rope_scaling")
         if scaling is not None:
@@ -131,8 +132,9 @@ class ModelConfig:
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v biases; Llama has them only when attention_bias is set.
+            # Qwen2 always has q/k/v biases; Llama and Qwen3 have them only when attention_bias is set.
             attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+            qk_norm=arch == "Qwen3ForCausalLM",
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         )
 
@@ -253,13 +255,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)  # one weight of D values, shared by all heads
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache, layer: int, observe=None):
         cfg = self.cfg
         T = x.shape[0]
         H, Hkv, G, D = cfg.n_head, cfg.n_kv_head, cfg.group, cfg.head_dim
-        q = self.q_proj(x).view(T, H, D).transpose(0, 1)  # (H, T, D)
-        k = self.k_proj(x).view(T, Hkv, D).transpose(0, 1)  # (Hkv, T, D)
+        q = self.q_proj(x).view(T, H, D)
+        k = self.k_proj(x).view(T, Hkv, D)
+        if cfg.qk_norm:  # normalizes the last axis: each head's D values of each token
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, T, D), (Hkv, T, D)
         v = self.v_proj(x).view(T, Hkv, D).transpose(0, 1)  # (Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached after RoPE
         # Explicit GQA: query head h * G + g reads KV head h, so grouping is a free view.
@@ -564,6 +572,8 @@ HF_NAMES = {
     "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
     "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
     "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",

@@ -31,11 +31,13 @@ def test_reconstruction_inputs_follow_the_prompts(tiny):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_scores_equal_first_principles_recomputation(tiny, backend):
+@pytest.mark.parametrize("checkpoint", ["tiny", "tiny_qwen3"])
+def test_scores_equal_first_principles_recomputation(request, checkpoint, backend):
     """Three chunks; every score recomputed from an independent full forward of
     prefix + context + reconstruction input with one dense mask over all keys (no chunking, no cache).
-    On a CPU "auto" is the fused path (fused.ScoringCache), "reference" the observe hook + the spec."""
-    m, tok, w = tiny
+    On a CPU "auto" is the fused path (fused.ScoringCache), "reference" the observe hook + the spec.
+    Llama (GQA) and Qwen3 (q/k norms before RoPE: the scores see the normalized keys)."""
+    m, tok, w = request.getfixturevalue(checkpoint)
     context = tiny_context(tok, 52)
     kv = kvzip.prefill(m, tok, context, chunk_size=20, backend=backend)
     assert kv.scores.shape == (m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context)

@@ -12,11 +12,16 @@ from conftest import reference_forward, write_tiny_checkpoint
 # -----------------------------------------------------------------------------
 # model.py: loading, cache, generation, bad input
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2_bias_untied", "llama_sharded"])
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2_bias_untied", "llama_sharded", "qwen3_tied",
+                                  "qwen3_untied_wide_heads"])
 def test_tiny_checkpoints_match_independent_forward(tmp_path, kind):
     opts = {"llama_gqa": dict(),
             "qwen2_bias_untied": dict(arch="Qwen2ForCausalLM", tie=False, n_head=6, n_kv_head=2),
-            "llama_sharded": dict(shards=3, n_kv_head=1)}[kind]
+            "llama_sharded": dict(shards=3, n_kv_head=1),
+            "qwen3_tied": dict(arch="Qwen3ForCausalLM"),
+            # Qwen3's head_dim is its own: here H * D = 96 heads' width on a C = 48 model
+            "qwen3_untied_wide_heads": dict(arch="Qwen3ForCausalLM", tie=False, n_head=6, n_kv_head=3,
+                                            head_dim=16, hidden=48)}[kind]
     w = write_tiny_checkpoint(tmp_path, **opts)
     m, tok = model.load(tmp_path)
     w = {k: v.double() for k, v in w.items()}  # the reference runs in float64
