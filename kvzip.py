@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import errors
@@ -764,14 +765,18 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
     return meta, header
 
 
-def _check_saved_model(path, meta: dict, m):
-    """The file's metadata against this model: its format and version, then each identity field."""
+def check_saved_format(path, meta: dict):
+    """The file's metadata says it is this format, in this version (needs no model)."""
     if meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a compressed cache file (metadata field 'format' is "
                          f"{meta.get('format')!r}, expected {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path}: format_version is {meta.get('format_version')!r}; this code reads "
                          f"version {FORMAT_VERSION!r}")
+
+
+def check_saved_model(path, meta: dict, m):
+    """The file's identity fields (model_identity) against model m's, one at a time."""
     for field, ours in model_identity(m).items():
         if meta.get(field) != ours:
             raise InputError(f"{path}: made for another model: {field} is {meta.get(field)!r} in the "
@@ -820,7 +825,8 @@ def load_compressed(path, m, backend: str = "auto") -> CompressedKV:
     """
     from safetensors import SafetensorError, safe_open
     meta, header = read_safetensors_header(path)
-    _check_saved_model(path, meta, m)
+    check_saved_format(path, meta)
+    check_saved_model(path, meta, m)
     cfg = m.cfg
     L, Hkv, D = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
     names = _expected_tensors(path, meta, header, L, Hkv, D)
@@ -1153,19 +1159,64 @@ def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_token
               f"{n_right['compressed']}/{n_scored} at ratio {ratio}")
 
 
+def _answer_saved(m, tok, ckv, queries, max_new_tokens: int):
+    """--load: the --query questions answered together; without any, questions read from stdin,
+    one a line, each answered as it comes (a pipe or a terminal)."""
+    if queries:
+        errors.progress(f"answering {len(queries)} questions together")
+        for q, a in zip(queries, generate(m, tok, queries, ckv, max_new_tokens)):
+            print(f"Q: {q}\nA: {a.strip()}", flush=True)
+        return
+    errors.progress("reading questions from stdin, one a line (end with Ctrl-D)")
+    for line in sys.stdin:
+        if line.strip():
+            print(f"A: {generate(m, tok, line.strip(), ckv, max_new_tokens).strip()}", flush=True)
+
+
+def _save(m, tok, args, context):
+    """--save: prefill, score and prune the context, write the compressed cache to the file;
+    then answer the --query questions, if any, from it."""
+    if context is None:
+        context = tasks.needle_task(**DEMO_TASK, tok=tok)["context"]
+    errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
+    try:
+        kv = prefill(m, tok, context)
+    except InputError as e:
+        raise InputError(f"--context {args.context}: {e}" if args.context else str(e)) from None
+    ckv = kv.prune(args.ratio, bits=args.bits)
+    ckv.save(args.save)
+    size = os.path.getsize(args.save)
+    print(f"saved {args.save}: {size / 2**20:.2f} MiB ({kv.n_context} context tokens at ratio {args.ratio}, "
+          f"{args.bits}-bit; the full cache is {kv.nbytes / 2**20:.2f} MiB)")
+    if args.query:
+        _answer_saved(m, tok, ckv, args.query, args.max_new_tokens)
+
+
 def main(argv=None):
-    p = errors.ArgumentParser(prog="kvzip.py", description="KVzip demo: full-cache vs compressed-cache answers.")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
+    p = errors.ArgumentParser(prog="kvzip.py", description="KVzip demo: full-cache vs compressed-cache answers; "
+                              "--save compresses a context into a file, --load answers from one.")
+    p.add_argument("--ratio", type=float, help="fraction of context KV pairs kept (default 0.3)")
     p.add_argument("--context", help="a text file to use as the context (default: built-in)")
     p.add_argument("--query", action="append", help="a question (repeatable)")
     p.add_argument("--model", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--save", metavar="FILE", help="compress the context and write the cache to FILE")
+    p.add_argument("--bits", type=int, default=16, choices=quant.BITS, help="with --save: 16, 8 or 4 bits a value")
+    p.add_argument("--load", metavar="FILE", help="answer from a cache saved with --save (questions: "
+                   "--query, or stdin one a line)")
     args = p.parse_args(argv)
     # cheap checks first: nothing is loaded, prefilled or scored before the arguments are usable
+    if args.load:
+        for option, given in (("--context", args.context), ("--save", args.save), ("--ratio", args.ratio)):
+            if given is not None:
+                p.error(f"--load {args.load}: answers from the saved cache; {option} cannot be used with it")
+    args.ratio = 0.3 if args.ratio is None else args.ratio
     try:
         check_ratio(args.ratio)
     except ValueError as e:
         p.error(f"--ratio: {e}")
+    if args.save and (why := errors.check_output(args.save, "--save")):
+        p.error(why)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     for q in args.query or []:
@@ -1176,9 +1227,19 @@ def main(argv=None):
     context = None
     if args.context:
         context = errors.read_text(args.context, "--context")  # UTF-8, not empty; else one line
+    if args.load:  # the file itself, before the model: a safetensors file of this format, complete
+        check_saved_format(args.load, read_safetensors_header(args.load)[0])
 
     m, tok = model_lib.load(args.model)  # fails in one line for a broken checkpoint, before any output
     errors.progress("model loaded")
+    if args.load:
+        t0 = time.perf_counter()
+        ckv = load_compressed(args.load, m)  # refuses a file made for another model
+        errors.progress(f"loaded {args.load} ({ckv.base_len - len(ckv.prefix_ids)} context tokens, ratio "
+                        f"{ckv.info.get('ratio')}, {ckv.bits}-bit) in {time.perf_counter() - t0:.2f} s")
+        return _answer_saved(m, tok, ckv, args.query, args.max_new_tokens)
+    if args.save:
+        return _save(m, tok, args, context)
     context, about, probes, template = _demo_probes(args, tok, context)
     errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
     t0 = time.perf_counter()
