@@ -1044,26 +1044,31 @@ def forward_batched(m, inputs: list[list[int]], kv) -> list:
 
 
 @torch.no_grad()
-def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens: int = 64) -> list[list[int]]:
+def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64) -> list[list[int]]:
     """Greedy answer ids to several inputs at once, over the one cache kv (FullKV or CompressedKV),
     which is only read: it is byte for byte unchanged afterwards.
 
     The first forward runs every query's input ids, concatenated, each query at positions
     kv.seq_len, kv.seq_len + 1, ...; every later forward one new token of each unfinished query,
     at that query's next position. A query stops as generate_ids does (a stop id, or
-    max_new_tokens) and brings no rows to the next forward. Same answers as one query at a time
-    (generate_ids), except where float rounding of the other kernels breaks a near-tie.
+    max_new_tokens) and brings no rows to the next forward. max_new_tokens: one for all, or a list
+    of one per query. Same answers as one query at a time (generate_ids), except where float
+    rounding of the other kernels breaks a near-tie.
     """
-    model_lib.check_max_new_tokens(max_new_tokens)
     if not queries or any(not q for q in queries):
         raise InputError("no queries, or an empty one: nothing to answer")
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(queries)
+    if len(budgets) != len(queries):
+        raise InputError(f"{len(budgets)} max_new_tokens for {len(queries)} queries")
+    for n in budgets:
+        model_lib.check_max_new_tokens(n)
     limit, start = m.cfg.max_position_embeddings, kv.seq_len
-    longest = max(len(q) for q in queries)
-    if start + longest + max_new_tokens > limit:
-        raise InputError(f"query of {longest} tokens plus {max_new_tokens} new tokens does not fit "
-                         f"after the {start} cached positions (model limit {limit})")
+    for q, n in zip(queries, budgets):
+        if start + len(q) + n > limit:
+            raise InputError(f"query of {len(q)} tokens plus {n} new tokens does not fit "
+                             f"after the {start} cached positions (model limit {limit})")
     dev = m.device
-    tails = BatchedTails(kv, sum(len(q) for q in queries) + len(queries) * max_new_tokens, m.cfg.n_layer)
+    tails = BatchedTails(kv, sum(len(q) for q in queries) + sum(budgets), m.cfg.n_layer)
     out = [[] for _ in queries]
     active = list(range(len(queries)))
     ids, owners, positions = _first_rows(queries, start, dev)
@@ -1076,7 +1081,7 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens: i
             if nxt in tok.stop_ids:
                 continue
             out[i].append(nxt)
-            if len(out[i]) < max_new_tokens:
+            if len(out[i]) < budgets[i]:
                 still.append(i)
         active = still
         ids = torch.tensor([out[i][-1] for i in active], device=dev, dtype=torch.long)

@@ -130,7 +130,7 @@ def _answers(m, tok, cache, q_ids, refs, max_new) -> list[str]:
     """
     stopped = [len(ref) < max_new for ref in refs]  # ref ended on a stop token, not on the length limit
     inputs = [q + (ref if stop else ref[:-1]) for q, ref, stop in zip(q_ids, refs, stopped)]
-    outs, todo = [], {}  # todo: {tokens still to decode: [probe index]}
+    outs, todo = [], []  # todo: the probes that left ref and may say more
     for j, (q, ref, stop, logits) in enumerate(zip(q_ids, refs, stopped, kvzip.forward_batched(m, inputs, cache))):
         pred = logits[len(q) - 1:].argmax(dim=-1).tolist()  # pred[i]: the greedy choice after ref[:i]
         i = next((i for i, (p, r) in enumerate(zip(pred, ref)) if p != r), len(ref))
@@ -141,10 +141,12 @@ def _answers(m, tok, cache, q_ids, refs, max_new) -> list[str]:
         else:
             outs.append(ref[:i] + [pred[i]])
             if len(outs[-1]) < max_new:
-                todo.setdefault(max_new - len(outs[-1]), []).append(j)
-    for n, js in todo.items():  # the probes that left ref, decoded together
-        for j, more in zip(js, kvzip.generate_ids_batched(m, tok, [q_ids[j] + outs[j] for j in js], cache, n)):
-            outs[j] += more
+                todo.append(j)
+    if todo:  # decoded together, each up to its own limit
+        more = kvzip.generate_ids_batched(m, tok, [q_ids[j] + outs[j] for j in todo], cache,
+                                          [max_new - len(outs[j]) for j in todo])
+        for j, extra in zip(todo, more):
+            outs[j] += extra
     return [tok.decode(o) for o in outs]
 
 
