@@ -941,13 +941,14 @@ def batched_answering(m, tok, ckv, questions, device) -> dict:
     """SERVE_QUERIES questions with up to SERVE_NEW new tokens each over one compressed cache:
     together (kvzip.generate with the list) and one after another, timed back to back."""
     import time
-    kvzip.generate(m, tok, questions[:2], ckv, 4)  # warm-up
+    ids = [kvzip.query_ids(tok, q, template=False) for q in questions]  # completion probes: no early stop
+    kvzip.generate_ids_batched(m, tok, ids[:2], ckv, 4)  # warm-up
     measure.sync(device)
     t0 = time.perf_counter()
-    seq = [kvzip.generate_ids(m, tok, kvzip.query_ids(tok, q), ckv, SERVE_NEW) for q in questions]
+    seq = [kvzip.generate_ids(m, tok, x, ckv, SERVE_NEW) for x in ids]
     measure.sync(device)
     t1 = time.perf_counter()
-    bat = kvzip.generate_ids_batched(m, tok, [kvzip.query_ids(tok, q) for q in questions], ckv, SERVE_NEW)
+    bat = kvzip.generate_ids_batched(m, tok, ids, ckv, SERVE_NEW)
     measure.sync(device)
     t2 = time.perf_counter()
     n_seq, n_bat = sum(map(len, seq)), sum(map(len, bat))
@@ -1019,9 +1020,8 @@ def serving_main(args) -> dict:
     geo = get_geometry(args.geometry)
     m, tok = model_lib.load(args.model, device=device)
     n = min(args.ctx, args.score_ctx or CPU_SCORE_CTX)
-    context, probes, questions = fitting_context(m, tok, n, n_needles=SERVE_QUERIES, n_questions=4)
-    asked = [f"What is the pass key for the {p.split('for the ')[-1].removesuffix(' is')}?" if "for the " in p else p
-             for p, _ in probes][:SERVE_QUERIES]
+    task = tasks.varied_needle_task(n, n_needles=SERVE_QUERIES, seed=0, tok=tok, key_digits=3)
+    context, asked = task["context"], [p for p, _ in task["probes"]]  # completion probes
     errors.progress(f"serving: prefill and score {len(tok.encode(context)):,} context tokens")
     kv = kvzip.prefill(m, tok, context)
     ckv = kv.prune(args.ratio)
@@ -1031,7 +1031,8 @@ def serving_main(args) -> dict:
         ctx_file, saved = Path(d) / "doc.txt", Path(d) / "doc.kvz"
         ctx_file.write_text(context)
         errors.progress("serving: first answer in a fresh process, from the text and from the saved file")
-        first = first_answer_seconds(ctx_file, saved, asked[0]) if args.model is None else None
+        first = first_answer_seconds(ctx_file, saved, "What is the tallest oak in the churchyard?") \
+            if args.model is None else None
         file_bytes = saved.stat().st_size if saved.exists() else None
     errors.progress(f"serving: one step of {SERVE_QUERIES} queries at the {geo.name} geometry, {args.ctx:,} tokens")
     step = batched_step_at_geometry(geo, args.ctx, args.ratio, device, reps=args.reps or 5)
