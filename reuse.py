@@ -2,8 +2,8 @@
 reuse.py: the reuse experiment. One compressed cache answers every query of its context:
 query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Figures 2 and 10).
 
-    python reuse.py                        # the default run (~10 min on an idle 2-core CPU)
-    python reuse.py --quick                # one needle and one fact context (~2.5 min)
+    python reuse.py                        # the default run (~3 min on an idle 2-core CPU)
+    python reuse.py --quick                # one needle and one fact context (~1 min)
     python reuse.py --json out.json --plot quality.png   # the figure: accuracy and NLL vs ratio
     python reuse.py --baseline-budget global --methods snapkv,h2o   # the baselines' other budget rule
     python reuse.py --head-scores heads.safetensors                 # reuse kvzip-head's head scores
@@ -601,7 +601,7 @@ def plot_quality(result, path) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
-    p.add_argument("--quick", action="store_true", help="one needle and one fact context (~2.5 min)")
+    p.add_argument("--quick", action="store_true", help="one needle and one fact context (~1 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated contexts (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and counts to FILE as JSON")
     p.add_argument("--plot", metavar="FILE", default="quality.png",
