@@ -20,8 +20,10 @@ Map of this file, in pipeline order:
   6. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
                               in the model's dtype or quantized to int8/int4 (quant.py);
      packed_attention       - decoding over it, one KV head at a time (the spec)
+  6b. save_compressed, load_compressed - a compressed cache in one safetensors file, checked on loading
   7. generate               - greedy answers from a full or compressed cache, which stays unchanged
-  8. a small demo: `python kvzip.py`
+  7b. BatchedTails, shared_attention - many queries answered together over one shared cache
+  8. the command line: `python kvzip.py` (demo), --save FILE, --load FILE
 
 Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
@@ -36,7 +38,7 @@ one switch, chooses: "reference" runs this file's readable code, "auto" the fast
 for the device, "triton" the kernels. The query-aware baselines are in baselines.py; explain.py
 runs this pipeline on a hand-checkable toy model and draws which tokens are kept.
 
-Left out on purpose: batching several contexts.
+Left out on purpose: batching several contexts (several queries over one cache are batched, 7b).
 """
 from __future__ import annotations
 
