@@ -5,6 +5,7 @@ bench.py: KVzip's efficiency results (Kim et al., NeurIPS 2025, arXiv 2505.23416
     python bench.py --ctx 124k --sweep         # ratios 1.0, 0.8, 0.6, 0.3, 0.2 (the paper's figure)
     python bench.py --quick --json out.json    # a small, fast run that writes the figures as JSON
     python bench.py --synthetic                # rows 1, 2 and 5 only: no model needed (the GPU check)
+    python bench.py --serving                  # a saved cache, 16 questions together, contexts per GPU
 
 What it measures, every figure in the same run (k = 1000 tokens: the paper's "124K" context of
 Llama-3.1-8B is 124,000 tokens, 16.3 GB of bf16 KV):
@@ -67,6 +68,7 @@ import baselines  # noqa: E402
 import fused  # noqa: E402
 import kvzip  # noqa: E402
 import model as model_lib  # noqa: E402
+import quant  # noqa: E402
 import tasks  # noqa: E402
 import measure  # noqa: E402
 from measure import PeakMemory, proc_status, read_probe, time_interleaved, timed  # noqa: E402
@@ -206,6 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true",
                    help="only the rows that need no model (memory, decode, quantized decode), every "
                         "head keeping the same share: for a machine without the default model")
+    p.add_argument("--serving", action="store_true",
+                   help="only the serving rows: a saved cache's first answer in a fresh process, 16 "
+                        "questions together vs one by one, and how many contexts fit on a GPU")
     args = p.parse_args(argv)
     # cheap checks first, so that a long run cannot fail at its end (memory: check_memory in main)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -219,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                               (args.geometry == "model", "--geometry model")):
             if given:
                 p.error(f"{option} needs the model, and --synthetic loads none")
+        if args.serving:
+            p.error("--serving answers with the model, and --synthetic loads none")
     return args
 
 
@@ -894,6 +901,8 @@ def main(args: argparse.Namespace) -> dict:
     base = (proc_status("VmRSS") or 0) if device.type == "cpu" else 0  # runtime, before the model
     reps = args.reps or (3 if args.quick else 30 if device.type == "cuda" else 15)
     check_memory(args, device)
+    if args.serving:
+        return serving_main(args)
     ratios = [args.ratio] + ([r for r in SWEEP_RATIOS if r != args.ratio] if args.sweep else [])
     real = synthetic_rows(args, ratios) if args.synthetic else real_rows(args, device, base, ratios)
     geo, n_p, fractions, scoring, quality = (real[k] for k in ("geo", "n_p", "fractions", "scoring", "quality"))
@@ -939,6 +948,165 @@ def main(args: argparse.Namespace) -> dict:
                    relative_accuracy=quality["relative_accuracy"] if quality else None)
     print(json.dumps(summary))
     return res
+
+
+# -----------------------------------------------------------------------------
+# Serving: compress once, answer many (--serving)
+
+SERVE_QUERIES, SERVE_NEW = 16, 32  # questions answered together, new tokens each
+GPU_BYTES = {"80 GB": 80e9, "141 GB": 141e9}  # H100 80 GB and H200 141 GB, as sold (decimal GB)
+LLAMA_8B_WEIGHT_BYTES = 8.03e9 * 2  # Llama-3.1-8B's parameters in bfloat16
+
+
+def first_answer_seconds(context_file, saved_file, query: str, reps: int = 2) -> dict:
+    """Wall-clock seconds of a fresh `python kvzip.py` to its first answer: from the raw text
+    (load the model, prefill, score, prune, save, answer) and from the saved file (load the model
+    and the file, answer), alternated so that both see the same load; the median of reps each."""
+    import statistics
+    import subprocess
+    import sys
+    import time
+    here = Path(__file__).resolve().parent
+    cmds = {"from_text": ["--context", str(context_file), "--ratio", "0.3", "--save", str(saved_file)],
+            "from_file": ["--load", str(saved_file)]}
+    times = {k: [] for k in cmds}
+    for _ in range(reps):
+        for name, argv in cmds.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, str(here / "kvzip.py"), *argv, "--query", query,
+                            "--max-new-tokens", "8"], check=True, capture_output=True, cwd=here)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def batched_answering(m, tok, ckv, questions, device) -> dict:
+    """SERVE_QUERIES questions with up to SERVE_NEW new tokens each over one compressed cache:
+    together (kvzip.generate with the list) and one after another, timed back to back."""
+    import time
+    ids = [kvzip.query_ids(tok, q, template=False) for q in questions]  # completion probes: no early stop
+    kvzip.generate_ids_batched(m, tok, ids[:2], ckv, 4)  # warm-up
+    measure.sync(device)
+    t0 = time.perf_counter()
+    seq = [kvzip.generate_ids(m, tok, x, ckv, SERVE_NEW) for x in ids]
+    measure.sync(device)
+    t1 = time.perf_counter()
+    bat = kvzip.generate_ids_batched(m, tok, ids, ckv, SERVE_NEW)
+    measure.sync(device)
+    t2 = time.perf_counter()
+    n_seq, n_bat = sum(map(len, seq)), sum(map(len, bat))
+    return dict(n_queries=len(questions), new_tokens=n_bat, sequential_s=t1 - t0, batched_s=t2 - t1,
+                sequential_tok_s=n_seq / (t1 - t0), batched_tok_s=n_bat / (t2 - t1),
+                speedup=(n_bat / (t2 - t1)) / (n_seq / (t1 - t0)), same_answers=seq == bat)
+
+
+def batched_step_at_geometry(geo: Geometry, n_c: int, ratio: float, device, reps: int, n_p: int = 32) -> dict:
+    """One attention step of SERVE_QUERIES queries over a synthetic compressed layer at the target
+    geometry (random K/V, a random 30%-style keep mask with per-head rates), together
+    (kvzip.BatchedTails) vs SERVE_QUERIES single-query steps (CompressedKV.attend, the decode
+    path of one query). Also the packed bytes of the layer at bits 16, 8 and 4 (in the
+    geometry's dtype), for the capacity rows."""
+    Hkv, G, D, B = geo.n_kv_heads, geo.group, geo.head_dim, SERVE_QUERIES
+    dtype = geo.torch_dtype if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    S = n_p + n_c
+    full = model_lib.KVCache(1, Hkv, D, S, dtype, device)
+    full.k[0].copy_(torch.randn(Hkv, S, D, generator=g))
+    full.v[0].copy_(torch.randn(Hkv, S, D, generator=g))
+    full.seq_len = S
+    rates = ratio * (0.5 + torch.rand(Hkv, 1, generator=g))  # per-head rates around the ratio
+    keep = (torch.rand(1, Hkv, n_c, generator=g) < rates / rates.mean() * ratio).to(device)
+    ckv = kvzip.CompressedKV.from_full(full, n_p, keep, "auto")
+    packed = {16: sum(quant.nbytes(t) for t in ckv.k + ckv.v + ckv.offsets)}
+    for bits in (8, 4):
+        packed[bits] = kvzip.CompressedKV.from_full(full, n_p, keep, "auto", bits=bits).nbytes
+    full_bytes = full.nbytes
+    del full
+    q = torch.randn(Hkv, G, B, D, generator=g).to(device, dtype)
+    k_new, v_new = (torch.randn(Hkv, B, D, generator=g).to(device, dtype) for _ in range(2))
+    tails = kvzip.BatchedTails(ckv, B, 1)
+    tails.set_rows(torch.arange(B, device=device), torch.full((B,), S, device=device))
+
+    def together():
+        return tails.attend(0, q, k_new, v_new)
+
+    def one_by_one():
+        ckv.reserve(1)
+        for i in range(B):
+            ckv.attend(0, q[:, :, i:i + 1], k_new[:, i:i + 1], v_new[:, i:i + 1])
+
+    t = time_interleaved({"together": together, "one_by_one": one_by_one}, device, reps)
+    kept = (keep.sum().item() + Hkv * n_p) / (Hkv * S)
+    return dict(geometry=geo.name, n_c=n_c, kept_rows=kept, together_ms=1e3 * t["together"],
+                one_by_one_ms=1e3 * t["one_by_one"], fraction=t["together"] / t["one_by_one"],
+                layer_full_bytes=full_bytes, layer_packed_bytes=packed, dtype=str(dtype).removeprefix("torch."))
+
+
+def capacity_on_paper(step: dict, geo: Geometry) -> dict:
+    """How many n_c-token compressed contexts fit beside Llama-3.1-8B's bfloat16 weights on each GPU,
+    from the measured packed bytes of one layer (times the geometry's layers; 16-bit rows counted in
+    bfloat16, 2 bytes a value, whatever dtype the layer was built in here)."""
+    per_value = 2 / torch.empty(0, dtype=getattr(torch, step["dtype"])).element_size()
+    L = geo.n_layers
+    per_context = {"full": step["layer_full_bytes"] * per_value * L,
+                   "0.3": step["layer_packed_bytes"][16] * per_value * L,
+                   "0.3 + int8": step["layer_packed_bytes"][8] * L,
+                   "0.3 + int4": step["layer_packed_bytes"][4] * L}
+    return {name: dict(bytes=b, fits={gpu: int((cap - LLAMA_8B_WEIGHT_BYTES) // b) for gpu, cap in GPU_BYTES.items()})
+            for name, b in per_context.items()}
+
+
+def serving_main(args) -> dict:
+    import tempfile
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    geo = get_geometry(args.geometry)
+    m, tok = model_lib.load(args.model, device=device)
+    n = min(args.ctx, args.score_ctx or CPU_SCORE_CTX)
+    task = tasks.varied_needle_task(n, n_needles=SERVE_QUERIES, seed=0, tok=tok, key_digits=3)
+    context, asked = task["context"], [p for p, _ in task["probes"]]  # completion probes
+    errors.progress(f"serving: prefill and score {len(tok.encode(context)):,} context tokens")
+    kv = kvzip.prefill(m, tok, context)
+    ckv = kv.prune(args.ratio)
+    errors.progress(f"serving: {len(asked)} questions, {SERVE_NEW} new tokens each, together and one by one")
+    answering = batched_answering(m, tok, ckv, asked, device)
+    with tempfile.TemporaryDirectory() as d:
+        ctx_file, saved = Path(d) / "doc.txt", Path(d) / "doc.kvz"
+        ctx_file.write_text(context)
+        errors.progress("serving: first answer in a fresh process, from the text and from the saved file")
+        first = first_answer_seconds(ctx_file, saved, "What is the tallest oak in the churchyard?") \
+            if args.model is None else None
+        file_bytes = saved.stat().st_size if saved.exists() else None
+    errors.progress(f"serving: one step of {SERVE_QUERIES} queries at the {geo.name} geometry, {args.ctx:,} tokens")
+    step = batched_step_at_geometry(geo, args.ctx, args.ratio, device, reps=args.reps or 5)
+    res = dict(n_context=kv.n_context, ratio=args.ratio, answering=answering, first_answer=first,
+               saved_file_bytes=file_bytes, compressed_nbytes=ckv.nbytes, step=step,
+               capacity=capacity_on_paper(step, geo),
+               load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a")
+    print(format_serving(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+def format_serving(res: dict) -> str:
+    a, st = res["answering"], res["step"]
+    lines = [f"serving rows ({res['n_context']:,}-token real context, ratio {res['ratio']}, load {res['load_average']})"]
+    if res["first_answer"]:
+        f = res["first_answer"]
+        lines.append(f"first answer, fresh process: from the text {f['from_text']:.1f} s (prefill + score + prune + "
+                     f"save + answer), from the saved file {f['from_file']:.1f} s (load + answer); "
+                     f"file {res['saved_file_bytes'] / 2**20:.2f} MiB")
+    lines.append(f"{a['n_queries']} questions x {SERVE_NEW} new tokens over one compressed cache: one by one "
+                 f"{a['sequential_tok_s']:.1f} tok/s, together {a['batched_tok_s']:.1f} tok/s = {a['speedup']:.1f}x "
+                 f"(target >= 6x); same answers: {a['same_answers']}")
+    lines.append(f"one step of {SERVE_QUERIES} queries, {st['geometry']} layer, {st['n_c']:,} tokens, "
+                 f"{st['kept_rows']:.1%} rows kept: together {st['together_ms']:.1f} ms, one by one "
+                 f"{st['one_by_one_ms']:.1f} ms = {st['fraction']:.2f} of it (target <= 0.25)")
+    for name, c in res["capacity"].items():
+        lines.append(f"  {name:>11}: {c['bytes'] / 1e9:6.2f} GB a context; beside the weights fit "
+                     + ", ".join(f"{k}: {v}" for k, v in c["fits"].items()))
+    return "\n".join(lines)
 
 
 def _device_name(device) -> str:

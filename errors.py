@@ -110,6 +110,8 @@ def safetensors_header(path, what: str) -> dict:
     "__metadata__"), checked before any tensor is read: the file must be one, and complete (a
     truncated file ends before its last tensor). Raises InputError naming `what` and the file."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {path}: is a folder, expected a safetensors file")
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:

@@ -19,6 +19,8 @@ Map of this file:
   3. decoding the packed cache      - packed_attention_fused: a call per KV head (several new
                                       tokens, int8/int4 caches); DecodePlan and packed_decode: one
                                       new token over all heads in one call (spec: kvzip.packed_attention)
+  4. several queries at once        - shared_attention_fused: the rows of several queries over one
+                                      shared cache and their own tails (spec: kvzip.shared_attention)
 
 Shape alphabet (as in kvzip.py, plus the pieces of section 3):
   Hkv  KV heads      G   query heads per KV head      D   head dim
@@ -335,3 +337,38 @@ def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
         parts.append((o[:, 0], l[:, 0], torch.arange(Hkv, device=q.device)))
     out = merge_by_head(*(torch.cat(x) for x in zip(*parts)), Hkv)  # (Hkv, G, D)
     return out.to(q.dtype).view(Hkv, G, 1, D)
+
+
+# -----------------------------------------------------------------------------
+# 4. Several queries' rows over one shared cache (kvzip.BatchedTails)
+
+def shared_attention_fused(q, ctx_k, ctx_v, tail_k, tail_v, visible):
+    """kvzip.shared_attention through torch's fused CPU attention: same arguments, same result.
+
+    q (Hkv, G, T, D); ctx_k[h], ctx_v[h] (n_h, D); tail_k, tail_v (Hkv, n_tail, D); visible
+    (T, n_tail) bool. The tail is one call with an additive mask (each row sees at least itself,
+    so no row is wholly masked). Each head's context rows are cut into equal pieces, each a "head"
+    of one call over the G * T rows (views, no copy), so that every thread has a piece; the few rows
+    left over are one more call. A head's parts are merged exactly (merge_attention).
+    Returns (Hkv, G, T, D).
+    """
+    Hkv, G, T, D = q.shape
+    qs = q / math.sqrt(D)  # (Hkv, G, T, D)
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+    tail_out, tail_lse = attention_lse(qs, tail_k, tail_v, mask=mask)  # (Hkv, G, T, D), (Hkv, G, T)
+    pieces = 2 * torch.get_num_threads()
+    outs = []
+    for h in range(Hkv):
+        rows = qs[h].reshape(1, 1, G * T, D)  # the group's rows as the rows of one head
+        kh, vh = ctx_k[h], ctx_v[h]
+        size = kh.shape[0] // pieces
+        parts = [(tail_out[h].reshape(G * T, D), tail_lse[h].reshape(G * T))]
+        if size:
+            o, l = attention_lse(rows.expand(pieces, 1, G * T, D), kh[:pieces * size].view(pieces, size, D),
+                                 vh[:pieces * size].view(pieces, size, D))  # (pieces, 1, G*T, D), (pieces, 1, G*T)
+            parts += zip(o[:, 0], l[:, 0])
+        if kh.shape[0] > pieces * size:
+            o, l = attention_lse(rows, kh[None, pieces * size:], vh[None, pieces * size:])  # (1, 1, G*T, D)
+            parts.append((o[0, 0], l[0, 0]))
+        outs.append(merge_attention(parts)[0].view(G, T, D))
+    return torch.stack(outs).to(q.dtype)

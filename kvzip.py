@@ -20,8 +20,10 @@ Map of this file, in pipeline order:
   6. CompressedKV           - the packed cache: per layer one buffer of the kept K/V of all KV heads,
                               in the model's dtype or quantized to int8/int4 (quant.py);
      packed_attention       - decoding over it, one KV head at a time (the spec)
+  6b. save_compressed, load_compressed - a compressed cache in one safetensors file, checked on loading
   7. generate               - greedy answers from a full or compressed cache, which stays unchanged
-  8. a small demo: `python kvzip.py`
+  7b. BatchedTails, shared_attention - many queries answered together over one shared cache
+  8. the command line: `python kvzip.py` (demo), --save FILE, --load FILE
 
 Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
@@ -36,12 +38,13 @@ one switch, chooses: "reference" runs this file's readable code, "auto" the fast
 for the device, "triton" the kernels. The query-aware baselines are in baselines.py; explain.py
 runs this pipeline on a hand-checkable toy model and draws which tokens are kept.
 
-Left out on purpose: batching several contexts.
+Left out on purpose: batching several contexts (several queries over one cache are batched, 7b).
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 import textwrap
 import time
 
@@ -218,11 +221,15 @@ class FullKV:
     model.KVCache) by handing every call to its cache, so generate takes it like a CompressedKV.
     """
 
-    def __init__(self, cache, scores, n_prefix: int, context_ids: list[int], backend: str = "auto"):
+    def __init__(self, cache, scores, n_prefix: int, context_ids: list[int], backend: str = "auto",
+                 prefix_ids: list[int] | None = None, model_identity: dict | None = None):
         self.cache, self.scores = cache, scores
         self.n_prefix, self.n_context = n_prefix, len(context_ids)
-        self.context_ids = context_ids
+        self.context_ids, self.prefix_ids = context_ids, prefix_ids
         self.backend = backend  # scoring, and the decode path of the compressed caches it prunes to
+        # what a saved compressed cache records about its origin (CompressedKV.save)
+        self.model_identity = model_identity
+        self.chunk_size = self.scorer = None  # set by score_context
 
     def prune(self, ratio: float, uniform: bool = False, scores=None, layer_budgets=None,
               level: str = "pair", head_scores=None, *, bits: int = 16) -> "CompressedKV":
@@ -264,7 +271,12 @@ class FullKV:
                 raise ValueError("this FullKV has no scores (prefill(..., score=False)); pass scores=, "
                                  "or prune at level='head' with head_scores=")
             keep = keep_mask(scores, ratio, uniform=uniform, layer_budgets=layer_budgets)
-        return self.pack(keep, bits=bits)
+        ckv = self.pack(keep, bits=bits)
+        rule = "head" if level == "head" else "layer_budgets" if layer_budgets is not None else \
+            "uniform" if uniform else "global"
+        ckv.info.update(ratio=repr(float(ratio)), level=level, budget=rule,
+                        scores="given" if scores is not None and scores is not self.scores else "kvzip")
+        return ckv
 
     def pack(self, keep, bits: int = 16) -> "CompressedKV":
         """The compressed cache of the context pairs `keep` (bool (L, Hkv, n_c)) selects, prefix
@@ -273,6 +285,11 @@ class FullKV:
         quant.check_bits(bits)
         ckv = CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
         ckv.kept_ratio = keep.sum().item() / max(1, keep.numel())  # context pairs kept, as a fraction
+        ckv.prefix_ids, ckv.context_ids = self.prefix_ids, self.context_ids
+        ckv.model_identity = self.model_identity
+        # how the pairs were chosen, as strings (the metadata of a saved file); prune fills in more
+        ckv.info = dict(ratio="", level="mask", budget="mask", scores="mask",
+                        chunk_size=str(self.chunk_size or ""), scorer=self.scorer or "")
         return ckv
 
     # --- the cache protocol, handed to the dense cache ---
@@ -331,7 +348,7 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     capacity = min(n_p + n_c + room, m.cfg.max_position_embeddings)
     cache = m.new_cache(capacity=capacity, backend=backend)
     model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
-    kv = FullKV(cache, None, n_p, context_ids, backend)
+    kv = FullKV(cache, None, n_p, context_ids, backend, prefix_ids=p_ids, model_identity=model_identity(m))
     if score:
         score_context(m, tok, kv, chunk_size, scorer=scorer)
     return kv
@@ -374,7 +391,7 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
 
         with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
             m(ids, cache, last_only=True, observe=observe)
-    kv.scores = scores
+    kv.scores, kv.chunk_size, kv.scorer = scores, chunk_size, scorer
     return scores
 
 
@@ -562,6 +579,14 @@ class CompressedKV:
         self.plans = None  # per layer, the fused.DecodePlan of the CPU's single-token path
         if backend == "auto" and device.type == "cpu" and self.bits == 16:
             self.plans = [fused.DecodePlan(kl, vl, b) for kl, vl, b in zip(k, v, self._bounds)]
+        # where it came from, for `save`: set by FullKV.pack and load_compressed
+        self.kept_ratio = None
+        self.prefix_ids = self.context_ids = self.model_identity = None
+        self.info = {}
+
+    def save(self, path):
+        """Write this cache to one safetensors file (see save_compressed); load_compressed reads it."""
+        save_compressed(self, path)
 
     @classmethod
     def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto", bits: int = 16):
@@ -671,6 +696,161 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
 
 
 # -----------------------------------------------------------------------------
+# 6b. A compressed cache in a file: compress once, answer in later processes
+#
+# One safetensors file: per layer l the tensors "k.{l}", "v.{l}" (the packed rows in the model's
+# dtype) or, for an int8/int4 cache, "k.{l}.codes", "k.{l}.scale", "k.{l}.zero" (likewise v), and
+# "offsets.{l}"; then "prefix_ids" and "context_ids". Its metadata (strings) says what the file
+# is (FORMAT, FORMAT_VERSION), which model made it (model_identity), and how it was compressed
+# (ratio, bits, level, budget rule, chunk size, scorer). The file holds the packed bytes and
+# nothing else: the decode plans are rebuilt on loading, from the same rows.
+
+FORMAT, FORMAT_VERSION = "kvzip-ref compressed cache", "1"
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+           "U8": torch.uint8}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def save_compressed(ckv: CompressedKV, path):
+    """Write ckv (at its context state: no query rows) to `path` as described above."""
+    from safetensors.torch import save_file
+    if ckv.model_identity is None or ckv.context_ids is None:
+        raise ValueError("this compressed cache does not know its model or context (it was not made by "
+                         "FullKV.prune or FullKV.pack): nothing to check a later load against")
+    if ckv.n_tail:
+        raise ValueError(f"the cache holds {ckv.n_tail} query rows (keep=True): truncate it to its "
+                         f"context ({ckv.base_len} positions) before saving")
+    tensors = {"prefix_ids": torch.tensor(ckv.prefix_ids, dtype=torch.int64),
+               "context_ids": torch.tensor(ckv.context_ids, dtype=torch.int64)}
+    for l in range(len(ckv.k)):
+        for name, x in ((f"k.{l}", ckv.k[l]), (f"v.{l}", ckv.v[l])):
+            if isinstance(x, quant.Quantized):
+                tensors.update({f"{name}.codes": x.data, f"{name}.scale": x.scale, f"{name}.zero": x.zero})
+            else:
+                tensors[name] = x
+        tensors[f"offsets.{l}"] = ckv.offsets[l]
+    group = ckv.k[0].group if ckv.bits != 16 else 0
+    meta = dict(format=FORMAT, format_version=FORMAT_VERSION, **ckv.model_identity,
+                dtype=str(ckv.dtype).removeprefix("torch."), bits=str(ckv.bits), quant_group=str(group),
+                n_prefix=str(len(ckv.prefix_ids)), base_len=str(ckv.base_len),
+                kept_ratio=repr(ckv.kept_ratio), **ckv.info)
+    save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path), metadata=meta)
+
+
+def read_saved_header(path) -> tuple[dict, dict]:
+    """(metadata, {tensor name: header entry}) of a saved cache file, read and checked before any
+    tensor (errors.safetensors_header: a safetensors file, complete). InputError naming the file."""
+    header = errors.safetensors_header(path, "compressed cache")
+    return header.pop("__metadata__", None) or {}, header
+
+
+def check_saved_format(path, meta: dict):
+    """The file's metadata says it is this format, in this version (needs no model)."""
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{path}: not a compressed cache file (metadata field 'format' is "
+                         f"{meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: format_version is {meta.get('format_version')!r}; this code reads "
+                         f"version {FORMAT_VERSION!r}")
+
+
+def check_saved_model(path, meta: dict, m):
+    """The file's identity fields (model_identity) against model m's, one at a time."""
+    for field, ours in model_identity(m).items():
+        if meta.get(field) != ours:
+            raise InputError(f"{path}: made for another model: {field} is {meta.get(field)!r} in the "
+                             f"file, {ours!r} for this model")
+
+
+def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int) -> list[str]:
+    """The names the file must hold, each checked for dtype and row width against its header entry
+    (the row counts follow from the offsets, checked once they are read)."""
+    bits = meta.get("bits")
+    if bits not in ("16", "8", "4"):
+        raise InputError(f"{path}: metadata field 'bits' is {bits!r}, expected 16, 8 or 4")
+    want = {"prefix_ids": ("I64", None), "context_ids": ("I64", None)}
+    for l in range(L):
+        want[f"offsets.{l}"] = ("I64", None)
+        for kv in "kv":
+            if bits == "16":
+                want[f"{kv}.{l}"] = (_DTYPE_NAMES.get(getattr(torch, meta.get("dtype", ""), None)), D)
+            else:
+                group = int(meta.get("quant_group") or 0) or 1
+                want.update({f"{kv}.{l}.codes": ("U8", D * int(bits) // 8),
+                             f"{kv}.{l}.scale": ("F16", D // group), f"{kv}.{l}.zero": ("F16", D // group)})
+    for name, (dtype, width) in want.items():
+        e = header.get(name)
+        if e is None:
+            raise InputError(f"{path}: tensor {name!r} is missing")
+        shape = e.get("shape") or [0]
+        if e.get("dtype") != dtype or (width is not None and (len(shape) != 2 or shape[1] != width)):
+            raise InputError(f"{path}: tensor {name!r} is {e.get('dtype')} {shape}, expected {dtype} "
+                             f"with rows of {width}")
+        if name.startswith("offsets.") and shape != [Hkv + 1]:
+            raise InputError(f"{path}: tensor {name!r} has shape {shape}, expected [{Hkv + 1}] (KV heads + 1)")
+    return list(want)
+
+
+@torch.no_grad()
+def load_compressed(path, m, backend: str = "auto") -> CompressedKV:
+    """The compressed cache saved in `path` (CompressedKV.save), for model m, on m's device.
+
+    Everything is checked before a tensor is used: that the file is a complete safetensors file,
+    of this format and version, made for this model (architecture, shapes, weights fingerprint:
+    model_identity), holding every tensor with the dtype and shape its metadata implies, and
+    offsets that describe its rows. Each problem is one InputError naming the file and the field.
+    Rows saved in another float dtype than m's (a cache made on a CPU in float32, loaded on a GPU
+    in bfloat16) are converted to m's dtype; otherwise the cache equals the saved one byte for byte.
+    """
+    from safetensors import SafetensorError, safe_open
+    meta, header = read_saved_header(path)
+    check_saved_format(path, meta)
+    check_saved_model(path, meta, m)
+    cfg = m.cfg
+    L, Hkv, D = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+    names = _expected_tensors(path, meta, header, L, Hkv, D)
+    try:
+        bits, n_prefix, base_len = int(meta["bits"]), int(meta["n_prefix"]), int(meta["base_len"])
+        kept_ratio = float(meta["kept_ratio"])
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{path}: metadata field {e} is missing or not a number") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            t = {name: f.get_tensor(name) for name in names}
+    except SafetensorError as e:
+        raise InputError(f"{path}: not a valid safetensors file ({e})") from None
+    if len(t["prefix_ids"]) != n_prefix or n_prefix + len(t["context_ids"]) != base_len:
+        raise InputError(f"{path}: prefix_ids and context_ids ({len(t['prefix_ids'])} + "
+                         f"{len(t['context_ids'])}) disagree with base_len {base_len}")
+    ks, vs, offs = [], [], []
+    for l in range(L):
+        o = t[f"offsets.{l}"]
+        lengths = o.diff()
+        rows = header[f"k.{l}" if bits == 16 else f"k.{l}.codes"]["shape"][0]
+        for name in (n for n in names if n.split(".")[:2] in (["k", str(l)], ["v", str(l)])):
+            if header[name]["shape"][0] != rows:
+                raise InputError(f"{path}: tensor {name!r} has {header[name]['shape'][0]} rows, "
+                                 f"the layer's keys {rows}")
+        if o[0] != 0 or (lengths < n_prefix).any() or (lengths > base_len).any() or o[-1] != rows:
+            raise InputError(f"{path}: offsets.{l} {o.tolist()} do not describe the layer's {rows} rows "
+                             f"(each head keeps {n_prefix} to {base_len})")
+        offs.append(o.to(m.device))
+        for kv, out in (("k", ks), ("v", vs)):
+            if bits == 16:
+                out.append(t[f"{kv}.{l}"].to(device=m.device, dtype=m.dtype))
+            else:
+                out.append(quant.Quantized(t[f"{kv}.{l}.codes"].to(m.device), t[f"{kv}.{l}.scale"].to(m.device),
+                                           t[f"{kv}.{l}.zero"].to(m.device), bits, int(meta["quant_group"]),
+                                           m.dtype))
+    ckv = CompressedKV(ks, vs, offs, base_len=base_len, backend=backend)
+    ckv.kept_ratio = kept_ratio
+    ckv.prefix_ids, ckv.context_ids = t["prefix_ids"].tolist(), t["context_ids"].tolist()
+    ckv.model_identity = {k: meta[k] for k in model_identity(m)}
+    ckv.info = {k: meta.get(k, "") for k in ("ratio", "level", "budget", "scores", "chunk_size", "scorer")}
+    return ckv
+
+
+# -----------------------------------------------------------------------------
 # 7. Answering queries from a (compressed) cache
 
 def query_ids(tok, query: str, template: bool = True) -> list[int]:
@@ -703,11 +883,192 @@ def generate_ids(m, tok, ids: list[int], kv, max_new_tokens: int = 64, keep: boo
             kv.truncate(start)
 
 
-def generate(m, tok, query: str, kv, max_new_tokens: int = 64, template: bool = True,
-             keep: bool = False) -> str:
+def generate(m, tok, query, kv, max_new_tokens: int = 64, template: bool = True,
+             keep: bool = False):
     """Greedy answer to `query` from kv (a FullKV or a CompressedKV); returns only the new text.
-    The cache is left as it was (keep=False) or with the turn appended (keep=True)."""
-    return tok.decode(generate_ids(m, tok, query_ids(tok, query, template), kv, max_new_tokens, keep))
+    The cache is left as it was (keep=False) or with the turn appended (keep=True).
+    A list of queries is answered together over the one cache (generate_ids_batched), which stays
+    unchanged: a list of answers, each equal to the query's answer alone up to float rounding."""
+    if isinstance(query, str):
+        return tok.decode(generate_ids(m, tok, query_ids(tok, query, template), kv, max_new_tokens, keep))
+    if keep:
+        raise InputError("keep=True appends one turn to the cache: answer one query at a time for that")
+    if not isinstance(query, (list, tuple)) or not query:
+        raise InputError(f"query must be a string or a non-empty list of strings, got {query!r}")
+    ids = [query_ids(tok, q, template) for q in query]
+    return [tok.decode(a) for a in generate_ids_batched(m, tok, ids, kv, max_new_tokens)]
+
+
+# -----------------------------------------------------------------------------
+# 7b. Many queries answered together over one shared cache
+#
+# A decode step of one query reads every weight of the model and every kept row of the cache to
+# produce one token; B queries in one forward read them once for B tokens. The model stays
+# batch-free: a forward takes T rows, and nothing in it mixes rows except attention, which the
+# cache performs (cache.attend). So the rows of several queries go through the model as one
+# sequence, each at its own position (Transformer.forward's `positions`), and BatchedTails, the
+# cache of that forward, decides what each row sees: all of the shared cache, read in place, and
+# the earlier rows of its own query.
+
+class BatchedTails:
+    """The cache protocol for several queries over one read-only cache (a FullKV or CompressedKV).
+
+    base: the shared cache, never written: every row attends to all of it (its context).
+    tail_k[l], tail_v[l] (Hkv, capacity, D): the new rows of all queries, in the order the forwards
+    brought them (query rows interleaved), with owner (capacity,) = the query of each tail row and
+    pos (capacity,) = its position. Before each forward, `set_rows(owners, positions)` says whose
+    the forward's T rows are. Row r then sees tail row s iff owner[s] == owner[r] and
+    pos[s] <= pos[r]: its own query's earlier rows and itself (`visible`, (T, n_tail)). A finished
+    query brings no more rows; its tail rows stay (hidden from the others) until the batch ends.
+    """
+
+    def __init__(self, base, capacity: int, n_layer: int):
+        if getattr(base, "n_tail", 0):
+            raise InputError("answer several queries from a cache at its context state (it holds a "
+                             "turn kept with keep=True: truncate it first)")
+        self.base = base
+        self.seq_len = base.seq_len  # positions of the shared context; new rows bring their own
+        if isinstance(base, CompressedKV):
+            Hkv, D, dtype, device = base.offsets[0].numel() - 1, base.k[0].shape[1], base.dtype, base.offsets[0].device
+        else:
+            Hkv, _, D = base.cache.keys(0).shape
+            dtype, device = base.cache.keys(0).dtype, base.cache.keys(0).device
+        self.tail_k = [torch.empty(Hkv, capacity, D, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.tail_v = [torch.empty(Hkv, capacity, D, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.owner = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.pos = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.n_tail = 0
+        self.visible = None  # (T, n_tail + T) bool, built once per forward by set_rows
+
+    def set_rows(self, owners, positions):
+        """owners, positions (T,) int64: the query and position of each row of the next forward."""
+        T, end = len(owners), self.n_tail + len(owners)
+        if end > self.owner.numel():
+            raise ValueError(f"tail capacity {self.owner.numel()} exceeded ({end} rows)")
+        self.owner[self.n_tail:end], self.pos[self.n_tail:end] = owners, positions
+        own, pos = self.owner[:end], self.pos[:end]
+        self.visible = (own[None, :] == owners[:, None]) & (pos[None, :] <= positions[:, None])  # (T, end)
+
+    def reserve(self, n: int):
+        pass  # the capacity is set when the batch starts (its largest possible need)
+
+    def context(self, layer: int):
+        """Per KV head, the shared cache's rows: ([k_h (n_h, D)], [v_h (n_h, D)]), views of the
+        packed (or dense) rows; an int8/int4 cache's rows dequantized, one layer at a time."""
+        b = self.base
+        if isinstance(b, CompressedKV):
+            bounds, dtype = b._bounds[layer], b.dtype
+            ks = [quant.packed_rows(b.k[layer], bounds[h], bounds[h + 1], dtype) for h in range(len(bounds) - 1)]
+            vs = [quant.packed_rows(b.v[layer], bounds[h], bounds[h + 1], dtype) for h in range(len(bounds) - 1)]
+            return ks, vs
+        return list(b.cache.keys(layer)), list(b.cache.values(layer))  # (S, D) per head
+
+    def attend(self, layer: int, q, k, v):
+        """Store the rows' k, v (Hkv, T, D) in the tail; q (Hkv, G, T, D) attends over each head's
+        shared rows and the visible tail rows. Returns (Hkv, G, T, D)."""
+        end = self.n_tail + k.shape[1]
+        self.tail_k[layer][:, self.n_tail:end] = k
+        self.tail_v[layer][:, self.n_tail:end] = v
+        ctx_k, ctx_v = self.context(layer)
+        tk, tv = self.tail_k[layer][:, :end], self.tail_v[layer][:, :end]
+        if getattr(self.base, "backend", "auto") == "auto" and q.device.type == "cpu":
+            return fused.shared_attention_fused(q, ctx_k, ctx_v, tk, tv, self.visible)
+        return shared_attention(q, ctx_k, ctx_v, tk, tv, self.visible)
+
+    def advance(self, n: int):
+        self.n_tail += n
+
+
+def shared_attention(q, ctx_k, ctx_v, tail_k, tail_v, visible):
+    """Attention of T rows of several queries over a shared context and their own tails (the spec
+    of BatchedTails.attend; packed_attention is its one-query case).
+
+    q (Hkv, G, T, D); ctx_k[h], ctx_v[h] (n_h, D): the rows of KV head h every row sees;
+    tail_k, tail_v (Hkv, n_tail, D); visible (T, n_tail) bool: which tail rows each row sees.
+    Each head's context rows are read once for all G * T query rows. Returns (Hkv, G, T, D).
+    """
+    Hkv, G, T, D = q.shape
+    hidden = ~visible.repeat(G, 1)  # (G*T, n_tail), row g*T + t
+    out = torch.empty_like(q)
+    for h in range(Hkv):
+        qh = q[h].reshape(G * T, D) / math.sqrt(D)
+        ctx = (ctx_k[h] @ qh.T).T  # (G*T, n_h), keys on the long side (see packed_attention)
+        new = (tail_k[h] @ qh.T).T.masked_fill(hidden, float("-inf"))  # (G*T, n_tail)
+        p = torch.softmax(torch.cat([ctx, new], dim=-1).float(), dim=-1).to(q.dtype)  # (G*T, n_h + n_tail)
+        n_h = ctx_k[h].shape[0]
+        out[h] = (p[:, :n_h] @ ctx_v[h] + p[:, n_h:] @ tail_v[h]).view(G, T, D)
+    return out
+
+
+def _first_rows(inputs: list[list[int]], start: int, device):
+    """The rows of several inputs as one forward: ids, owners (the input of each row) and positions
+    (each input from `start` on), all (T,) int64, T = the inputs' lengths summed."""
+    ids = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=device)
+    owners = torch.tensor([i for i, x in enumerate(inputs) for _ in x], dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(start, start + len(x), device=device) for x in inputs])
+    return ids, owners, positions
+
+
+@torch.no_grad()
+def forward_batched(m, inputs: list[list[int]], kv) -> list:
+    """Teacher-forced logits of several inputs run together on top of kv, each at positions
+    kv.seq_len, kv.seq_len + 1, ... and seeing only kv and itself: [(T_i, V) float32], equal to
+    m(input_i, kv) alone up to float rounding. kv is only read (unchanged afterwards)."""
+    if not inputs or any(not x for x in inputs):
+        raise InputError("no inputs, or an empty one: nothing to run")
+    tails = BatchedTails(kv, sum(len(x) for x in inputs), m.cfg.n_layer)
+    ids, owners, positions = _first_rows(inputs, kv.seq_len, m.device)
+    tails.set_rows(owners, positions)
+    return list(m(ids, tails, positions=positions).split([len(x) for x in inputs]))
+
+
+@torch.no_grad()
+def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64) -> list[list[int]]:
+    """Greedy answer ids to several inputs at once, over the one cache kv (FullKV or CompressedKV),
+    which is only read: it is byte for byte unchanged afterwards.
+
+    The first forward runs every query's input ids, concatenated, each query at positions
+    kv.seq_len, kv.seq_len + 1, ...; every later forward one new token of each unfinished query,
+    at that query's next position. A query stops as generate_ids does (a stop id, or
+    max_new_tokens) and brings no rows to the next forward. max_new_tokens: one for all, or a list
+    of one per query. Same answers as one query at a time (generate_ids), except where float
+    rounding of the other kernels breaks a near-tie.
+    """
+    if not queries or any(not q for q in queries):
+        raise InputError("no queries, or an empty one: nothing to answer")
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(queries)
+    if len(budgets) != len(queries):
+        raise InputError(f"{len(budgets)} max_new_tokens for {len(queries)} queries")
+    for n in budgets:
+        model_lib.check_max_new_tokens(n)
+    limit, start = m.cfg.max_position_embeddings, kv.seq_len
+    for q, n in zip(queries, budgets):
+        if start + len(q) + n > limit:
+            raise InputError(f"query of {len(q)} tokens plus {n} new tokens does not fit "
+                             f"after the {start} cached positions (model limit {limit})")
+    dev = m.device
+    tails = BatchedTails(kv, sum(len(q) for q in queries) + sum(budgets), m.cfg.n_layer)
+    out = [[] for _ in queries]
+    active = list(range(len(queries)))
+    ids, owners, positions = _first_rows(queries, start, dev)
+    rows = torch.tensor([len(q) for q in queries], device=dev).cumsum(0) - 1  # each input's last row
+    while active:
+        tails.set_rows(owners, positions)
+        logits = m(ids, tails, positions=positions, rows=rows)  # (len(active), V)
+        still = []
+        for i, nxt in zip(active, logits.argmax(dim=-1).tolist()):
+            if nxt in tok.stop_ids:
+                continue
+            out[i].append(nxt)
+            if len(out[i]) < budgets[i]:
+                still.append(i)
+        active = still
+        ids = torch.tensor([out[i][-1] for i in active], device=dev, dtype=torch.long)
+        owners = torch.tensor(active, device=dev, dtype=torch.long)
+        positions = torch.tensor([start + len(queries[i]) + len(out[i]) - 1 for i in active],
+                                 device=dev, dtype=torch.long)
+        rows = None
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -791,9 +1152,43 @@ def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_token
               f"{n_right['compressed']}/{n_scored} at ratio {ratio}")
 
 
+def _answer_saved(m, tok, ckv, queries, max_new_tokens: int):
+    """--load: the --query questions answered together; without any, questions read from stdin,
+    one a line, each answered as it comes (a pipe or a terminal)."""
+    if queries:
+        errors.progress(f"answering {len(queries)} questions together")
+        for q, a in zip(queries, generate(m, tok, queries, ckv, max_new_tokens)):
+            print(f"Q: {q}\nA: {a.strip()}", flush=True)
+        return
+    errors.progress("reading questions from stdin, one a line (end with Ctrl-D)")
+    for line in sys.stdin:
+        if line.strip():
+            print(f"A: {generate(m, tok, line.strip(), ckv, max_new_tokens).strip()}", flush=True)
+
+
+def _save(m, tok, args, context):
+    """--save: prefill, score and prune the context, write the compressed cache to the file;
+    then answer the --query questions, if any, from it."""
+    if context is None:
+        context = tasks.needle_task(**DEMO_TASK, tok=tok)["context"]
+    errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
+    try:
+        kv = prefill(m, tok, context)
+    except InputError as e:
+        raise InputError(f"--context {args.context}: {e}" if args.context else str(e)) from None
+    ckv = kv.prune(args.ratio, bits=args.bits)
+    ckv.save(args.save)
+    size = os.path.getsize(args.save)
+    print(f"saved {args.save}: {size / 2**20:.2f} MiB ({kv.n_context} context tokens at ratio {args.ratio}, "
+          f"{args.bits}-bit; the full cache is {kv.nbytes / 2**20:.2f} MiB)")
+    if args.query:
+        _answer_saved(m, tok, ckv, args.query, args.max_new_tokens)
+
+
 def main(argv=None):
-    p = errors.ArgumentParser(prog="kvzip.py", description="KVzip demo: full-cache vs compressed-cache answers.")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept (default 0.3)")
+    p = errors.ArgumentParser(prog="kvzip.py", description="KVzip demo: full-cache vs compressed-cache answers; "
+                              "--save compresses a context into a file, --load answers from one.")
+    p.add_argument("--ratio", type=float, help="fraction of context KV pairs kept (default 0.3)")
     p.add_argument("--context", metavar="FILE", help="a UTF-8 text file to use as the context (default: "
                    "four pass keys hidden in seeded filler, asked as completion probes)")
     p.add_argument("--query", action="append", metavar="TEXT", help="a question, repeatable (default with "
@@ -805,12 +1200,24 @@ def main(argv=None):
     p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="the longest answer, in tokens (default 32)")
+    p.add_argument("--save", metavar="FILE", help="compress the context and write the cache to FILE")
+    p.add_argument("--bits", type=int, default=16, choices=quant.BITS,
+                   help="with --save: 16, 8 or 4 bits a stored value (default 16)")
+    p.add_argument("--load", metavar="FILE", help="answer from a cache saved with --save (questions: "
+                   "--query, or stdin one a line)")
     args = p.parse_args(argv)
     # cheap checks first: nothing is loaded, prefilled or scored before the arguments are usable
+    if args.load:
+        for option, given in (("--context", args.context), ("--save", args.save), ("--ratio", args.ratio)):
+            if given is not None:
+                p.error(f"--load {args.load}: answers from the saved cache; {option} cannot be used with it")
+    args.ratio = 0.3 if args.ratio is None else args.ratio
     try:
         check_ratio(args.ratio)
     except ValueError as e:
         p.error(f"--ratio: {e}")
+    if args.save and (why := errors.check_output(args.save, "--save")):
+        p.error(why)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     for q in args.query or []:
@@ -820,14 +1227,29 @@ def main(argv=None):
         p.error(f"--expect: one per --query, in order ({len(args.query or [])} --query, {len(args.expect)} --expect)")
     if args.raw and not args.query:
         p.error("--raw: applies to --query, and none was given")
+    for option, given in (("--expect", args.expect), ("--raw", args.raw)):
+        if given and (args.save or args.load):
+            p.error(f"{option}: marks the demo's two caches; it cannot be used with --save or --load")
+    if args.bits != 16 and not args.save:
+        p.error(f"--bits {args.bits}: sets the stored values of a cache written with --save; no --save given")
     if args.model and (why := errors.check_folder(args.model, "--model")):
         p.error(why)
     context = None
     if args.context:
         context = errors.read_text(args.context, "--context")  # UTF-8, not empty; else one line
+    if args.load:  # the file itself, before the model: a safetensors file of this format, complete
+        check_saved_format(args.load, read_saved_header(args.load)[0])
 
     m, tok = model_lib.load(args.model)  # fails in one line for a broken checkpoint, before any output
     errors.progress("model loaded")
+    if args.load:
+        t0 = time.perf_counter()
+        ckv = load_compressed(args.load, m)  # refuses a file made for another model
+        errors.progress(f"loaded {args.load} ({ckv.base_len - len(ckv.prefix_ids)} context tokens, ratio "
+                        f"{ckv.info.get('ratio')}, {ckv.bits}-bit) in {time.perf_counter() - t0:.2f} s")
+        return _answer_saved(m, tok, ckv, args.query, args.max_new_tokens)
+    if args.save:
+        return _save(m, tok, args, context)
     context, about, probes, template = _demo_probes(args, tok, context)
     errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
     t0 = time.perf_counter()

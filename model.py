@@ -340,25 +340,31 @@ class Transformer(nn.Module):
         cfg = self.cfg
         return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, backend)
 
-    def forward(self, ids: torch.Tensor, cache, last_only: bool = False, observe=None):
+    def forward(self, ids: torch.Tensor, cache, last_only: bool = False, observe=None,
+                positions=None, rows=None):
         """Run T new tokens on top of `cache` and append their keys and values to it.
 
-        ids (T,) int64. The tokens take positions cache.seq_len .. cache.seq_len + T - 1.
+        ids (T,) int64. The tokens take positions cache.seq_len .. cache.seq_len + T - 1, or the
+        given `positions` (T,): several queries' rows answered together over one shared cache
+        (kvzip.BatchedTails) each continue at their own position. Nothing else in the model
+        mixes rows; which earlier rows a row attends to is the cache's decision (its `attend`).
         `cache` is anything that follows the cache protocol (see KVCache): the dense KVCache
         below, or kvzip's FullKV and packed CompressedKV.
         `observe(layer, q, k)`, if given, is called in every layer with the new tokens'
         post-RoPE queries q (Hkv, G, T, D) and keys k (Hkv, T, D).
-        Returns float32 logits (T, V), or (1, V) for the last position when last_only.
+        Returns float32 logits (T, V), or (1, V) for the last position when last_only, or
+        (R, V) for the row indices `rows` (R,) (the last row of each query).
         """
         T = ids.shape[0]
         if T == 0:
             raise ValueError("no tokens to process (empty input)")
-        start = cache.seq_len
-        if start + T > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the model allows "
+        if positions is None:
+            positions = torch.arange(cache.seq_len, cache.seq_len + T, device=ids.device)
+        end = int(positions.max()) + 1
+        if end > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {end} tokens is longer than the model allows "
                              f"(max_position_embeddings={self.cfg.max_position_embeddings})")
         cache.reserve(T)
-        positions = torch.arange(start, start + T, device=ids.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # (T, D) each
         x = self.embed(ids)  # (T, C)
         for i, block in enumerate(self.layers):
@@ -366,7 +372,9 @@ class Transformer(nn.Module):
         cache.advance(T)
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.norm(x)).float()  # (T, V) or (1, V)
+        elif rows is not None:
+            x = x[rows]  # (R, C)
+        return self.lm_head(self.norm(x)).float()  # (T, V), (1, V) or (R, V)
 
 
 # -----------------------------------------------------------------------------

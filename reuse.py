@@ -2,8 +2,8 @@
 reuse.py: the reuse experiment. One compressed cache answers every query of its context:
 query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Figures 2 and 10).
 
-    python reuse.py                        # the default run (~10 min on an idle 2-core CPU)
-    python reuse.py --quick                # one needle and one fact context (~2.5 min)
+    python reuse.py                        # the default run (~3 min on an idle 2-core CPU)
+    python reuse.py --quick                # one needle and one fact context (~1 min)
     python reuse.py --json out.json --plot quality.png   # the figure: accuracy and NLL vs ratio
     python reuse.py --baseline-budget global --methods snapkv,h2o   # the baselines' other budget rule
     python reuse.py --head-scores heads.safetensors                 # reuse kvzip-head's head scores
@@ -16,7 +16,7 @@ The same context also gives the quantized rows: KVzip caches stored in int8 / in
 (kv.prune(ratio, bits=...), quant.py), and quantization alone (ratio 1.0, int4); every row has a
 `bits` field (16: the model's dtype, not quantized).
 
-Map of this file: the methods and presets, the evaluation of one cache (_answer,
+Map of this file: the methods and presets, the evaluation of one cache (_answers,
 _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
 (_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask),
 the intervals and _summarize (one row), run_quality (the experiment) and its steps (_settings,
@@ -119,26 +119,35 @@ def _forward_rollback(m, cache, ids):
         return m(torch.tensor(ids, device=m.device), cache)
 
 
-def _answer(m, tok, cache, q_ids, ref, max_new) -> str:
-    """Greedy answer from cache, sped up by the full cache's answer ids `ref`.
+def _answers(m, tok, cache, q_ids, refs, max_new) -> list[str]:
+    """Greedy answers to every probe of a context from cache, sped up by the full cache's answer
+    ids `refs`, all probes together (kvzip.forward_batched, kvzip.generate_ids_batched).
 
     One teacher-forced pass over q_ids + ref gives the argmax after every prefix of ref. Greedy
     decoding follows ref up to the first position where that argmax differs, then emits the
     argmax; only from there on do we decode token by token (often not at all). Equal to
-    kvzip.generate's answer except at float near-ties between the batched and the one-token pass.
+    kvzip.generate's answers except at float near-ties between these passes and the one-token pass.
     """
-    stopped = len(ref) < max_new  # ref ended on a stop token, not on the length limit
-    pred = _forward_rollback(m, cache, q_ids + (ref if stopped else ref[:-1]))
-    pred = pred[len(q_ids) - 1:].argmax(dim=-1).tolist()  # pred[i]: the greedy choice after ref[:i]
-    i = next((i for i, (p, r) in enumerate(zip(pred, ref)) if p != r), len(ref))
-    if i == len(ref) and not stopped:
-        return tok.decode(ref)  # ref all along, up to the length limit
-    if pred[i] in tok.stop_ids:
-        return tok.decode(ref[:i])
-    out = ref[:i] + [pred[i]]
-    if len(out) < max_new:
-        out += kvzip.generate_ids(m, tok, q_ids + out, cache, max_new - len(out))
-    return tok.decode(out)
+    stopped = [len(ref) < max_new for ref in refs]  # ref ended on a stop token, not on the length limit
+    inputs = [q + (ref if stop else ref[:-1]) for q, ref, stop in zip(q_ids, refs, stopped)]
+    outs, todo = [], []  # todo: the probes that left ref and may say more
+    for j, (q, ref, stop, logits) in enumerate(zip(q_ids, refs, stopped, kvzip.forward_batched(m, inputs, cache))):
+        pred = logits[len(q) - 1:].argmax(dim=-1).tolist()  # pred[i]: the greedy choice after ref[:i]
+        i = next((i for i, (p, r) in enumerate(zip(pred, ref)) if p != r), len(ref))
+        if i == len(ref) and not stop:
+            outs.append(list(ref))  # ref all along, up to the length limit
+        elif pred[i] in tok.stop_ids:
+            outs.append(ref[:i])
+        else:
+            outs.append(ref[:i] + [pred[i]])
+            if len(outs[-1]) < max_new:
+                todo.append(j)
+    if todo:  # decoded together, each up to its own limit
+        more = kvzip.generate_ids_batched(m, tok, [q_ids[j] + outs[j] for j in todo], cache,
+                                          [max_new - len(outs[j]) for j in todo])
+        for j, extra in zip(todo, more):
+            outs[j] += extra
+    return [tok.decode(o) for o in outs]
 
 
 def _reconstruction_nll(m, cache, spans) -> float:
@@ -210,7 +219,7 @@ def _full_reference(m, tok, kv, ctx, cfg, offset=0.5) -> dict:
     depths), so that with one span per context the spans still cover beginnings, middles and ends."""
     max_new = cfg["needle_max_new" if ctx["kind"] == "needle" else "qa_max_new"]
     q_ids = [kvzip.query_ids(tok, q, ctx["template"]) for q, _ in ctx["queries"]]
-    ref = [kvzip.generate_ids(m, tok, ids, kv, max_new) for ids in q_ids]
+    ref = kvzip.generate_ids_batched(m, tok, q_ids, kv, max_new)
     right = [ctx["kind"] == "needle" and tasks.check_answer(tok.decode(r), a)
              for r, (_, a) in zip(ref, ctx["queries"])]
     spans = kvzip.reconstruction_inputs(tok, kv.context_ids, cfg["recon_span_tokens"])
@@ -223,15 +232,14 @@ def _full_reference(m, tok, kv, ctx, cfg, offset=0.5) -> dict:
 
 def _evaluate(m, tok, cache, ctx, full) -> dict:
     """Counts for one (compressed) cache of one context, against the full cache's answers `full`."""
-    max_new = full["max_new"]
     right = agree = 0
-    for (q, answer), q_ids, ref, ok in zip(ctx["queries"], full["q_ids"], full["ref"], full["right"]):
+    answers = _answers(m, tok, cache, full["q_ids"], full["ref"], full["max_new"])
+    for (q, answer), got, ref, ok in zip(ctx["queries"], answers, full["ref"], full["right"]):
         if ctx["kind"] == "needle":
             if ok:  # relative accuracy: only probes the full cache answers right count
-                right += tasks.check_answer(_answer(m, tok, cache, q_ids, ref, max_new), answer)
+                right += tasks.check_answer(got, answer)
         else:
-            answer_line = tasks.first_line(_answer(m, tok, cache, q_ids, ref, max_new))
-            agree += answer_line == tasks.first_line(tok.decode(ref))
+            agree += tasks.first_line(got) == tasks.first_line(tok.decode(ref))
     return dict(right=right, agree=agree, nll=_reconstruction_nll(m, cache, full["spans"]))
 
 
@@ -593,7 +601,7 @@ def plot_quality(result, path) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
-    p.add_argument("--quick", action="store_true", help="one needle and one fact context (~2.5 min)")
+    p.add_argument("--quick", action="store_true", help="one needle and one fact context (~1 min)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated contexts (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and counts to FILE as JSON")
     p.add_argument("--plot", metavar="FILE",

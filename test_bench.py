@@ -273,3 +273,23 @@ def test_synthetic_run_needs_no_model(tmp_path, monkeypatch):
     assert "real: none (--synthetic" in text and "KVzip scoring cost" not in text and "pass keys" not in text
     last = json.loads(text.strip().splitlines()[-1])
     assert last["scoring_over_prefill"] is None and last["relative_accuracy"] is None
+
+
+def test_serving_step_and_capacity_on_paper():
+    """The serving rows at a tiny geometry: the packed bytes shrink with the bits, and the capacity
+    rows are the GPU's bytes minus the weights over the measured bytes of one context (16-bit rows
+    counted in bfloat16)."""
+    geo = bench.Geometry("t", 3, 4, 2, 32, "bfloat16")
+    step = bench.batched_step_at_geometry(geo, 300, 0.3, torch.device("cpu"), reps=1, n_p=4)
+    assert 0.2 < step["kept_rows"] < 0.45 and step["dtype"] == "float32"
+    assert step["layer_packed_bytes"][4] < step["layer_packed_bytes"][8] < step["layer_packed_bytes"][16]
+    cap = bench.capacity_on_paper(step, geo)
+    full = step["layer_full_bytes"] / 2 * 3  # float32 here, counted in bfloat16, 3 layers
+    assert cap["full"]["bytes"] == full
+    assert cap["full"]["fits"]["80 GB"] == int((80e9 - bench.LLAMA_8B_WEIGHT_BYTES) // full)
+    assert cap["0.3 + int4"]["bytes"] == step["layer_packed_bytes"][4] * 3
+    text = bench.format_serving(dict(n_context=300, ratio=0.3, load_average="0", first_answer=None,
+                                     answering=dict(n_queries=16, sequential_tok_s=1.0, batched_tok_s=8.0,
+                                                    speedup=8.0, same_answers=True),
+                                     step=step, capacity=cap))
+    assert "8.0x" in text and "0.3 + int4" in text

@@ -69,6 +69,7 @@ def text_files(tmp_path_factory):
     with open(d / "huge.txt", "wb") as f:  # sparse: no disk used, but its size is over the limit
         f.truncate(errors.MAX_TEXT_BYTES + 1)
     save_file({"x": torch.zeros(2)}, str(d / "other.safetensors"))
+    save_file({"x": torch.zeros(2)}, str(d / "foreign.kvz"), metadata={"format": "pt"})  # not ours
     return d
 
 
@@ -93,6 +94,18 @@ def text_files(tmp_path_factory):
     ("kvzip.py", ["--query", "a?", "--query", "b?", "--expect", "x"], 2, ["--expect", "2 --query, 1 --expect"]),
     ("kvzip.py", ["--expect", "x"], 2, ["--expect", "0 --query"]),
     ("kvzip.py", ["--raw"], 2, ["--raw", "--query"]),
+    ("kvzip.py", ["--query", "a?", "--expect", "x", "--load", "{d}/foreign.kvz"], 2, ["--expect", "--load"]),
+    ("kvzip.py", ["--bits", "8"], 2, ["--bits 8", "no --save"]),
+    ("kvzip.py", ["--load", "{d}/foreign.kvz", "--context", "{d}/latin1.txt"], 2, ["--load", "--context"]),
+    ("kvzip.py", ["--load", "{d}/foreign.kvz", "--ratio", "0.5"], 2, ["--load", "--ratio"]),
+    ("kvzip.py", ["--load", "{d}/foreign.kvz", "--save", "x.kvz"], 2, ["--load", "--save"]),
+    ("kvzip.py", ["--load", "/nonexistent.kvz"], 1, ["No such file", "/nonexistent.kvz"]),
+    ("kvzip.py", ["--load", "{d}/empty.txt"], 1, ["empty.txt", "not a safetensors file"]),
+    ("kvzip.py", ["--load", "{d}/foreign.kvz"], 1, ["foreign.kvz", "not a compressed cache file", "format"]),
+    ("kvzip.py", ["--load", "{d}"], 1, ["is a folder"]),
+    ("kvzip.py", ["--save", "/nonexistent/doc.kvz"], 2, ["--save", "/nonexistent", "does not exist"]),
+    ("kvzip.py", ["--save", "{d}"], 2, ["--save", "is a folder"]),
+    ("kvzip.py", ["--save", "x.kvz", "--bits", "3"], 2, ["--bits", "3"]),
     ("model.py", [""], 2, ["empty prompt"]),
     ("model.py", ["hi", "--max-new-tokens", "-3"], 2, ["--max-new-tokens", "-3"]),
     ("model.py", ["hi", "--model", "/nonexistent"], 2, ["--model", "/nonexistent"]),
@@ -198,6 +211,32 @@ def test_too_long_context_file_fails_before_prefill(capsys, good_checkpoint, tmp
     code, err = run_cli(capsys, "kvzip.py", ["--model", str(good_checkpoint), "--context", str(long)])
     assert code == 1
     assert_one_line_after_progress(err, "kvzip.py", "context too long")
+
+
+def test_save_then_load_answers_and_refuses_another_model(capsys, monkeypatch, good_checkpoint, tmp_path,
+                                                          tmp_path_factory):
+    """--save writes a file that --load answers from (--query, or stdin one question a line);
+    a file made by another model fails in one line once that model is loaded."""
+    import io
+    ctx = tmp_path / "doc.txt"
+    ctx.write_text("the quick brown fox jumps over the lazy dog near the river bank " * 3)
+    saved = tmp_path / "doc.kvz"
+    errors.run(kvzip.main, ["--model", str(good_checkpoint), "--context", str(ctx), "--save", str(saved),
+                            "--bits", "8"], prog="kvzip.py")
+    out = capsys.readouterr().out
+    assert saved.exists() and f"saved {saved}" in out and "8-bit" in out
+    args = ["--model", str(good_checkpoint), "--load", str(saved), "--max-new-tokens", "3"]
+    errors.run(kvzip.main, args + ["--query", "the dog?", "--query", "a fox?"], prog="kvzip.py")
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 2 and out.count("A: ") == 2, out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("where?\n\nwhat?\n"))
+    errors.run(kvzip.main, args, prog="kvzip.py")
+    assert capsys.readouterr().out.count("A: ") == 2  # the empty line is skipped
+    other = tmp_path_factory.mktemp("other")
+    write_tiny_checkpoint(other, max_pos=256, seed=5)
+    code, err = run_cli(capsys, "kvzip.py", ["--model", str(other), "--load", str(saved), "--query", "x?"])
+    assert code == 1
+    assert_one_line_after_progress(err, "kvzip.py", str(saved), "another model", "weights_sha256")
 
 
 # -----------------------------------------------------------------------------

@@ -87,8 +87,9 @@ def test_quantized_rows_use_quantized_caches(tiny, monkeypatch):
 
 
 def test_answer_shortcut_equals_generate(tiny, tiny_kv):
-    """The driver's teacher-forced shortcut gives kvzip.generate's text. `ref` is only a hint, so
-    wrong hints (diverging at the first token, later, too short, too long) must not matter."""
+    """The driver's teacher-forced shortcut, all probes together, gives kvzip.generate's text.
+    `ref` is only a hint, so wrong hints (diverging at the first token, later, too short, too
+    long) must not matter, nor which other probes share the batch."""
     m, tok, _ = tiny
     kv = tiny_kv
     queries = [("Where is the mill?", True), ("The pass key for the red door is", False)]
@@ -102,9 +103,9 @@ def test_answer_shortcut_equals_generate(tiny, tiny_kv):
                 want = kvzip.generate(m, tok, q, ckv, max_new, template=template)
                 other = (ref[0] + 1) % 300 + 3  # a token id that is not ref[0] nor a stop id
                 hints = [ref, [], [other], ref[:1] + [other] * (max_new - 1), ref[:-1], [other] * max_new]
-                for hint in hints:
-                    hint = hint[:max_new]
-                    assert reuse._answer(m, tok, ckv, ids, hint, max_new) == want, (ratio, q, max_new, hint)
+                hints = [hint[:max_new] for hint in hints]
+                got = reuse._answers(m, tok, ckv, [ids] * len(hints), hints, max_new)
+                assert got == [want] * len(hints), (ratio, q, max_new, hints, got)
 
 
 def test_command_line_writes_table_json_and_plot(tiny_checkpoint, tmp_path, capsys, monkeypatch):
