@@ -128,26 +128,6 @@ def integer_budgets(weights, total: int, cap: int) -> list[int]:
     return budgets
 
 
-def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: float = PYRAMID_BETA):
-    """PyramidKV (Cai et al., 2024) budgets: kept pairs per layer, shrinking linearly with depth.
-
-    With the average layer budget a = ratio * Hkv * n_c, the top layer gets a / beta and the bottom
-    layer 2a - a / beta, linear in between, so the total is L * a, the same as a uniform split.
-    (The PyramidKV code: min_num = a / beta, max_num = 2a - min_num, steps of
-    (max_num - min_num) / (L - 1).) A layer cannot keep more than its Hkv * n_c pairs: at high
-    ratios the bottom layers are capped and the rest is spread over the others in proportion to
-    the same line (water-filling, integer_budgets). Then largest-remainder rounding makes
-    the budgets integers that sum exactly to round(ratio * (L * Hkv * n_c)); they stay
-    non-increasing over layers.
-    """
-    kvzip.check_ratio(ratio)
-    L, cap = n_layer, n_kv_head * n_c
-    total = round(ratio * (L * cap))  # the same count keep_mask uses: ratio times an exact integer
-    top, bottom = 1 / beta, 2 - 1 / beta  # in units of the average layer budget
-    line = [bottom - (bottom - top) * l / (L - 1) if L > 1 else 1.0 for l in range(L)]
-    return integer_budgets(line, total, cap)
-
-
 def layer_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int):
     """Equal per-layer budgets (AdaKV-style): round(ratio * Hkv * n_c) pairs per layer, as integers
     that sum exactly to the global total round(ratio * (L * Hkv * n_c)) (integer_budgets,
@@ -155,6 +135,54 @@ def layer_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int):
     kvzip.check_ratio(ratio)
     cap = n_kv_head * n_c
     return integer_budgets([1.0] * n_layer, round(ratio * (n_layer * cap)), cap)
+
+
+def pyramid_budgets(ratio: float, n_layer: int, n_kv_head: int, n_c: int, beta: float = PYRAMID_BETA,
+                    window: int = SNAP_WINDOW):
+    """PyramidKV (Cai et al., 2024) budgets: kept pairs per layer, shrinking linearly with depth.
+
+    The schedule of kvpress's PyramidKVPress.get_layer_budget, which takes its formula from the
+    authors' code (KVCache-Factory, pyramidkv_utils.py, PyramidKVCluster.update_kv), per head,
+    with n_c context tokens and an average budget a = ratio * n_c:
+        min_num = a / beta                  the top layer
+        max_num = 2a - min_num              the bottom layer, so the average stays a
+        if max_num >= n_c - window:         the bottom would keep (almost) the whole context:
+            max_num = n_c - window          cap it, and raise the top so the average stays a,
+            min_num = 2a - max_num          which flattens the pyramid at high ratios
+        if not n_c >= max_num >= min_num >= window:
+            the same budget in every layer  (kvpress "falls back to SnapKV": layer_budgets)
+        else layer l keeps max_num - l * (max_num - min_num) / (L - 1)
+    At ratio 0.7 on 1,047 context tokens: 983 at the bottom layer, 483 at the top; at 0.3 the
+    top would keep 15.7 < 64, so every layer keeps 314.
+
+    Where the counting differs from those two codes:
+      - n_c counts the context only: the template prefix is always kept here, outside every
+        budget (kvpress's q_len is its whole prefill, template and question included).
+      - The observation window is counted inside the budget, as in kvpress. The authors' code
+        keeps the last `window` tokens on top of the budget, which is C - window for a fixed
+        capacity C; and it uses integer division for min_num and the step, and the uniform
+        budget whenever q_len < 2 (C - window), that is above ratio 0.5 in this parametrization.
+      - The per-head budget times Hkv is the layer's budget, and the heads of a layer compete
+        for it (kvzip.keep_mask's layer_budgets path), where PyramidKV gives every head the
+        same count.
+      - Largest-remainder rounding (integer_budgets) makes the budgets integers that sum
+        exactly to round(ratio * (L * Hkv * n_c)), the count keep_mask uses; they stay
+        non-increasing over layers.
+    """
+    kvzip.check_ratio(ratio)
+    L, cap = n_layer, n_kv_head * n_c
+    a = ratio * n_c  # average per-head budget
+    min_num = a / beta
+    max_num = 2 * a - min_num
+    if max_num >= n_c - window:
+        max_num = n_c - window
+        min_num = 2 * a - max_num
+    if L == 1 or not n_c >= max_num >= min_num >= window:
+        return layer_budgets(ratio, n_layer, n_kv_head, n_c)
+    step = (max_num - min_num) / (L - 1)
+    line = [max_num - l * step for l in range(L)]  # per head; sums to L * a
+    total = round(ratio * (L * cap))  # the same count keep_mask uses: ratio times an exact integer
+    return integer_budgets(line, total, cap)
 
 
 def h2o_scores(m, tok, kv: kvzip.FullKV, query: str, template: bool = True):

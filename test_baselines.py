@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import baselines
 import kvzip
+import tasks
 from conftest import TINY_CONTEXT, reference_forward
 
 
@@ -127,20 +128,50 @@ def test_integer_budgets_split_the_total_in_proportion_under_the_cap(weights, ca
         baselines.integer_budgets(weights, len(weights) * cap + 1, cap)
 
 
-def test_pyramid_budgets_follow_the_line_with_beta_20():
-    b = baselines.pyramid_budgets(0.3, 30, 3, 1000)  # average layer budget 900
-    assert b[-1] == pytest.approx(900 / 20, abs=1) and b[0] == pytest.approx(2 * 900 - 900 / 20, abs=1)
-    assert baselines.pyramid_budgets(1.0, 30, 3, 1000) == [3000] * 30
+@pytest.mark.parametrize("ratio, L, Hkv, n_c, expected", [
+    # a = ratio * n_c per head; min_num = a / 20, max_num = 2a - min_num; window 64
+    # no cap: a = 1500, min 75, max 2925 < 5000 - 64; step (2925 - 75) / 3 = 950; x 2 heads
+    (0.3, 4, 2, 5000, [5850, 3950, 2050, 150]),
+    # the cap binds: a = 600, max 1170 >= 936 -> max 936, min raised to 1200 - 936 = 264; step 168
+    (0.6, 5, 2, 1000, [1872, 1536, 1200, 864, 528]),
+    # the cap binds and the raised minimum lands on the window: a = 500 -> max 936, min 64
+    (0.5, 3, 1, 1000, [936, 500, 64]),
+    # the minimum is below the window: a = 250, min 12.5 < 64 -> every layer 250
+    (0.25, 4, 1, 1000, [250] * 4),
+    # capped, the minimum exceeds the maximum: a = 950, max 936, min 964 -> every layer 950
+    (0.95, 3, 1, 1000, [950] * 3),
+    (1.0, 30, 3, 1000, [3000] * 30),
+])
+def test_pyramid_budgets_follow_the_published_schedule(ratio, L, Hkv, n_c, expected):
+    assert baselines.pyramid_budgets(ratio, L, Hkv, n_c) == expected
 
 
-def test_pyramidkv_compress_uses_its_layer_budgets(tiny, tiny_kv):
+def test_pyramid_budgets_on_the_default_models_shape():
+    """ratio 0.7, 30 layers, 3 KV heads, 1,047 context tokens: a = 732.9, max_num = 2a - a/20 =
+    1429 is capped at 1047 - 64 = 983, min_num raised to 1465.8 - 983 = 482.8; so the top layer
+    keeps about half the bottom's. At 0.3 min_num = 15.7 < 64: the equal layer budgets."""
+    b = baselines.pyramid_budgets(0.7, 30, 3, 1047)
+    assert b[0] == 3 * 983 and b[-1] == pytest.approx(3 * 482.8, abs=1)
+    step = 3 * (983 - 482.8) / 29
+    assert all(abs(x - (3 * 983 - l * step)) < 1 for l, x in enumerate(b))
+    assert baselines.pyramid_budgets(0.3, 30, 3, 1047) == baselines.layer_budgets(0.3, 30, 3, 1047)
+
+
+@pytest.fixture(scope="module")
+def long_kv(tiny):
+    """A context long enough for the pyramid (n_c >= 64 / 0.3 at ratio 0.7), unscored."""
     m, tok, _ = tiny
-    kv = tiny_kv
+    return kvzip.prefill(m, tok, tasks.haystack(250, seed=4), score=False)
+
+
+def test_pyramidkv_compress_uses_its_layer_budgets(tiny, long_kv):
+    m, tok, _ = tiny
+    kv = long_kv
     s = baselines.method_scores("pyramidkv", m, tok, kv, "Where is the mill?")
-    ckv = baselines.compress(kv, "pyramidkv", 0.3, s)
+    ckv = baselines.compress(kv, "pyramidkv", 0.7, s)
     per_layer = (ckv.head_lengths() - kv.n_prefix).sum(1).tolist()
-    assert per_layer == baselines.pyramid_budgets(0.3, m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context)
-    assert per_layer[0] > per_layer[-1]
+    assert per_layer == baselines.pyramid_budgets(0.7, m.cfg.n_layer, m.cfg.n_kv_head, kv.n_context)
+    assert per_layer[0] > per_layer[-1] + 1  # a pyramid, not the equal budgets' rounding
 
 
 def test_query_aware_kept_sets_follow_the_first_query_but_kvzip_does_not(tiny, tiny_kv):
