@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 
 import errors
+from errors import InputError
 
 if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
     errors.passive_openmp()
@@ -613,15 +614,12 @@ def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: 
 # -----------------------------------------------------------------------------
 # 5. Command line
 
-def _read_context(p, path):
+def _prefill(m, tok, context: str, path):
+    """kvzip.prefill; a context too long for the model is reported with the file it came from."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        p.error(f"cannot read --context {path}: {e}")
-    if not text.strip():
-        p.error(f"--context {path} is empty")
-    return text
+        return kvzip.prefill(m, tok, context)
+    except InputError as e:
+        raise InputError(f"--context {path}: {e}" if path else str(e)) from None
 
 
 def main(argv=None):
@@ -646,27 +644,30 @@ def main(argv=None):
     try:
         kvzip.check_ratio(ratio)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--ratio: {e}")
     if args.toy and (args.context or args.model or args.query):
         p.error("--toy uses its own model and context: drop --context, --model and --query")
     if args.query and not (args.explain and args.context):
         p.error("--query goes with --explain --context FILE")
     if args.chunk_size < kvzip.N_OVERLAP:
         p.error(f"--chunk-size must be at least {kvzip.N_OVERLAP}, got {args.chunk_size}")
-    if args.html:
-        folder = os.path.dirname(os.path.abspath(args.html))
-        if not os.path.isdir(folder):
-            p.error(f"--html: folder {folder} does not exist")
+    for q in args.query or []:
+        if not q.strip():
+            p.error(f"--query {q!r}: empty question")
+    # the output and the inputs are checked before the model loads: the page is written after
+    # the model has loaded and scored the context, a failure then would waste that work
+    if args.html and (why := errors.check_output(args.html, "--html")):
+        p.error(why)
+    if args.model and (why := errors.check_folder(args.model, "--model")):
+        p.error(why)
 
     if args.toy:
         print(format_toy(toy_example(ratio)))
         return
 
-    context = _read_context(p, args.context) if args.context else None
-    try:
-        m, tok = model_lib.load(args.model)
-    except (OSError, ValueError) as e:
-        p.error(f"cannot load the model: {e}")
+    # a file or checkpoint that cannot be used: InputError, one line and exit code 1 (errors.run)
+    context = errors.read_text(args.context, "--context") if args.context else None
+    m, tok = model_lib.load(args.model)
 
     if args.explain:
         if context is None:
@@ -681,7 +682,7 @@ def main(argv=None):
     if context is None:
         context = tasks.needle_task(400, 2, seed=0, tok=tok)["context"]
     t0 = time.perf_counter()
-    kv = kvzip.prefill(m, tok, context)
+    kv = _prefill(m, tok, context, args.context)
     tokens = token_texts(tok, kv.context_ids)
     name = os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     res = write_kept_html(args.html, tokens, kv.scores, HTML_RATIOS, ratio,

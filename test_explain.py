@@ -8,6 +8,7 @@ the HTML and --explain runs use a tiny random checkpoint written here)
 """
 import json
 import math
+import os
 import re
 import string
 from html.parser import HTMLParser
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import errors
 import explain
 import kvzip
 import model
@@ -340,19 +342,88 @@ def test_explain_cli_on_a_tiny_model(tiny_dir, capsys):
     assert f"{k:,} + {L * Hkv * kv.n_prefix:,} prefix = {k + L * Hkv * kv.n_prefix:,} of {rows:,} rows" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "one of the arguments --toy --explain --html is required"),
-    (["--toy", "--explain"], "not allowed with argument"),
-    (["--toy", "--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--toy", "--ratio", "0"], "ratio must be in (0, 1]"),
-    (["--toy", "--context", "x.txt"], "--toy uses its own model and context"),
-    (["--html", "/no/such/folder/kept.html"], "does not exist"),
-    (["--explain", "--chunk-size", "4"], "--chunk-size must be at least 8"),
-    (["--explain", "--query", "why?"], "--query goes with --explain --context FILE"),
-    (["--explain", "--context", "/no/such/file.txt"], "cannot read --context"),
-])
-def test_bad_arguments(argv, message, capsys):
+# -----------------------------------------------------------------------------
+# The command line's failures: one line on stderr naming the option, before any model work;
+# exit code 2 for a wrong command line, 1 for a file or checkpoint that cannot be used
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """model.load replaced by a trap: these cases must fail before any model work."""
+    def trap(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(model, "load", trap)
+
+
+def run_cli(argv, capsys):
+    """explain.py's command line as `python explain.py` runs it (errors.run): (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as e:
-        explain.main(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+        errors.run(explain.main, argv, prog="explain.py")
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "secret.txt").write_text("hidden")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    ([], 2, ["one of the arguments --toy --explain --html is required"]),
+    (["--toy", "--explain"], 2, ["not allowed with argument"]),
+    (["--toy", "--ratio", "1.5"], 2, ["--ratio", "ratio must be in (0, 1]"]),
+    (["--toy", "--ratio", "0"], 2, ["--ratio", "ratio must be in (0, 1]"]),
+    (["--toy", "--context", "x.txt"], 2, ["--toy uses its own model and context"]),
+    (["--explain", "--chunk-size", "4"], 2, ["--chunk-size must be at least 8"]),
+    (["--explain", "--query", "why?"], 2, ["--query goes with --explain --context FILE"]),
+    (["--explain", "--context", "{d}/secret.txt", "--query", " "], 2, ["--query ' ': empty question"]),
+    (["--html", "/no/such/folder/kept.html"], 2, ["--html /no/such/folder/kept.html", "does not exist"]),
+    (["--html", "{d}/folder"], 2, ["--html", "folder", "is a folder, expected a file name"]),
+    (["--html", "{d}/locked/kept.html"], 2, ["--html", "locked", "is not writable"]),
+    (["--html", "{d}/kept.html", "--model", "/no/such/model"], 2, ["--model /no/such/model", "no such folder"]),
+    (["--explain", "--context", "/no/such/file.txt"], 1, ["--context /no/such/file.txt", "No such file"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/secret.txt"], 1, ["--context", "secret.txt", "Permission denied"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/empty.txt"], 1, ["--context", "empty.txt", "empty"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/latin1.txt"], 1, ["--context", "latin1.txt", "not UTF-8"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/folder"], 1, ["--context", "is a folder"]),
+])
+def test_bad_arguments_fail_in_one_line_before_loading(argv, code, words, files, no_model_load,
+                                                       monkeypatch, capsys):
+    (files / "locked").chmod(0o500)
+    (files / "secret.txt").chmod(0o000)
+    if os.geteuid() == 0:  # root reads and writes past permission bits: refuse as a user would be
+        real_access = os.access
+        monkeypatch.setattr(errors.os, "access", lambda p, mode: False if Path(p).name == "locked"
+                            else real_access(p, mode))
+        real_read = Path.read_bytes
+        def read_bytes(self):
+            if self.name == "secret.txt":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_read(self)
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    got, err = run_cli([a.format(d=files) for a in argv], capsys)
+    assert (got, len(err)) == (code, 1), err
+    assert err[0].startswith("explain.py: error: "), err
+    for w in words:
+        assert w in err[0], (w, err)
+    assert not (files / "kept.html").exists()
+
+
+def test_a_model_of_another_architecture_fails_in_one_line(tiny_dir, tmp_path, capsys):
+    """A checkpoint that cannot be used is exit code 1, in the message style of every command."""
+    ckpt = tmp_path / "mistral"
+    ckpt.mkdir()
+    for f in tiny_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    out = tmp_path / "kept.html"
+    for argv in (["--html", str(out)], ["--explain"]):
+        got, err = run_cli(argv + ["--model", str(ckpt)], capsys)
+        assert (got, len(err)) == (1, 1), err
+        assert err[0].startswith(f"explain.py: error: {ckpt / 'config.json'}: unsupported architecture "
+                                 "'MistralForCausalLM'"), err
+    assert not out.exists()
