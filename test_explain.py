@@ -362,8 +362,9 @@ def test_the_page_draws_in_headless_chromium(tmp_path):
     data = explain.write_kept_html(path, tokens, scores, (0.1, 0.5), selected=0.5)
 
     def dom(view):
-        r = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                            f"file://{path}#{view}"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                            "--v=0", "--dump-dom", f"file://{path}#{view}"], capture_output=True, text=True, timeout=120)
+        assert "Uncaught" not in r.stderr, r.stderr  # a JavaScript error, as chromium's console logs it
         page = Page()
         page.feed(r.stdout)
         return r.stdout, page
