@@ -420,7 +420,8 @@ def _rkey(r: float) -> str:  # a ratio as the page writes it: 0.3 -> "0.3"
 def hex_bits(bits) -> str:
     """A row of booleans as hex digits, four per digit, the first boolean the digit's high bit
     (padded with False): [1, 0, 1, 1, 1] -> "b8". The page reads bit i as
-    (parseInt(s[i >> 2], 16) >> (3 - (i & 3))) & 1."""
+    (parseInt(s[i >> 2], 16) >> (3 - (i & 3))) & 1. Why: a mask over 403 tokens is then 101
+    characters, where a JSON list of true/false would be about 2,400."""
     bits = [bool(b) for b in bits]
     bits += [False] * (-len(bits) % 4)
     return "".join("0123456789abcdef"[8 * a + 4 * b + 2 * c + d]
@@ -444,12 +445,13 @@ def kept_counts(mask) -> list[tuple[str, int]]:
     return [(label, int(((count >= lo) & (count <= hi)).sum())) for label, lo, hi in bins if lo <= hi]
 
 
-def _summary(mask, k: int, threshold: float) -> str:
+def _summary(mask, k: int, threshold: float | None) -> str:
     """The line the page shows at one ratio when no head is chosen."""
     L, Hkv, n_c = mask.shape
     bins = " · ".join(f"{label}: {n}" for label, n in kept_counts(mask))
+    cut = "no pair kept" if threshold is None else f"threshold score {threshold:.3g}"
     return (f"keeps {k:,} of the {L * Hkv * n_c:,} context KV pairs ({L} layers x {Hkv} KV heads x "
-            f"{n_c} tokens; threshold score {threshold:.3g}). Tokens by how many of the {L * Hkv} "
+            f"{n_c} tokens; {cut}). Tokens by how many of the {L * Hkv} "
             f"layer-heads keep them: {bins}")
 
 
@@ -462,7 +464,7 @@ def page_data(tokens, scores, ratios) -> dict:
        "at": {ratio: {"keep": L*Hkv hex_bits rows (head j's keep mask over the context),
                       "count": n_c ints (layer-heads keeping each token), "budget": L*Hkv ints
                       (tokens each head keeps), "k": pairs kept, "threshold": the k-th largest
-                      score, "bins": kept_counts, "summary": the page's line,
+                      score or null when k = 0, "bins": kept_counts, "summary": the page's line,
                       "kinds": kept_by_kind}}}"""
     L, Hkv, n_c = scores.shape
     if len(tokens) != n_c:
@@ -474,12 +476,13 @@ def page_data(tokens, scores, ratios) -> dict:
     at = {}
     for r in ratios:
         mask = kvzip.keep_mask(scores, r)  # (L, Hkv, n_c)
-        k = int(mask.sum())
-        threshold = float(ordered[k - 1])
+        k = int(mask.sum())  # round(r * L*Hkv*n_c), 0 for a tiny ratio of a short context
+        threshold = float(ordered[k - 1]) if k else None
         rows = mask.reshape(L * Hkv, n_c)
         at[_rkey(r)] = {
             "keep": [hex_bits(row.tolist()) for row in rows], "count": mask.sum(dim=(0, 1)).tolist(),
-            "budget": rows.sum(dim=1).tolist(), "k": k, "threshold": float(f"{threshold:.4g}"),
+            "budget": rows.sum(dim=1).tolist(), "k": k,
+            "threshold": None if threshold is None else float(f"{threshold:.4g}"),
             "bins": kept_counts(mask), "summary": _summary(mask, k, threshold),
             "kinds": kept_by_kind(mask, kinds)}
     return {"L": L, "Hkv": Hkv, "n_c": n_c, "ratios": [_rkey(r) for r in ratios],

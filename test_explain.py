@@ -254,8 +254,11 @@ def check_page(path, tokens, scores, ratios):
                 assert at["budget"][l * Hkv + h] == int(mask[l, h].sum())
         assert at["count"] == [int(mask[:, :, i].sum()) for i in range(n_c)]
         assert at["k"] == round(r * L * Hkv * n_c) == int(mask.sum())
-        kth = sorted(scores.reshape(-1).tolist(), reverse=True)[at["k"] - 1]
-        assert at["threshold"] == pytest.approx(kth, rel=1e-3)
+        if at["k"]:
+            kth = sorted(scores.reshape(-1).tolist(), reverse=True)[at["k"] - 1]
+            assert at["threshold"] == pytest.approx(kth, rel=1e-3)
+        else:  # a tiny ratio of a short context keeps nothing: no threshold
+            assert at["threshold"] is None and "no pair kept" in at["summary"]
         assert bins_by_kind(at["bins"]) == direct_bins(mask)
         assert f"keeps {at['k']:,} of the {L * Hkv * n_c:,} context KV pairs" in at["summary"]
         assert at["kinds"] == pytest.approx(explain.kept_by_kind(mask, kinds))
@@ -317,6 +320,15 @@ def test_html_escapes_and_round_trips(tmp_path):
     # a ratio off the list is added to it
     explain.write_kept_html(path, tokens, scores, ratios, selected=0.25)
     check_page(path, tokens, scores, (0.1, 0.25, 0.3, 0.5))
+
+
+def test_html_when_a_ratio_keeps_nothing(tmp_path):
+    """round(0.1 * 3) = 0 pairs: every token is struck through, and there is no threshold."""
+    path = tmp_path / "kept.html"
+    scores = torch.tensor([[[0.5, 0.2, 0.9]]])
+    explain.write_kept_html(path, ["a", " b", " c"], scores, (0.1, 0.7))
+    _, page = check_page(path, ["a", " b", " c"], scores, (0.1, 0.3, 0.7))
+    assert page.data["at"]["0.1"]["count"] == [0, 0, 0] and page.data["at"]["0.1"]["k"] == 0
 
 
 def test_html_template_placeholders_are_all_filled(tmp_path, monkeypatch):
