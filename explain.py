@@ -4,7 +4,7 @@ explain.py: KVzip taken apart, for reading and teaching. Nothing else in the pro
 
     python explain.py --toy                    # the paper's toy example on a hand-set model, every number shown
     python explain.py --explain                # each step on the default model, ~300-token context (< 1 min)
-    python explain.py --html kept.html         # one HTML page: which context tokens survive, per ratio
+    python explain.py --html kept.html         # one HTML page: which context tokens survive, per ratio and head
     python explain.py --html kept.html --ratio 0.3 --context notes.txt
 
 Map of this file:
@@ -16,11 +16,13 @@ Map of this file:
   2. reading tools: token_texts, token_kinds / kept_by_kind (digits, punctuation, words; the
      kinds themselves are tasks.token_kind, shared with reuse.py),
      token_scores (a (text, score) list of one head and chunk, for pdb sessions)
-  3. the picture: write_kept_html - one self-contained HTML file: context tokens shaded by the
-     fraction of (layer, KV head) pairs keeping them, and a layer x head heatmap of head budgets,
-     for a few ratios (radio buttons); the keep masks come from kvzip.keep_mask, prune's own rule.
-     The page's markup, CSS and script are the template explain_page.html (next to this file);
-     Python fills in data only, and the script does all the drawing
+  3. the picture: write_kept_html - one self-contained HTML file: the context's tokens shaded by
+     how many of the (layer, KV head) pairs keep them, a layer x head grid of head budgets whose
+     cells show what one head keeps and evicts, a tooltip per token (its score, its kept count),
+     for a few ratios (radio buttons). page_data holds every number the page draws, from
+     kvzip.keep_mask, prune's own rule (hex_bits packs a keep mask, kept_counts bins the tokens
+     for the summary line). The page's markup, CSS and script are the template explain_page.html
+     (next to this file); Python fills in data only, and the script does all the drawing
   4. explain_steps: the --explain walk-through on a real model
   5. main(argv): the command line
 
@@ -33,11 +35,13 @@ from __future__ import annotations
 import os
 
 import errors
+from errors import InputError
 
 if __name__ == "__main__":  # our own process: before torch loads OpenMP (see errors.passive_openmp)
     errors.passive_openmp()
 
 import html  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import string  # noqa: E402
@@ -400,11 +404,11 @@ def format_kinds(fracs: dict, kinds=None) -> str:
 # -----------------------------------------------------------------------------
 # 3. The picture: which tokens are kept, as one HTML file
 #
-# The page itself - markup, CSS and the script that colours it - is explain_page.html, next to
-# this file. Python computes the kept fractions and fills the template's placeholders with data
-# only: escaped text, and elements whose data-kept attribute lists one "ratio:fraction" per ratio.
-# The script draws every colour and number from those attributes, at load and on each switch of
-# ratio, so the shading rule exists once, in the script's shade().
+# The page itself - markup, CSS and the script that draws it - is explain_page.html, next to this
+# file. Python computes the numbers (page_data: from kvzip.keep_mask, prune's own rule) and fills
+# the template's placeholders with escaped text, plain markup (one span per token, one cell per
+# head) and those numbers as one JSON block. The script draws every colour, number and tooltip
+# from that block, so the shading rule exists once, in the script's shade().
 
 PAGE_TEMPLATE = Path(__file__).parent / "explain_page.html"  # the module's folder, not the current one
 
@@ -413,67 +417,114 @@ def _rkey(r: float) -> str:  # a ratio as the page writes it: 0.3 -> "0.3"
     return f"{r:g}"
 
 
-def _kept_attr(ratios, vals) -> str:
-    """A data-kept value, "0.1:0.4200 0.3:0.8000": one kept fraction per ratio."""
-    return " ".join(f"{_rkey(r)}:{float(v):.4f}" for r, v in zip(ratios, vals))
+def hex_bits(bits) -> str:
+    """A row of booleans as hex digits, four per digit, the first boolean the digit's high bit
+    (padded with False): [1, 0, 1, 1, 1] -> "b8". The page reads bit i as
+    (parseInt(s[i >> 2], 16) >> (3 - (i & 3))) & 1. Why: a mask over 403 tokens is then 101
+    characters, where a JSON list of true/false would be about 2,400."""
+    bits = [bool(b) for b in bits]
+    bits += [False] * (-len(bits) % 4)
+    return "".join("0123456789abcdef"[8 * a + 4 * b + 2 * c + d]
+                   for a, b, c, d in zip(*[iter(bits)] * 4))
 
 
-def _kept_at_ratios(scores, kinds, ratios):
-    """For each ratio, from kvzip.keep_mask (prune's rule): kept, the (n_c,) fraction of layer-heads
-    keeping each token; budgets, the (L, Hkv) fraction of the context each head keeps; by_kind,
-    kept_by_kind; summary, one line of counts. Four dicts keyed by ratio."""
+def kept_counts(mask) -> list[tuple[str, int]]:
+    """How many layer-heads keep each token, in bins a reader can check: [(label, number of
+    tokens)], from "all" down to "none", the bins summing to n_c; mask (L, Hkv, n_c) bool.
+    With LH = L*Hkv layer-heads the bins are: all LH; half or more (but not all); 10% or more
+    (but under half); 1 to under 10%; none. A bin whose range holds no count (e.g. "under 10%"
+    when LH < 10) is left out."""
+    L, Hkv, _ = mask.shape
+    LH = L * Hkv
+    count = mask.sum(dim=(0, 1))  # (n_c,) layer-heads keeping each token
+    tenth, half = -(-LH // 10), -(-LH // 2)  # the least counts that are >= 10%, >= 50% of LH
+    span = lambda lo, hi: str(lo) if lo == hi else f"{lo}-{hi}"  # noqa: E731
+    bins = [(f"all {LH}", LH, LH), (f"{span(half, LH - 1)} (half or more)", half, LH - 1),
+            (span(tenth, half - 1), tenth, half - 1), (f"{span(1, tenth - 1)} (under 10%)", 1, tenth - 1),
+            ("none", 0, 0)]
+    return [(label, int(((count >= lo) & (count <= hi)).sum())) for label, lo, hi in bins if lo <= hi]
+
+
+def _summary(mask, k: int, threshold: float | None) -> str:
+    """The line the page shows at one ratio when no head is chosen."""
+    L, Hkv, n_c = mask.shape
+    bins = " · ".join(f"{label}: {n}" for label, n in kept_counts(mask))
+    cut = "no pair kept" if threshold is None else f"threshold score {threshold:.3g}"
+    return (f"keeps {k:,} of the {L * Hkv * n_c:,} context KV pairs ({L} layers x {Hkv} KV heads x "
+            f"{n_c} tokens; {cut}). Tokens by how many of the {L * Hkv} "
+            f"layer-heads keep them: {bins}")
+
+
+def page_data(tokens, scores, ratios) -> dict:
+    """The numbers the page draws, one JSON object. scores (L, Hkv, n_c); heads are numbered
+    layer-major, j = l * Hkv + h. For every ratio, from kvzip.keep_mask (prune's own rule):
+      {"L", "Hkv", "n_c", "ratios": ["0.1", ...],
+       "scores": L*Hkv lists of n_c scores (3 significant digits),
+       "best": per token [highest score over the layer-heads, its l, its h],
+       "at": {ratio: {"keep": L*Hkv hex_bits rows (head j's keep mask over the context),
+                      "count": n_c ints (layer-heads keeping each token), "budget": L*Hkv ints
+                      (tokens each head keeps), "k": pairs kept, "threshold": the k-th largest
+                      score or null when k = 0, "bins": kept_counts, "summary": the page's line,
+                      "kinds": kept_by_kind}}}"""
     L, Hkv, n_c = scores.shape
-    kept, budgets, by_kind, summary = {}, {}, {}, {}
+    if len(tokens) != n_c:
+        raise ValueError(f"{len(tokens)} tokens for {n_c} scored positions")
+    kinds = [tasks.token_kind(t) for t in tokens]
+    flat = scores.reshape(L * Hkv, n_c).float()  # (L*Hkv, n_c), row j = head (j // Hkv, j % Hkv)
+    best, where = flat.max(dim=0)  # (n_c,) each
+    ordered = torch.sort(flat.reshape(-1), descending=True, stable=True).values
+    at = {}
     for r in ratios:
         mask = kvzip.keep_mask(scores, r)  # (L, Hkv, n_c)
-        kept[r] = mask.float().mean(dim=(0, 1))  # (n_c,)
-        budgets[r] = mask.float().mean(dim=-1)  # (L, Hkv)
-        by_kind[r] = kept_by_kind(mask, kinds)
-        n_any = int(mask.any(dim=(0, 1)).sum())
-        summary[r] = (f"keeps {int(mask.sum()):,} of the {L * Hkv * n_c:,} context KV pairs "
-                      f"({L} layers x {Hkv} KV heads x {n_c} tokens): a token is kept by {r:.0%} of "
-                      f"the layer-heads on average; {n_any} of {n_c} tokens by at least one, "
-                      f"{n_c - n_any} by none")
-    return kept, budgets, by_kind, summary
+        k = int(mask.sum())  # round(r * L*Hkv*n_c), 0 for a tiny ratio of a short context
+        threshold = float(ordered[k - 1]) if k else None
+        rows = mask.reshape(L * Hkv, n_c)
+        at[_rkey(r)] = {
+            "keep": [hex_bits(row.tolist()) for row in rows], "count": mask.sum(dim=(0, 1)).tolist(),
+            "budget": rows.sum(dim=1).tolist(), "k": k,
+            "threshold": None if threshold is None else float(f"{threshold:.4g}"),
+            "bins": kept_counts(mask), "summary": _summary(mask, k, threshold),
+            "kinds": kept_by_kind(mask, kinds)}
+    return {"L": L, "Hkv": Hkv, "n_c": n_c, "ratios": [_rkey(r) for r in ratios],
+            "scores": [[float(f"{x:.3g}") for x in row] for row in flat.tolist()],
+            "best": [[float(f"{float(s):.3g}"), int(j) // Hkv, int(j) % Hkv] for s, j in zip(best, where)],
+            "at": at}
 
 
-def _radios(ratios, selected: float, summary) -> str:
-    """One radio button per ratio, carrying that ratio's summary line; `selected` is checked."""
-    return "".join(f'<label><input type="radio" name="ratio" value="{_rkey(r)}" '
-                   f'data-summary="{html.escape(summary[r])}"{" checked" if r == selected else ""}>'
-                   f"{r:.0%}</label>" for r in ratios)
+def _json_for_script(data) -> str:
+    """JSON safe inside <script>: "</" would end the element early; JSON reads "<\\/" as "</"."""
+    return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
 
 
-def _heatmap_rows(budgets, ratios) -> str:
+def _radios(ratios, selected: float) -> str:
+    """One radio button per ratio; `selected` is checked (the page's first view)."""
+    return "".join(f'<label><input type="radio" name="ratio" value="{_rkey(r)}"'
+                   f'{" checked" if r == selected else ""}>{r:.0%}</label>' for r in ratios)
+
+
+def _heatmap_rows(L: int, Hkv: int) -> str:
     """The heatmap's rows: a header of layer numbers, then one row per KV head with one cell per
-    layer; the script writes each cell's number."""
-    L, Hkv = budgets[ratios[0]].shape
+    layer (data-j: the head's index in page_data's lists); the script writes each cell."""
     rows = ['<tr><th class="rh">layer</th>' + "".join(f"<th>{l}</th>" for l in range(L)) + "</tr>"]
     for h in range(Hkv):
-        tds = "".join(f'<td class="cell" data-l="{l}" data-h="{h}" data-name="layer {l}, KV head {h}" '
-                      f'data-kept="{_kept_attr(ratios, [budgets[r][l, h] for r in ratios])}"></td>'
+        tds = "".join(f'<td class="cell" data-j="{l * Hkv + h}" data-l="{l}" data-h="{h}"></td>'
                       for l in range(L))
         rows.append(f'<tr><th class="rh">head {h}</th>{tds}</tr>')
     return "".join(rows)
 
 
-def _kind_rows(by_kind, kinds, ratios) -> str:
-    """One row per token kind present in the context: its name, its count, its kept fraction."""
-    present = by_kind[ratios[0]]  # the same kinds at every ratio
-    return "".join(f'<tr><td>{k}</td><td>{kinds.count(k)} tokens</td><td class="kind" '
-                   f'data-kept="{_kept_attr(ratios, [by_kind[r][k] for r in ratios])}"></td></tr>'
-                   for k in tasks.TOKEN_KINDS if k in present)
+def _kind_rows(kinds) -> str:
+    """One row per token kind present in the context: its name, its count, and a cell the script
+    fills with the kept fraction."""
+    return "".join(f'<tr><td>{k}</td><td>{kinds.count(k)} tokens</td><td class="kind" data-kind="{k}"></td></tr>'
+                   for k in tasks.TOKEN_KINDS if k in kinds)
 
 
-def _token_spans(tokens, kinds, kept, ratios) -> str:
+def _token_spans(tokens) -> str:
     """One span per context token holding its escaped text; joined with nothing between them, as
     the page lays the text out by the tokens' own whitespace."""
-    spans = []
-    for i, text in enumerate(tokens):
-        nl = " nl" if "\n" in text else ""  # the page draws a return mark before the line break
-        spans.append(f'<span class="tok{nl}" data-i="{i}" data-kind="{kinds[i]}" '
-                     f'data-kept="{_kept_attr(ratios, [kept[r][i] for r in ratios])}">{html.escape(text)}</span>')
-    return "".join(spans)
+    return "".join(f'<span class="tok{" nl" if chr(10) in t else ""}" data-i="{i}">{html.escape(t)}</span>'
+                   for i, t in enumerate(tokens))  # nl: the page draws a return mark before the break
 
 
 def _prefix_details(n_prefix: int, prefix_text: str) -> str:
@@ -488,33 +539,28 @@ def write_kept_html(path, tokens, scores, ratios=HTML_RATIOS, selected: float = 
                     note: str = "") -> dict:
     """Write one self-contained HTML page showing which context tokens KVzip keeps.
 
-    tokens: n_c strings (each context token's text); scores (L, Hkv, n_c). For each ratio the
-    keep mask is kvzip.keep_mask(scores, ratio) - the rule FullKV.prune uses. Each token is one
-    <span class="tok" data-i="i" data-kept="0.1:f 0.3:f ..."> holding its HTML-escaped text, with
-    f the fraction of the L*Hkv (layer, KV head) pairs that keep position i; tokens evicted by
-    every head are greyed. A heatmap shows each head's kept fraction of the context (its budget),
-    one <td class="cell" data-l data-h data-kept> per (layer, head). Radio buttons switch the ratio
-    (an inline script; no network, fonts or external files). `selected` is the ratio shown first
-    (added to `ratios` if missing). The page is PAGE_TEMPLATE with its placeholders filled.
-    Returns {"kept": {ratio: (n_c,) fractions}, "budgets": {ratio: (L, Hkv) fractions},
-    "kinds": {ratio: kept_by_kind}}.
+    tokens: n_c strings (each context token's text); scores (L, Hkv, n_c). Radio buttons switch
+    the ratio; the context's tokens are shaded by how many layer-heads keep them, and clicking a
+    head in the budget heatmap shows what that one head keeps (evicted tokens struck through).
+    `selected` is the ratio shown first (added to `ratios` if missing); the address's #ratio=0.1
+    or #ratio=0.1&head=L.H opens another view. No network, fonts or external files. The page is
+    PAGE_TEMPLATE with its placeholders filled: the tokens as <span class="tok" data-i>, and
+    page_data's numbers as JSON. Returns page_data's dict, plus "kinds" {ratio: kept_by_kind}.
     """
     L, Hkv, n_c = scores.shape
-    if len(tokens) != n_c:
-        raise ValueError(f"{len(tokens)} tokens for {n_c} scored positions")
     ratios = sorted(set(float(r) for r in ratios) | {float(selected)})
     for r in ratios:
         kvzip.check_ratio(r)
-    kinds = [tasks.token_kind(t) for t in tokens]
-    kept, budgets, by_kind, summary = _kept_at_ratios(scores, kinds, ratios)
+    data = page_data(tokens, scores, ratios)
     template = string.Template(PAGE_TEMPLATE.read_text(encoding="utf-8"))
     page = template.substitute(  # substitute, not safe_substitute: a placeholder left unfilled is an error
-        title=html.escape(title), note=html.escape(note), radios=_radios(ratios, float(selected), summary),
-        heatmap=_heatmap_rows(budgets, ratios), kinds=_kind_rows(by_kind, kinds, ratios), n_c=n_c,
-        tokens=_token_spans(tokens, kinds, kept, ratios), prefix=_prefix_details(n_prefix, prefix_text))
+        title=html.escape(title), note=html.escape(note), radios=_radios(ratios, float(selected)),
+        heatmap=_heatmap_rows(L, Hkv), kinds=_kind_rows([tasks.token_kind(t) for t in tokens]), n_c=n_c,
+        tokens=_token_spans(tokens), prefix=_prefix_details(n_prefix, prefix_text),
+        data=_json_for_script(data))
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
-    return {"kept": kept, "budgets": budgets, "kinds": by_kind}
+    return {**data, "kinds": {r: data["at"][_rkey(r)]["kinds"] for r in ratios}}
 
 
 # -----------------------------------------------------------------------------
@@ -613,15 +659,12 @@ def explain_steps(m, tok, context: str, probes, ratio: float = 0.3, chunk_size: 
 # -----------------------------------------------------------------------------
 # 5. Command line
 
-def _read_context(p, path):
+def _prefill(m, tok, context: str, path):
+    """kvzip.prefill; a context too long for the model is reported with the file it came from."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        p.error(f"cannot read --context {path}: {e}")
-    if not text.strip():
-        p.error(f"--context {path} is empty")
-    return text
+        return kvzip.prefill(m, tok, context)
+    except InputError as e:
+        raise InputError(f"--context {path}: {e}" if path else str(e)) from None
 
 
 def main(argv=None):
@@ -646,27 +689,30 @@ def main(argv=None):
     try:
         kvzip.check_ratio(ratio)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--ratio: {e}")
     if args.toy and (args.context or args.model or args.query):
         p.error("--toy uses its own model and context: drop --context, --model and --query")
     if args.query and not (args.explain and args.context):
         p.error("--query goes with --explain --context FILE")
     if args.chunk_size < kvzip.N_OVERLAP:
         p.error(f"--chunk-size must be at least {kvzip.N_OVERLAP}, got {args.chunk_size}")
-    if args.html:
-        folder = os.path.dirname(os.path.abspath(args.html))
-        if not os.path.isdir(folder):
-            p.error(f"--html: folder {folder} does not exist")
+    for q in args.query or []:
+        if not q.strip():
+            p.error(f"--query {q!r}: empty question")
+    # the output and the inputs are checked before the model loads: the page is written after
+    # the model has loaded and scored the context, a failure then would waste that work
+    if args.html and (why := errors.check_output(args.html, "--html")):
+        p.error(why)
+    if args.model and (why := errors.check_folder(args.model, "--model")):
+        p.error(why)
 
     if args.toy:
         print(format_toy(toy_example(ratio)))
         return
 
-    context = _read_context(p, args.context) if args.context else None
-    try:
-        m, tok = model_lib.load(args.model)
-    except (OSError, ValueError) as e:
-        p.error(f"cannot load the model: {e}")
+    # a file or checkpoint that cannot be used: InputError, one line and exit code 1 (errors.run)
+    context = errors.read_text(args.context, "--context") if args.context else None
+    m, tok = model_lib.load(args.model)
 
     if args.explain:
         if context is None:
@@ -681,14 +727,14 @@ def main(argv=None):
     if context is None:
         context = tasks.needle_task(400, 2, seed=0, tok=tok)["context"]
     t0 = time.perf_counter()
-    kv = kvzip.prefill(m, tok, context)
+    kv = _prefill(m, tok, context, args.context)
     tokens = token_texts(tok, kv.context_ids)
     name = os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     res = write_kept_html(args.html, tokens, kv.scores, HTML_RATIOS, ratio,
                           title=f"What KVzip keeps: {name}, {kv.n_context} context tokens",
                           n_prefix=kv.n_prefix, prefix_text=tok.decode(kvzip.prefix_ids(tok)))
     print(f"wrote {args.html}: {kv.n_context} context tokens, {m.cfg.n_layer} layers x "
-          f"{m.cfg.n_kv_head} KV heads, ratios {', '.join(_rkey(r) for r in res['kept'])} "
+          f"{m.cfg.n_kv_head} KV heads, ratios {', '.join(res['ratios'])} "
           f"({time.perf_counter() - t0:.1f} s)")
     kinds = [tasks.token_kind(t) for t in tokens]
     for r, fr in res["kinds"].items():

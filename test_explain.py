@@ -1,21 +1,28 @@
 """
 Tests for explain.py (teaching material): the toy example against arithmetic written out here,
-the HTML page parsed back and compared with kvzip.keep_mask (and its template: every placeholder
-filled, the shading logic only in the page's script), token kinds, and the command line.
+the HTML page parsed back and its data compared with kvzip.keep_mask and direct counts (and its
+template: every placeholder filled, the shading logic only in the page's script; where chromium is
+installed, the script run headless), token kinds, and the command line's failures.
 
 Run: .venv/bin/python -m pytest -q test_explain.py   (CPU only, a few seconds; no default model:
 the HTML and --explain runs use a tiny random checkpoint written here)
 """
+import html
 import json
 import math
+import os
 import re
+import shutil
 import string
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
+import errors
 import explain
 import kvzip
 import model
@@ -161,11 +168,12 @@ def test_token_kinds_and_kept_by_kind():
 # The HTML page
 
 class Page(HTMLParser):
-    """Collects the token spans (class "tok") and heatmap cells (class "cell") of the page."""
+    """Collects the token spans (class "tok"), the heatmap cells (class "cell") and the JSON data
+    block (<script id="data">) of the page."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
-        self.tokens, self.cells, self.tags, self._cur = [], [], [], None
+        self.tokens, self.cells, self.tags, self.data, self._cur = [], [], [], None, None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -173,63 +181,154 @@ class Page(HTMLParser):
         classes = (a.get("class") or "").split()
         if "tok" in classes or "cell" in classes:
             self._cur = {"kind": "tok" if "tok" in classes else "cell", "attrs": a, "text": ""}
+        elif tag == "script" and a.get("id") == "data":
+            self._cur = {"kind": "data", "text": ""}
 
     def handle_data(self, data):
         if self._cur is not None:
             self._cur["text"] += data
 
     def handle_endtag(self, tag):
-        if self._cur is not None and tag in ("span", "td"):
+        if self._cur is None or tag not in ("span", "td", "script"):
+            return
+        if self._cur["kind"] == "data":
+            self.data = json.loads(self._cur["text"])
+        else:
             (self.tokens if self._cur["kind"] == "tok" else self.cells).append(self._cur)
-            self._cur = None
+        self._cur = None
 
 
-def parse_kept(attr: str) -> dict:
-    return {float(r): float(f) for r, f in (p.split(":") for p in attr.split())}
+def bit(hex_row: str, i: int) -> bool:
+    """Bit i of an explain.hex_bits row, read as the page's script reads it."""
+    return bool((int(hex_row[i // 4], 16) >> (3 - i % 4)) & 1)
+
+
+def direct_bins(mask):
+    """kept_counts' five bins counted token by token, by the kept fraction c / LH:
+    [all, half or more, 10% to half, under 10%, none]."""
+    L, Hkv, n_c = mask.shape
+    LH, out = L * Hkv, [0] * 5
+    for i in range(n_c):
+        c = sum(bool(mask[l, h, i]) for l in range(L) for h in range(Hkv))
+        out[0 if c == LH else 1 if c / LH >= 0.5 else 2 if c / LH >= 0.1 else 3 if c > 0 else 4] += 1
+    return out
+
+
+def bins_by_kind(bins):
+    """kept_counts' (label, n) list as the five bins of direct_bins (a bin left out counts 0)."""
+    out = [0] * 5
+    for label, n in bins:
+        out[0 if label.startswith("all") else 1 if "half or more" in label else 3 if "under 10%" in label
+            else 4 if label == "none" else 2] += n
+    return out
 
 
 def check_page(path, tokens, scores, ratios):
+    """The page parsed back: its tokens, and every number of its data against kvzip.keep_mask."""
     text = Path(path).read_text(encoding="utf-8")
     page = Page()
     page.feed(text)
     L, Hkv, n_c = scores.shape
+    d = page.data
     assert [int(t["attrs"]["data-i"]) for t in page.tokens] == list(range(n_c))  # each token once
     assert [t["text"] for t in page.tokens] == list(tokens)
+    assert (d["L"], d["Hkv"], d["n_c"]) == (L, Hkv, n_c)
+    assert d["ratios"] == [f"{r:g}" for r in ratios] and sorted(d["at"]) == sorted(d["ratios"])
+    assert [(int(c["attrs"]["data-l"]), int(c["attrs"]["data-h"])) for c in page.cells] == \
+        [(l, h) for h in range(Hkv) for l in range(L)]  # rows: heads, columns: layers
+    for c in page.cells:  # head j is layer-major
+        assert int(c["attrs"]["data-j"]) == int(c["attrs"]["data-l"]) * Hkv + int(c["attrs"]["data-h"])
+    for l in range(L):  # every pair's score, to 3 significant digits
+        for h in range(Hkv):
+            assert d["scores"][l * Hkv + h] == pytest.approx(scores[l, h].tolist(), rel=5e-3, abs=1e-30)
+    for i, (best, bl, bh) in enumerate(d["best"]):
+        assert best == pytest.approx(float(scores[:, :, i].max()), rel=5e-3)
+        assert float(scores[bl, bh, i]) == float(scores[:, :, i].max())
+    kinds = [explain.tasks.token_kind(t) for t in tokens]
     for r in ratios:
-        keep = kvzip.keep_mask(scores, r).float()  # the rule prune uses
-        per_token = keep.mean(dim=(0, 1))
-        for t in page.tokens:
-            i = int(t["attrs"]["data-i"])
-            assert parse_kept(t["attrs"]["data-kept"])[r] == pytest.approx(float(per_token[i]), abs=5e-5)
-        budgets = keep.mean(dim=-1)  # (L, Hkv)
-        assert len(page.cells) == L * Hkv
-        for c in page.cells:
-            l, h = int(c["attrs"]["data-l"]), int(c["attrs"]["data-h"])
-            assert parse_kept(c["attrs"]["data-kept"])[r] == pytest.approx(float(budgets[l, h]), abs=5e-5)
+        at = d["at"][f"{r:g}"]
+        mask = kvzip.keep_mask(scores, r)  # the rule prune uses
+        for l in range(L):
+            for h in range(Hkv):
+                assert [bit(at["keep"][l * Hkv + h], i) for i in range(n_c)] == mask[l, h].tolist()
+                assert at["budget"][l * Hkv + h] == int(mask[l, h].sum())
+        assert at["count"] == [int(mask[:, :, i].sum()) for i in range(n_c)]
+        assert at["k"] == round(r * L * Hkv * n_c) == int(mask.sum())
+        if at["k"]:
+            kth = sorted(scores.reshape(-1).tolist(), reverse=True)[at["k"] - 1]
+            assert at["threshold"] == pytest.approx(kth, rel=1e-3)
+        else:  # a tiny ratio of a short context keeps nothing: no threshold
+            assert at["threshold"] is None and "no pair kept" in at["summary"]
+        assert bins_by_kind(at["bins"]) == direct_bins(mask)
+        assert f"keeps {at['k']:,} of the {L * Hkv * n_c:,} context KV pairs" in at["summary"]
+        assert at["kinds"] == pytest.approx(explain.kept_by_kind(mask, kinds))
     # self-contained: nothing fetched from anywhere
     assert not re.search(r"https?:|//[a-z]|@import|url\(", text)
     assert not any(tag in ("link", "img", "iframe") or "src" in a for tag, a in page.tags)
     return text, page
 
 
+def test_hex_bits():
+    assert explain.hex_bits([1, 0, 1, 1, 1]) == "b8" and explain.hex_bits([]) == ""
+    assert explain.hex_bits([0, 0, 0, 1] * 2 + [1, 1, 1, 1]) == "11f"
+    g = torch.Generator().manual_seed(1)
+    row = (torch.rand(37, generator=g) < 0.5).tolist()
+    assert [bit(explain.hex_bits(row), i) for i in range(37)] == row
+
+
+def test_kept_counts_by_hand():
+    """6 layer-heads: 10% of them is 0.6 heads, so there is no "under 10%" bin."""
+    mask = torch.zeros(3, 2, 5, dtype=torch.bool)  # (L, Hkv, n_c)
+    mask[:, :, 0] = True  # all 6
+    mask[0, 0, 1] = True  # 1 of 6: 17%
+    mask[:2, :, 2] = True  # 4 of 6
+    mask[:, 0, 3] = True  # 3 of 6: half
+    assert explain.kept_counts(mask) == [("all 6", 1), ("3-5 (half or more)", 2), ("1-2", 1), ("none", 1)]
+    big = torch.zeros(30, 3, 4, dtype=torch.bool)  # 90 layer-heads: under 10% is 1 to 8 heads
+    big.view(90, 4)[:8, 0] = True
+    big.view(90, 4)[:9, 1] = True
+    big.view(90, 4)[:45, 2] = True
+    assert explain.kept_counts(big) == [("all 90", 0), ("45-89 (half or more)", 1), ("9-44", 1),
+                                        ("1-8 (under 10%)", 1), ("none", 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(L=st.integers(1, 7), Hkv=st.integers(1, 4), n_c=st.integers(1, 30), ratio=st.floats(0.01, 1.0),
+       seed=st.integers(0, 2**16))
+def test_kept_counts_match_a_direct_count(L, Hkv, n_c, ratio, seed):
+    scores = torch.rand(L, Hkv, n_c, generator=torch.Generator().manual_seed(seed))
+    mask = kvzip.keep_mask(scores, ratio)
+    bins = explain.kept_counts(mask)
+    assert bins_by_kind(bins) == direct_bins(mask)
+    assert sum(n for _, n in bins) == n_c and bins[-1][0] == "none" and bins[0][0] == f"all {L * Hkv}"
+
+
 def test_html_escapes_and_round_trips(tmp_path):
-    tokens = ["Hello", " <b>bold</b>", " &amp;", "\n\n", "  ", "\"q\"", " 4", "2", "."]
+    tokens = ["Hello", " <b>bold</b>", " &amp;", "\n\n", "  ", "\"q\"", " 4", "2", ".", "</script>"]
     g = torch.Generator().manual_seed(0)
-    scores = torch.rand(3, 2, len(tokens), generator=g)
+    scores = torch.rand(3, 2, len(tokens), generator=g) ** 4
     scores[0, 0, :3] = 0.5  # ties: keep_mask breaks them by index; the page must agree
     path = tmp_path / "kept.html"
     ratios = (0.1, 0.3, 0.5)
     res = explain.write_kept_html(path, tokens, scores, ratios, selected=0.3, n_prefix=2, prefix_text="<sys>")
     text, page = check_page(path, tokens, scores, ratios)
-    assert "<b>bold" not in text  # escaped, not markup
-    assert sorted(res["kept"]) == [0.1, 0.3, 0.5]
+    assert "<b>bold" not in text and text.count("</script>") == 2  # escaped, not markup
+    assert sorted(res["kinds"]) == [0.1, 0.3, 0.5] and res["ratios"] == ["0.1", "0.3", "0.5"]
     radios = [a for tag, a in page.tags if tag == "input"]
     assert [a["value"] for a in radios] == ["0.1", "0.3", "0.5"]
     assert [("checked" in a) for a in radios] == [False, True, False]
-    assert all(a["data-summary"].startswith("keeps ") for a in radios)  # the line the script shows
     # a ratio off the list is added to it
     explain.write_kept_html(path, tokens, scores, ratios, selected=0.25)
     check_page(path, tokens, scores, (0.1, 0.25, 0.3, 0.5))
+
+
+def test_html_when_a_ratio_keeps_nothing(tmp_path):
+    """round(0.1 * 3) = 0 pairs: every token is struck through, and there is no threshold."""
+    path = tmp_path / "kept.html"
+    scores = torch.tensor([[[0.5, 0.2, 0.9]]])
+    explain.write_kept_html(path, ["a", " b", " c"], scores, (0.1, 0.7))
+    _, page = check_page(path, ["a", " b", " c"], scores, (0.1, 0.3, 0.7))
+    assert page.data["at"]["0.1"]["count"] == [0, 0, 0] and page.data["at"]["0.1"]["k"] == 0
 
 
 def test_html_template_placeholders_are_all_filled(tmp_path, monkeypatch):
@@ -237,33 +336,66 @@ def test_html_template_placeholders_are_all_filled(tmp_path, monkeypatch):
     found next to explain.py, whatever the current folder."""
     template = (Path(explain.__file__).parent / "explain_page.html").read_text(encoding="utf-8")
     names = {m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(template)} - {None}
-    assert {"title", "note", "radios", "heatmap", "kinds", "n_c", "tokens", "prefix"} <= names
+    assert {"title", "note", "radios", "heatmap", "kinds", "n_c", "tokens", "prefix", "data"} <= names
     monkeypatch.chdir(tmp_path)  # a folder without the template
     path = tmp_path / "kept.html"
     explain.write_kept_html(path, ["a", " b", "\n"], torch.rand(2, 1, 3), (0.5,), title="Title & co",
                             n_prefix=1, prefix_text="sys", note="A note.")
     text = path.read_text(encoding="utf-8")
     assert not re.search(r"\$\{?[A-Za-z_]", text)  # no placeholder left over
-    assert "<h1>Title &amp; co</h1>" in text and "budgets. A note.</p>" in text
+    assert "<h1>Title &amp; co</h1>" in text and "alone keeps. A note.</p>" in text
     assert "The context (3 tokens)" in text and "<pre>sys</pre>" in text
 
 
 def test_html_shading_logic_exists_once(tmp_path):
     """The colours and numbers are drawn by the page's script alone: Python writes no colour
-    (explain.py has no shading function) and leaves the cells' text to the script."""
+    (explain.py has no shading function) and leaves the cells' and tokens' looks to the script."""
     source = Path(explain.__file__).read_text(encoding="utf-8")
     assert "hsl" not in source and "def _shade" not in source
     path = tmp_path / "kept.html"
     explain.write_kept_html(path, ["a", " b", "c"], torch.rand(2, 2, 3), (0.3, 0.7))
     text = path.read_text(encoding="utf-8")
     assert text.count("function shade(") == 1
-    markup = text[text.index("<body>"):text.index("<script>")]
-    assert "style=" not in markup and "hsl" not in markup
+    markup = text[text.index("<body>"):text.index("<script")]
+    assert "style=" not in markup and "hsl" not in markup and "title=" not in markup
     page = Page()
     page.feed(text)
     assert len(page.cells) == 4 and all(c["text"] == "" for c in page.cells)
-    swatches = [a for tag, a in page.tags if "sw" in (a.get("class") or "").split()]
-    assert len(swatches) == 12 and all("data-f" in a for a in swatches)  # the script paints them
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_the_page_draws_in_headless_chromium(tmp_path):
+    """The script runs to its end in a real browser, for the whole page and for one head, and
+    writes what the data says: the summary, each cell's number, each token's tooltip."""
+    g = torch.Generator().manual_seed(2)
+    tokens = ["The", " key", " is", " 4", "2", ".", "\n", "Done"]
+    scores = torch.rand(3, 2, len(tokens), generator=g)
+    path = tmp_path / "kept.html"
+    data = explain.write_kept_html(path, tokens, scores, (0.1, 0.5), selected=0.5)
+
+    def dom(view):
+        r = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                            "--v=0", "--dump-dom", f"file://{path}#{view}"], capture_output=True, text=True, timeout=120)
+        assert "Uncaught" not in r.stderr, r.stderr  # a JavaScript error, as chromium's console logs it
+        page = Page()
+        page.feed(r.stdout)
+        return r.stdout, page
+
+    out, page = dom("ratio=0.1")
+    assert 'data-drawn="yes"' in out, out[-2000:]
+    at = data["at"]["0.1"]
+    assert html.escape(at["summary"], quote=False) in out
+    assert [int(c["text"].replace("<1", "0")) for c in page.cells] == \
+        [math.floor(100 * at["budget"][int(c["attrs"]["data-j"])] / len(tokens) + 0.5) for c in page.cells]  # JS Math.round
+    for t in page.tokens:
+        i = int(t["attrs"]["data-i"])
+        assert f"kept by {at['count'][i]} of 6 layer-heads at ratio 0.1" in t["attrs"]["title"]
+        assert ("gone" in t["attrs"]["class"]) == (at["count"][i] == 0)
+    out, page = dom("ratio=0.5&head=1.0")  # layer 1, KV head 0: head j = 1 * Hkv + 0 = 2
+    at, mask = data["at"]["0.5"], kvzip.keep_mask(scores, 0.5)[1, 0]
+    assert 'data-drawn="yes"' in out and f"layer 1, KV head 0 keeps {int(mask.sum())} of the 8" in out
+    assert [("gone" in t["attrs"]["class"]) for t in page.tokens] == [not k for k in mask.tolist()]
+    assert [" on" in c["attrs"]["class"] for c in page.cells] == [c["attrs"]["data-j"] == "2" for c in page.cells]
 
 
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -340,19 +472,88 @@ def test_explain_cli_on_a_tiny_model(tiny_dir, capsys):
     assert f"{k:,} + {L * Hkv * kv.n_prefix:,} prefix = {k + L * Hkv * kv.n_prefix:,} of {rows:,} rows" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "one of the arguments --toy --explain --html is required"),
-    (["--toy", "--explain"], "not allowed with argument"),
-    (["--toy", "--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--toy", "--ratio", "0"], "ratio must be in (0, 1]"),
-    (["--toy", "--context", "x.txt"], "--toy uses its own model and context"),
-    (["--html", "/no/such/folder/kept.html"], "does not exist"),
-    (["--explain", "--chunk-size", "4"], "--chunk-size must be at least 8"),
-    (["--explain", "--query", "why?"], "--query goes with --explain --context FILE"),
-    (["--explain", "--context", "/no/such/file.txt"], "cannot read --context"),
-])
-def test_bad_arguments(argv, message, capsys):
+# -----------------------------------------------------------------------------
+# The command line's failures: one line on stderr naming the option, before any model work;
+# exit code 2 for a wrong command line, 1 for a file or checkpoint that cannot be used
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """model.load replaced by a trap: these cases must fail before any model work."""
+    def trap(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(model, "load", trap)
+
+
+def run_cli(argv, capsys):
+    """explain.py's command line as `python explain.py` runs it (errors.run): (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as e:
-        explain.main(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+        errors.run(explain.main, argv, prog="explain.py")
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "secret.txt").write_text("hidden")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    ([], 2, ["one of the arguments --toy --explain --html is required"]),
+    (["--toy", "--explain"], 2, ["not allowed with argument"]),
+    (["--toy", "--ratio", "1.5"], 2, ["--ratio", "ratio must be in (0, 1]"]),
+    (["--toy", "--ratio", "0"], 2, ["--ratio", "ratio must be in (0, 1]"]),
+    (["--toy", "--context", "x.txt"], 2, ["--toy uses its own model and context"]),
+    (["--explain", "--chunk-size", "4"], 2, ["--chunk-size must be at least 8"]),
+    (["--explain", "--query", "why?"], 2, ["--query goes with --explain --context FILE"]),
+    (["--explain", "--context", "{d}/secret.txt", "--query", " "], 2, ["--query ' ': empty question"]),
+    (["--html", "/no/such/folder/kept.html"], 2, ["--html /no/such/folder/kept.html", "does not exist"]),
+    (["--html", "{d}/folder"], 2, ["--html", "folder", "is a folder, expected a file name"]),
+    (["--html", "{d}/locked/kept.html"], 2, ["--html", "locked", "is not writable"]),
+    (["--html", "{d}/kept.html", "--model", "/no/such/model"], 2, ["--model /no/such/model", "no such folder"]),
+    (["--explain", "--context", "/no/such/file.txt"], 1, ["--context /no/such/file.txt", "No such file"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/secret.txt"], 1, ["--context", "secret.txt", "Permission denied"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/empty.txt"], 1, ["--context", "empty.txt", "empty"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/latin1.txt"], 1, ["--context", "latin1.txt", "not UTF-8"]),
+    (["--html", "{d}/kept.html", "--context", "{d}/folder"], 1, ["--context", "is a folder"]),
+])
+def test_bad_arguments_fail_in_one_line_before_loading(argv, code, words, files, no_model_load,
+                                                       monkeypatch, capsys):
+    (files / "locked").chmod(0o500)
+    (files / "secret.txt").chmod(0o000)
+    if os.geteuid() == 0:  # root reads and writes past permission bits: refuse as a user would be
+        real_access = os.access
+        monkeypatch.setattr(errors.os, "access", lambda p, mode: False if Path(p).name == "locked"
+                            else real_access(p, mode))
+        real_read = Path.read_bytes
+        def read_bytes(self):
+            if self.name == "secret.txt":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_read(self)
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    got, err = run_cli([a.format(d=files) for a in argv], capsys)
+    assert (got, len(err)) == (code, 1), err
+    assert err[0].startswith("explain.py: error: "), err
+    for w in words:
+        assert w in err[0], (w, err)
+    assert not (files / "kept.html").exists()
+
+
+def test_a_model_of_another_architecture_fails_in_one_line(tiny_dir, tmp_path, capsys):
+    """A checkpoint that cannot be used is exit code 1, in the message style of every command."""
+    ckpt = tmp_path / "mistral"
+    ckpt.mkdir()
+    for f in tiny_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
+    out = tmp_path / "kept.html"
+    for argv in (["--html", str(out)], ["--explain"]):
+        got, err = run_cli(argv + ["--model", str(ckpt)], capsys)
+        assert (got, len(err)) == (1, 1), err
+        assert err[0].startswith(f"explain.py: error: {ckpt / 'config.json'}: unsupported architecture "
+                                 "'MistralForCausalLM'"), err
+    assert not out.exists()
