@@ -93,7 +93,9 @@ TARGETS = dict(
     scoring_over_prefill=2.5,  # one 2,000-token chunk (the paper: ~2)
     scoring_over_prefill_multi=2.2,  # three chunks (--sweep)
     scoring_peak_over_prefill=1.10,  # scoring's peak memory against the prefill's (the paper: +2%)
+    prefill_causal_over_mask=0.85,  # prefill with causal block skipping / with an explicit mask
 )
+PREFILL_REPS = 3  # rounds of the prefill row (each ~2 x 2.5 s on the project's CPU)
 N_NEEDLES, N_QUESTIONS = 4, 2  # quality probes in the scoring context (--quick: 2 and 1)
 NEEDLE_MAX_NEW, QA_MAX_NEW = 8, 12  # new tokens for a pass-key completion / a short answer
 GB, MB = 1e9, 1e6  # decimal units, as in the paper's "16.3 GB"
@@ -634,6 +636,23 @@ def real_run(m, tok, n_tokens: int, *, n_needles: int, n_questions: int, device,
     return kv, probes, questions, row
 
 
+def prefill_paths(m, tok, kv, *, device, reps: int) -> dict:
+    """Prefill of the real context (prefix + context ids of kv) through the dense cache's fused
+    attention, model.attention_sdpa (causal block skipping), against one explicit-mask SDPA call
+    per chunk, model.attention_sdpa_mask; same chunks (model.prefill's default), timed side by side."""
+    ids = kvzip.prefix_ids(tok) + kv.context_ids
+
+    def run(attention):
+        cache = m.new_cache()
+        cache.attention = attention  # the function KVCache.attend calls (see KVCache.__init__)
+        return model_lib.prefill(m, ids, cache)
+
+    paths = {"mask": lambda: run(model_lib.attention_sdpa_mask), "causal": lambda: run(model_lib.attention_sdpa)}
+    _check_same("model.attention_sdpa", paths["causal"](), "model.attention_sdpa_mask", paths["mask"]())
+    t = time_interleaved(paths, device, reps)
+    return dict(n_tokens=len(ids), mask_s=t["mask"], causal_s=t["causal"], reps=reps)
+
+
 def quality_row(m, tok, kv, *, probes, questions, ratio: float) -> dict:
     """Quality of the compressed cache relative to the full one, on the real context.
 
@@ -754,6 +773,15 @@ def _scoring_rows(res: dict) -> list[str]:
              f"{m_frac:.2f}", f"<= {TARGETS['scoring_peak_over_prefill']:.2f}: "
              f"{_mark(m_frac <= TARGETS['scoring_peak_over_prefill'])}"),
     ]
+    pf = res.get("prefill")
+    if pf:
+        pf_frac = pf["causal_s"] / pf["mask_s"]
+        lines += [
+            _row("", "mask", "causal", "", ""),
+            _row(f"prefill, {pf['n_tokens']:,} real tokens (median of {pf['reps']})", f"{pf['mask_s']:.2f} s",
+                 f"{pf['causal_s']:.2f} s", f"{pf_frac:.2f}", f"<= {TARGETS['prefill_causal_over_mask']}: "
+                 f"{_mark(pf_frac <= TARGETS['prefill_causal_over_mask'])}"),
+        ]
     mc = res.get("scoring_multi_chunk")
     if mc:
         mc_frac = mc["scoring_s"] / mc["prefill_s"]
@@ -875,6 +903,7 @@ def real_rows(args: argparse.Namespace, device, base: int, ratios) -> dict:
     kv, probes, questions, scoring = real_run(m, tok, n_score, n_needles=n_needles, n_questions=n_questions,
                                               device=device, base=base)
     quality = quality_row(m, tok, kv, probes=probes, questions=questions, ratio=args.ratio)
+    prefill = prefill_paths(m, tok, kv, device=device, reps=1 if args.quick else PREFILL_REPS)
     fractions = {r: head_fractions(kv.scores, r).cpu() for r in ratios}
     n_p = kv.n_prefix
     del kv
@@ -884,7 +913,7 @@ def real_rows(args: argparse.Namespace, device, base: int, ratios) -> dict:
         context, _, _ = fitting_context(m, tok, n_multi, n_needles=4, n_questions=0, seed=1)
         multi_chunk = scoring_cost(m, tok, context, device=device, base=base)[1]
     return dict(n_p=n_p, fractions=fractions, geo=geo, dtype=m.dtype, scoring=scoring, quality=quality,
-                multi_chunk=multi_chunk, model_name=args.model or "SmolLM2-135M-Instruct (default model)")
+                multi_chunk=multi_chunk, prefill=prefill, model_name=args.model or "SmolLM2-135M-Instruct (default model)")
 
 
 def synthetic_rows(args: argparse.Namespace, ratios) -> dict:
@@ -892,7 +921,7 @@ def synthetic_rows(args: argparse.Namespace, ratios) -> dict:
     same share of the context, and the prefix has the default model's length."""
     return dict(n_p=SYNTHETIC_PREFIX, fractions={r: torch.full((1, 1), r) for r in ratios},
                 geo=get_geometry(args.geometry), dtype=torch.float32, scoring=None, quality=None,
-                multi_chunk=None, model_name=None)
+                multi_chunk=None, prefill=None, model_name=None)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -934,7 +963,7 @@ def main(args: argparse.Namespace) -> dict:
         | dict(dtype=str(decode_dtype).removeprefix("torch."), reps=reps),
         scoring=scoring, quality=quality,
         sweep=sorted(rows, key=lambda row: -row["ratio"]) if args.sweep else None,
-        scoring_multi_chunk=real["multi_chunk"],
+        scoring_multi_chunk=real["multi_chunk"], prefill=real["prefill"],
     )
     print(format_report(res))
     if args.json:

@@ -211,12 +211,19 @@ def attention(q, k, v, n_past: int):
 
 
 def attention_sdpa(q, k, v, n_past: int):
-    """The same attention through torch's fused scaled_dot_product_attention (never holds the
-    (T, S) matrix; about 4x faster than `attention` for a 2000-token prefill chunk on a CPU).
-    Shapes as in `attention`; tested against it. enable_gqa lets SDPA read each KV head for its
-    G query heads, as the grouping in `attention` does."""
+    """The same attention through torch's fused scaled_dot_product_attention, which never holds
+    the (T, S) matrix. Shapes as in `attention`; tested against it. The G query heads of a group
+    read their KV head in place (enable_gqa, or a stride-0 expand), as the grouping in `attention` does.
+
+    Which call, by the shape of the work:
+      - one new token (decode): it sees every key, so there is no mask;
+      - a fresh prefill (n_past == 0): is_causal=True, so the kernel skips the key blocks above the
+        diagonal instead of computing them and masking them out;
+      - a later chunk on a CPU: the chunk attends the earlier keys (no mask) and its own keys
+        (causal) in two calls, merged by each row's log-sum-exp (`attention_past_new`);
+      - a later chunk elsewhere: one call with an explicit mask (`attention_sdpa_mask`).
+    """
     Hkv, G, T, D = q.shape
-    S = k.shape[1]
     if T == 1:
         # One new token sees every key, so no mask: its G query heads become G query rows of one
         # head (1, Hkv, G, D), and each KV head's K and V are streamed once for the whole group.
@@ -224,6 +231,48 @@ def attention_sdpa(q, k, v, n_past: int):
         # bandwidth at 124k keys; as G rows, 71-80%.)
         y = F.scaled_dot_product_attention(q.reshape(1, Hkv, G, D), k[None], v[None])  # (1, Hkv, G, D)
         return y.view(Hkv, G, 1, D)
+    if n_past == 0:  # S == T: is_causal's mask (query t sees keys 0..t) is exactly ours
+        y = F.scaled_dot_product_attention(q.reshape(1, Hkv * G, T, D), k[None], v[None],
+                                           is_causal=True, enable_gqa=True)  # (1, H, T, D)
+        return y.view(Hkv, G, T, D)
+    if q.device.type == "cpu":
+        return attention_past_new(q, k, v, n_past)
+    return attention_sdpa_mask(q, k, v, n_past)
+
+
+_flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def attention_past_new(q, k, v, n_past: int):
+    """`attention` for T > 1 new tokens after n_past > 0 cached ones, as two fused CPU calls.
+
+    The keys fall into two disjoint sets: the n_past earlier ones, which every new token sees (no
+    mask), and the T new ones, which the new tokens see causally (is_causal=True, S == T). torch's
+    CPU flash kernel returns each query row's log-sum-exp (lse) over the keys it saw, beside its
+    output; attention over both sets is the two outputs weighted by their shares of the softmax
+    mass: exp(lse_past) / (exp(lse_past) + exp(lse_new)) = sigmoid(lse_past - lse_new) for the
+    past, the rest for the new keys. (fused.merge_attention does the same for any number of sets.)
+    Shapes as in `attention`. CPU tensors only: other devices' kernels do not return the lse.
+    """
+    Hkv, G, T, D = q.shape
+
+    def part(keys, values, causal: bool):  # keys, values (Hkv, n, D) -> out (Hkv, G, T, D), lse (Hkv, G, T)
+        n = keys.shape[1]
+        return _flash_attention_cpu(q, keys[:, None].expand(Hkv, G, n, D), values[:, None].expand(Hkv, G, n, D),
+                                    0.0, causal)[:2]  # default scale 1/sqrt(D)
+
+    past, lse_past = part(k[:, :n_past], v[:, :n_past], causal=False)
+    new, lse_new = part(k[:, n_past:], v[:, n_past:], causal=True)
+    share = torch.sigmoid(lse_past - lse_new).unsqueeze(-1)  # (Hkv, G, T, 1) float32: the past's share
+    return torch.lerp(new.float(), past.float(), share).to(q.dtype)  # new + share * (past - new)
+
+
+def attention_sdpa_mask(q, k, v, n_past: int):
+    """`attention` for T > 1 new tokens as one SDPA call with an explicit boolean mask: the fused
+    path on devices whose kernels return no lse, and bench.py's comparison for the prefill (the
+    kernel computes the whole (T, S) product, the masked blocks included). Shapes as in `attention`."""
+    Hkv, G, T, D = q.shape
+    S = k.shape[1]
     # True = may attend; query t sees keys 0 .. n_past + t
     mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + n_past
     y = F.scaled_dot_product_attention(q.reshape(1, Hkv * G, T, D), k[None], v[None],

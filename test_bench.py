@@ -199,6 +199,7 @@ REQUIRED_KEYS = {
                "device_gbps"},
     "scoring": {"ctx", "prefill_s", "scoring_s", "prefill_peak_bytes", "scoring_peak_bytes"},
     "quality": {"ratio", "relative_accuracy", "n_probes"},
+    "prefill": {"n_tokens", "mask_s", "causal_s", "reps"},
 }
 
 
@@ -243,6 +244,8 @@ def test_tiny_run_report(tiny_run):
     assert lines[0].startswith("KVzip benchmark") and "geometry model" in out
     assert "1,000 tokens" in out and "python reuse.py" in out
     assert "quantized cache, kv.prune(ratio, bits=...)" in out
+    row = next(x for x in lines if x.startswith("prefill, "))  # causal block skipping vs explicit mask
+    assert f"{data['prefill']['n_tokens']:,} real tokens" in row and f"<= {bench.TARGETS['prefill_causal_over_mask']}" in row
     last = json.loads(lines[-1])  # the last line is a one-line JSON summary
     assert last["ctx"] == 1000 and last["geometry"] == "model"
 

@@ -41,13 +41,19 @@ def test_tiny_checkpoints_match_independent_forward(tmp_path, kind):
     assert cache.keys(0).shape == (m.cfg.n_kv_head, len(ids), m.cfg.head_dim)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), T=st.integers(1, 9), n_past=st.integers(0, 12),
-       seed=st.integers(0, 2**16))
-def test_sdpa_attention_equals_reference_attention(Hkv, G, T, n_past, seed):
+       spare=st.sampled_from([0, 0, 5]), scale=st.sampled_from([1.0, 3.0, 30.0]), seed=st.integers(0, 2**16))
+def test_sdpa_attention_equals_reference_attention(Hkv, G, T, n_past, spare, scale, seed):
+    """The fused paths against the reference `attention`: a single token (T = 1), a fresh prefill
+    (is_causal), a later chunk (past keys and the chunk's own keys as two calls merged by their
+    lse; T larger or smaller than the past), and the explicit-mask call; K and V as views of a
+    cache buffer with `spare` unused rows (strided, as KVCache.attend passes them), and logits
+    large enough that one key takes nearly all the mass."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(Hkv, G, T, 16, generator=g) * 3
-    k, v = torch.randn(Hkv, n_past + T, 16, generator=g), torch.randn(Hkv, n_past + T, 16, generator=g)
+    q = torch.randn(Hkv, G, T, 16, generator=g) * scale
+    buf_k, buf_v = torch.randn(2, Hkv, n_past + T + spare, 16, generator=g)
+    k, v = buf_k[:, :n_past + T], buf_v[:, :n_past + T]  # (Hkv, S, D) views, strided when spare > 0
     want = model.attention(q, k, v, n_past)
     # the explicit broadcast equals Hugging Face's repeat_kv: query head h*G+g reads KV head h
     kr, vr = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)  # (H, S, D)
@@ -56,6 +62,33 @@ def test_sdpa_attention_equals_reference_attention(Hkv, G, T, n_past, seed):
     hf = (logits.masked_fill(causal, float("-inf")).softmax(-1) @ vr).view(Hkv, G, T, 16)
     torch.testing.assert_close(want, hf, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.attention_sdpa(q, k, v, n_past), want, atol=1e-5, rtol=1e-5)
+    if T > 1:
+        torch.testing.assert_close(model.attention_sdpa_mask(q, k, v, n_past), want, atol=1e-5, rtol=1e-5)
+    if T > 1 and n_past > 0:  # the path attention_sdpa takes here on a CPU, called directly
+        torch.testing.assert_close(model.attention_past_new(q, k, v, n_past), want, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=5))
+def test_prefill_in_any_chunks_equals_the_reference_cache(tiny, chunks):
+    """The dense cache's fused attention (is_causal for the first chunk, past + own keys merged by
+    lse for the later ones, one token at a time) against the reference attention over the same
+    tokens, fed in chunks of any sizes: the same logits of every token and the same cached keys."""
+    m, tok, _ = tiny
+    ids = torch.tensor(tok.encode("A small train crossed the valley while the market opened.") * 3)
+    ids = ids[:sum(chunks)]
+    want = m(ids, m.new_cache(backend="reference"))  # (T, V), one forward
+    cache, got, i = m.new_cache(backend="auto"), [], 0
+    for n in chunks:
+        if i < len(ids):
+            got.append(m(ids[i:i + n], cache))
+        i += n
+    torch.testing.assert_close(torch.cat(got), want, atol=1e-5, rtol=0)
+    ref_cache = m.new_cache(backend="reference")
+    m(ids, ref_cache)
+    for l in range(m.cfg.n_layer):
+        torch.testing.assert_close(cache.keys(l), ref_cache.keys(l), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache.values(l), ref_cache.values(l), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
