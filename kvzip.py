@@ -324,6 +324,9 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     score_context(m, tok, kv) then scores the same FullKV, and head-level pruning needs no scores).
     scorer: see score_context ("logits": the softmax-free ablation).
     """
+    if m.cfg.has_sliding_layers:  # every FullKV comes from here: scoring, head scores, baselines, pruning
+        raise InputError(f"{m.cfg.architecture} has sliding-window layers: hybrid sliding-window models are "
+                         "not supported by KVzip scoring yet")
     model_lib.check_backend(backend)
     if scorer not in SCORERS:
         raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
