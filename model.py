@@ -9,7 +9,8 @@ What is in this file, top to bottom:
                      MLP, grouped-query attention (causal, or within a sliding window), the decoder
                      block and the Transformer
   3. KVCache       - a dense per-layer cache of post-RoPE keys and values, one row per KV head,
-                     and the cache protocol that kvzip's compressed cache follows too
+                     and the cache protocol that kvzip's compressed cache follows too;
+     WindowKVCache - the same, whose sliding layers free what leaves their window
   4. prefill / generate / rollback - chunked prefill, greedy decoding with stop tokens, and
                      running tokens on top of a cache that are dropped again afterwards
   5. Tokenizer     - a `tokenizers` object plus its model family's chat-template pieces
@@ -546,10 +547,14 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
-    def new_cache(self, capacity: int = 0, backend: str = "auto") -> "KVCache":
+    def new_cache(self, capacity: int = 0, backend: str = "auto", dense: bool = False) -> "KVCache":
+        """An empty cache: a KVCache, or for a model with sliding layers a WindowKVCache, whose
+        sliding layers free what leaves their window (dense=True: a KVCache that holds every
+        position and masks the window, the reference the window cache is tested against)."""
         cfg = self.cfg
-        return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, backend,
-                       windows=cfg.windows)
+        kind = WindowKVCache if cfg.has_sliding_layers and not dense else KVCache
+        return kind(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, backend,
+                    windows=cfg.windows)
 
     def forward(self, ids: torch.Tensor, cache, last_only: bool = False, observe=None,
                 positions=None, rows=None):
@@ -610,11 +615,13 @@ class KVCache:
       advance(n)              after the last layer: the n new tokens now count as held
       truncate(seq_len)       roll back to an earlier length
       nbytes                  bytes of the K and V held
-    keys(layer) / values(layer) give (Hkv, seq_len, D) views.
+    keys(layer) / values(layer) give (Hkv, seq_len, D) views (of a WindowKVCache's sliding layer:
+    the positions it holds, the last ones).
     backend: "reference" attends with the explicit `attention`, anything else with torch's fused
     SDPA (`attention_sdpa`, the default); the tests check that the two agree.
     windows: per layer, a sliding layer's window or None (ModelConfig.windows; default: no
-    sliding layers). This cache holds every position of a sliding layer too, and masks the window.
+    sliding layers). This cache holds every position of a sliding layer too, and masks the window;
+    WindowKVCache below frees what leaves the window.
     """
 
     def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, backend: str = "auto",
@@ -668,6 +675,105 @@ class KVCache:
         """Bytes of the K and V of the seq_len tokens held (2 * L * Hkv * S * D * element size)."""
         per_token = sum(t.shape[0] * t.shape[2] * t.element_size() for t in self.k + self.v)
         return per_token * self.seq_len
+
+
+class WindowKVCache(KVCache):
+    """A KVCache whose sliding layers free the positions that leave their window: a sliding layer
+    holds the last window - 1 positions (all that a later token can see) plus the tokens of the
+    forward under way, during a prefill too, so its bytes do not grow with the context. The full
+    layers hold every position, as in KVCache. Tested against KVCache(windows=...), which holds
+    every position and masks the window.
+
+    A sliding layer i: k[i], v[i] are (Hkv, rows, D) buffers whose row r holds position
+    first[i] + r; positions kept_from(i) .. seq_len - 1 are held. When a forward's T tokens do not
+    fit after them, `compact` copies the held rows to the front of a new buffer with room for
+    max(T, window) more, so the buffer never exceeds about two windows plus the longest chunk, and
+    a decode copies the window once per `window` tokens, not at every token.
+
+    Rolling back needs the window before the length returned to: while a `rollback` block runs,
+    `floor` is its start, and the sliding layers also keep the window - 1 positions before it.
+    A truncate to a length whose window was freed is refused.
+    """
+
+    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, backend: str = "auto",
+                 windows=None):
+        super().__init__(n_layer, n_kv_head, head_dim, 0, dtype, device, backend, windows)
+        for i, w in enumerate(self.windows):
+            if w is None:  # a full layer holds every position: the requested capacity
+                self.k[i] = self.k[i].new_empty((n_kv_head, capacity, head_dim))
+                self.v[i] = self.v[i].new_empty((n_kv_head, capacity, head_dim))
+        self.first = [0] * n_layer  # the position of row 0 of each layer's buffer
+        self.floor = math.inf  # the earliest length a truncate may return to (model.rollback lowers it)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the full layers have room for (the sliding layers make room as they go)."""
+        return min((t.shape[1] for t, w in zip(self.k, self.windows) if w is None), default=0)
+
+    def kept_from(self, layer: int) -> int:
+        """The oldest position a layer holds: 0 for a full layer; for a sliding one, the first of
+        the window - 1 positions before min(seq_len, floor)."""
+        w = self.windows[layer]
+        return 0 if w is None else max(0, min(self.seq_len, self.floor) - (w - 1))
+
+    def reserve(self, n: int):
+        """Room for n more tokens in the full layers; a sliding layer makes room in `attend`, for
+        the tokens of one forward only (model.prefill reserves for a whole input at once)."""
+        full = [i for i, w in enumerate(self.windows) if w is None]
+        for buffers in (self.k, self.v):
+            part = [buffers[i] for i in full]
+            if part:
+                grow(part, self.seq_len, self.seq_len + n)
+            for i, b in zip(full, part):
+                buffers[i] = b
+
+    def attend(self, layer: int, q, k, v):
+        w = self.windows[layer]
+        if w is None:
+            return super().attend(layer, q, k, v)
+        T = k.shape[1]
+        if self.seq_len + T - self.first[layer] > self.k[layer].shape[1]:
+            self.compact(layer, T)
+        row = self.seq_len - self.first[layer]  # the buffer row of position seq_len
+        self.k[layer][:, row:row + T] = k
+        self.v[layer][:, row:row + T] = v
+        a = max(0, row - w + 1)  # the row of the oldest key that the first new token sees
+        return self.attention(q, self.k[layer][:, a:row + T], self.v[layer][:, a:row + T], row - a, window=w)
+
+    def compact(self, layer: int, T: int):
+        """Free a sliding layer's rows before kept_from(layer): copy the held rows to the front of a
+        new buffer with room for max(T, window) more tokens."""
+        keep, w = self.kept_from(layer), self.windows[layer]
+        n, src = self.seq_len - keep, keep - self.first[layer]
+        for buffers in (self.k, self.v):
+            old = buffers[layer]
+            new = old.new_empty((old.shape[0], n + max(T, w), old.shape[2]))
+            new[:, :n] = old[:, src:src + n]
+            buffers[layer] = new
+        self.first[layer] = keep
+
+    def truncate(self, seq_len: int):
+        for i, w in enumerate(self.windows):
+            if w is not None and self.first[i] > max(0, seq_len - w + 1):
+                raise ValueError(f"cannot truncate to {seq_len} tokens: sliding layer {i} freed the positions "
+                                 f"before {self.first[i]} (model.rollback keeps what its truncate needs)")
+        super().truncate(seq_len)
+
+    def keys(self, layer: int):
+        """The positions held, kept_from(layer) .. seq_len - 1: (Hkv, seq_len - kept_from(layer), D)."""
+        a, b = self.kept_from(layer) - self.first[layer], self.seq_len - self.first[layer]
+        return self.k[layer][:, a:b]
+
+    def values(self, layer: int):
+        a, b = self.kept_from(layer) - self.first[layer], self.seq_len - self.first[layer]
+        return self.v[layer][:, a:b]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V of the positions held: every position in a full layer, the window
+        (and, in a rollback, the rows it will return to) in a sliding one."""
+        return sum(2 * t.shape[0] * t.shape[2] * t.element_size() * (self.seq_len - self.kept_from(i))
+                   for i, t in enumerate(self.k))
 
 
 def grow(buffers: list, n_used: int, need: int, at_least: int = 0):
@@ -733,10 +839,15 @@ def rollback(cache):
     """`with rollback(cache): ...`: whatever the block runs on top of the cache is dropped again
     when it ends, also on an error, so the cache goes back to the length it had."""
     start = cache.seq_len
+    floor = getattr(cache, "floor", None)  # a WindowKVCache keeps what the truncate back to start needs
+    if floor is not None:
+        cache.floor = min(floor, start)
     try:
         yield cache
     finally:
         cache.truncate(start)
+        if floor is not None:
+            cache.floor = floor
 
 
 # -----------------------------------------------------------------------------

@@ -224,13 +224,14 @@ def test_sdpa_attention_in_a_window_equals_reference(Hkv, G, T, n_past, window, 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_gemma3_incremental_decode_and_chunked_prefill_equal_one_forward(gemma, backend):
-    """On a context several windows long: one token at a time, and prefill in chunks shorter and
-    longer than the window, give one forward's logits and cached keys."""
+    """On a context several windows long, in the window cache: one token at a time, and prefill in
+    chunks shorter and longer than the window, give one forward's logits (in the dense cache) and
+    the same cached keys."""
     m, tok, c, _ = gemma
     ids = torch.tensor(tok.encode(TEXT))
     assert len(ids) > 4 * c["sliding_window"]
-    full = m(ids, m.new_cache(backend="reference"))  # (T, V)
-    cache = m.new_cache(backend=backend)
+    full = m(ids, m.new_cache(backend="reference", dense=True))  # (T, V)
+    cache = m.new_cache(backend=backend)  # the window cache
     steps = [m(ids[:3], cache)] + [m(ids[t:t + 1], cache) for t in range(3, len(ids))]
     torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
     for chunk in (4, 7, 11):
@@ -249,7 +250,7 @@ def test_gemma3_rollback_and_generate(gemma):
     with model.rollback(cache):
         first = m(torch.tensor([5, 9, 11]), cache)
     again = m(torch.tensor([5, 9, 11]), cache)
-    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=0)
     out = model.generate(m, ids, m.new_cache(), max_new_tokens=12)
     assert len(out) == 12
 
@@ -336,3 +337,84 @@ def test_kvzip_refuses_hybrid_models(gemma, tmp_path):
     assert not m_full.cfg.has_sliding_layers
     kv = kvzip.prefill(m_full, tok_full, TEXT)
     assert kv.scores.shape == (3, 2, kv.n_context) and torch.isfinite(kv.scores).all()
+
+
+# -----------------------------------------------------------------------------
+# The window cache: sliding layers free the positions that leave their window
+
+def held_rows(m, n: int) -> list[int]:
+    """Positions each layer holds after n tokens: all in a full layer, the last window - 1 in a sliding one."""
+    return [n if w is None else min(n, w - 1) for w in m.cfg.windows]
+
+
+def row_bytes(m) -> int:
+    return 2 * m.cfg.n_kv_head * m.cfg.head_dim * 4  # K and V of one position of one layer, float32
+
+
+@settings(max_examples=15, deadline=None)
+@given(chunks=st.lists(st.integers(1, 15), min_size=1, max_size=8), backend=st.sampled_from(["auto", "reference"]))
+def test_window_cache_equals_the_dense_cache(gemma, chunks, backend):
+    """Fed in chunks of any sizes, shorter and longer than the window: the dense cache's logits;
+    each sliding layer holds exactly the last window - 1 keys and values (the dense cache's), and
+    nbytes counts exactly what is held."""
+    m, tok, _, _ = gemma
+    ids = torch.tensor(tok.encode(TEXT))
+    window, dense = m.new_cache(backend=backend), m.new_cache(backend=backend, dense=True)
+    assert isinstance(window, model.WindowKVCache) and type(dense) is model.KVCache
+    i = 0
+    for n in chunks:
+        x = ids[i:i + n]
+        if len(x) == 0:
+            break
+        torch.testing.assert_close(m(x, window), m(x, dense), atol=1e-5, rtol=0)
+        i += len(x)
+        for layer, rows in enumerate(held_rows(m, i)):
+            assert window.keys(layer).shape[1] == rows
+            torch.testing.assert_close(window.keys(layer), dense.keys(layer)[:, i - rows:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(window.values(layer), dense.values(layer)[:, i - rows:], atol=1e-5, rtol=0)
+        assert window.nbytes == row_bytes(m) * sum(held_rows(m, i))
+    assert dense.nbytes == row_bytes(m) * i * m.cfg.n_layer
+
+
+def test_window_cache_bytes_stay_bounded(gemma):
+    """A context about twenty windows long, prefilled in chunks, then decoded: the sliding layers'
+    buffers never exceed window - 1 rows plus room for max(chunk, window) tokens, where a full
+    layer's grows with the context; nbytes is exact throughout."""
+    m, tok, c, _ = gemma
+    W, chunk = c["sliding_window"], 8
+    ids = torch.tensor(tok.encode(" ".join([TEXT] * 6)))
+    assert len(ids) > 20 * W
+    sliding = [layer for layer, w in enumerate(m.cfg.windows) if w is not None]
+    cache = m.new_cache()
+    model.prefill(m, ids, cache, chunk_size=chunk)
+    assert all(cache.k[layer].shape[1] <= W - 1 + max(chunk, W) for layer in sliding)
+    assert cache.nbytes == row_bytes(m) * sum(held_rows(m, len(ids)))
+    for t in range(3 * W):
+        m(torch.tensor([5 + t % 7]), cache)
+        assert all(cache.k[layer].shape[1] <= W - 1 + max(chunk, W) for layer in sliding)
+    assert cache.nbytes == row_bytes(m) * sum(held_rows(m, len(ids) + 3 * W))
+    full = [layer for layer in range(m.cfg.n_layer) if layer not in sliding]
+    assert all(cache.keys(layer).shape[1] == len(ids) + 3 * W for layer in full)
+
+
+def test_window_cache_rolls_back(gemma):
+    """A rollback block that runs three windows of tokens keeps the window it returns to: afterwards
+    the cache answers as the dense one does. A bare truncate to a length whose window was freed is
+    refused."""
+    m, tok, c, _ = gemma
+    W = c["sliding_window"]
+    ids = torch.tensor(tok.encode(TEXT))
+    cache, dense = m.new_cache(), m.new_cache(dense=True)
+    m(ids, cache), m(ids, dense)
+    before = cache.nbytes
+    with model.rollback(cache):
+        for t in range(3 * W):
+            m(torch.tensor([5 + t % 7]), cache)
+        assert cache.nbytes > before  # the rows the truncate returns to are held meanwhile
+    assert cache.seq_len == len(ids) and cache.nbytes == before
+    probe = torch.tensor([9, 4, 11])
+    torch.testing.assert_close(m(probe, cache), m(probe, dense), atol=1e-5, rtol=0)
+    for t in range(3 * W):
+        m(torch.tensor([5 + t % 7]), cache)
+    with pytest.raises(ValueError, match=f"cannot truncate to {len(ids)} tokens: sliding layer 0 freed"):
+        cache.truncate(len(ids))
