@@ -1,7 +1,8 @@
 """Tests of Gemma 3 in model.py: tiny random checkpoints in Hugging Face layout against an
 independent float64 forward written here (sliding window and its edge, the four norms of
 (1 + weight), q/k norm, query_pre_attn_scalar, local and global RoPE bases), the dense cache on a
-context longer than the window, bad configs, and KVzip's refusal of hybrid models."""
+context longer than the window, the window cache (WindowKVCache: sliding layers that free what
+leaves their window) against the dense one, bad configs, and KVzip's refusal of hybrid models."""
 import json
 import math
 
@@ -255,6 +256,21 @@ def test_gemma3_rollback_and_generate(gemma):
     assert len(out) == 12
 
 
+def test_gemma3_defaults_fill_a_sparse_text_config():
+    """A multimodal config's text_config may state only what differs from Gemma3TextConfig's
+    defaults (as the 4B checkpoint's does): the rest is filled in as Hugging Face does."""
+    cfg = model.ModelConfig.from_hf({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152}})
+    assert (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size) == (8, 4, 256, 262_208)
+    assert cfg.query_pre_attn_scalar == 256 and cfg.tie_word_embeddings and cfg.rms_norm_eps == 1e-6
+    assert [i for i, t in enumerate(cfg.layer_types) if t == FULL] == [5, 11, 17, 23, 29]  # every 6th
+    assert cfg.windows[0] == 1024 and cfg.windows[5] is None
+    assert cfg.rope_theta == 1e6 and cfg.rope_local_theta == 1e4 and cfg.rope_scaling["factor"] == 8.0
+
+
 def test_gemma3_layer_settings(gemma):
     m, _, c, _ = gemma
     cfg = m.cfg
@@ -352,11 +368,13 @@ def row_bytes(m) -> int:
 
 
 @settings(max_examples=15, deadline=None)
-@given(chunks=st.lists(st.integers(1, 15), min_size=1, max_size=8), backend=st.sampled_from(["auto", "reference"]))
-def test_window_cache_equals_the_dense_cache(gemma, chunks, backend):
+@given(chunks=st.lists(st.integers(1, 15), min_size=1, max_size=8), backend=st.sampled_from(["auto", "reference"]),
+       inside=st.lists(st.integers(1, 9), max_size=3))
+def test_window_cache_equals_the_dense_cache(gemma, chunks, backend, inside):
     """Fed in chunks of any sizes, shorter and longer than the window: the dense cache's logits;
     each sliding layer holds exactly the last window - 1 keys and values (the dense cache's), and
-    nbytes counts exactly what is held."""
+    nbytes counts exactly what is held. Then chunks run inside a rollback: the same logits, and
+    afterwards the cache is as before the block."""
     m, tok, _, _ = gemma
     ids = torch.tensor(tok.encode(TEXT))
     window, dense = m.new_cache(backend=backend), m.new_cache(backend=backend, dense=True)
@@ -374,6 +392,14 @@ def test_window_cache_equals_the_dense_cache(gemma, chunks, backend):
             torch.testing.assert_close(window.values(layer), dense.values(layer)[:, i - rows:], atol=1e-5, rtol=0)
         assert window.nbytes == row_bytes(m) * sum(held_rows(m, i))
     assert dense.nbytes == row_bytes(m) * i * m.cfg.n_layer
+    held = [window.keys(layer).clone() for layer in range(m.cfg.n_layer)]
+    with model.rollback(window), model.rollback(dense):
+        for j, n in enumerate(inside):
+            x = torch.arange(n) * 7 % 50 + j
+            torch.testing.assert_close(m(x, window), m(x, dense), atol=1e-5, rtol=0)
+    assert window.seq_len == i and window.nbytes == row_bytes(m) * sum(held_rows(m, i))
+    for layer in range(m.cfg.n_layer):
+        torch.testing.assert_close(window.keys(layer), held[layer], atol=0, rtol=0)
 
 
 def test_window_cache_bytes_stay_bounded(gemma):
