@@ -565,7 +565,8 @@ class Transformer(nn.Module):
         (kvzip.BatchedTails) each continue at their own position. Nothing else in the model
         mixes rows; which earlier rows a row attends to is the cache's decision (its `attend`).
         `cache` is anything that follows the cache protocol (see KVCache): the dense KVCache
-        below, or kvzip's FullKV and packed CompressedKV.
+        below (a WindowKVCache for a model with sliding layers), or kvzip's FullKV and packed
+        CompressedKV.
         `observe(layer, q, k)`, if given, is called in every layer with the new tokens'
         post-RoPE queries q (Hkv, G, T, D) and keys k (Hkv, T, D).
         Returns float32 logits (T, V), or (1, V) for the last position when last_only, or
