@@ -335,6 +335,8 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     for name, value, least in (("chunk_size", chunk_size, N_OVERLAP), ("prefill_chunk", prefill_chunk, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+    if m.cfg.has_sliding_layers:  # every FullKV comes from here: scoring, head scores, baselines, pruning
+        raise InputError(f"{m.cfg.architecture}: hybrid sliding-window models are not supported by KVzip scoring yet")
     p_ids, context_ids = prefix_ids(tok), tok.encode(context)
     n_p, n_c = len(p_ids), len(context_ids)
     limit = max_context_tokens(m, tok, chunk_size, score)

@@ -1,12 +1,16 @@
 """
-A single-file Llama / Qwen2 / Qwen3-style decoder with an explicit GQA KV cache, written to be read.
+A single-file Llama / Qwen2 / Qwen3 / Gemma 3-style decoder with an explicit GQA KV cache, written
+to be read.
 
 What is in this file, top to bottom:
-  1. ModelConfig   - the architecture, read from a Hugging Face config.json
-  2. the layers    - RMSNorm, rotary embeddings (Hugging Face rotate-half convention), SwiGLU MLP,
-                     grouped-query attention, the decoder block and the Transformer
+  1. ModelConfig   - the architecture, read from a Hugging Face config.json; Gemma 3's differences
+                     from Llama are flags of their own (see "Gemma 3" below)
+  2. the layers    - RMSNorm, rotary embeddings (Hugging Face rotate-half convention), the gated
+                     MLP, grouped-query attention (causal, or within a sliding window), the decoder
+                     block and the Transformer
   3. KVCache       - a dense per-layer cache of post-RoPE keys and values, one row per KV head,
-                     and the cache protocol that kvzip's compressed cache follows too
+                     and the cache protocol that kvzip's compressed cache follows too;
+     WindowKVCache - the same, whose sliding layers free what leaves their window
   4. prefill / generate / rollback - chunked prefill, greedy decoding with stop tokens, and
                      running tokens on top of a cache that are dropped again afterwards
   5. Tokenizer     - a `tokenizers` object plus its model family's chat-template pieces
@@ -26,13 +30,23 @@ processes one sequence at a time):
   G    query heads per KV head, H // Hkv      D    head dimension
   C    hidden size (n_embd)                   V    vocabulary size
 
-Deliberately left out: batching, training, dropout, sliding-window attention, other RoPE scalings
-than Llama 3's, quantized inference (the default model's 4-bit weights are dequantized once).
+Gemma 3 (Gemma3ForCausalLM, and the text model of a Gemma3ForConditionalGeneration config, whose
+settings sit under "text_config") differs from Llama in these flags of ModelConfig: embeddings
+times sqrt(C); RMSNorms that scale by (1 + weight) in float32; four norms per block (after
+attention and after the MLP too); q/k RMSNorm per head (as Qwen3); attention logits scaled by
+query_pre_attn_scalar ** -0.5; a GELU (tanh) gated MLP; and per-layer attention types: "sliding"
+layers, where the query at position i sees the keys at i - window + 1 .. i only, with RoPE base
+rope_local_base_freq, and "full" layers with rope_theta (and its scaling).
+
+Deliberately left out: batching, training, dropout, Qwen2's sliding window, RoPE scalings other
+than Llama 3's and linear, Gemma's vision tower and logit soft-capping, quantized inference (the
+default model's 4-bit weights are dequantized once).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -57,7 +71,18 @@ import convert_gguf  # noqa: E402
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+GEMMA3_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM") + GEMMA3_ARCHITECTURES
+FULL, SLIDING = "full_attention", "sliding_attention"  # the layer types of config.json's layer_types
+
+# The settings Hugging Face's Gemma3TextConfig fills in when a config.json leaves them out (the
+# text_config of the multimodal Gemma 3 checkpoints states only a few of them).
+GEMMA3_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+                       rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                       query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                       tie_word_embeddings=True)
 
 
 @dataclasses.dataclass
@@ -68,20 +93,44 @@ class ModelConfig:
     n_layer: int
     n_head: int  # query heads H
     n_kv_head: int  # key/value heads Hkv (GQA: several query heads share one KV head)
-    head_dim: int  # D (Qwen3 sets it explicitly: H * D need not equal C)
-    intermediate_size: int  # width of the SwiGLU MLP
+    head_dim: int  # D (Qwen3 and Gemma 3 set it explicitly: H * D need not equal C)
+    intermediate_size: int  # width of the gated MLP
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3.x: {"rope_type": "llama3", "factor": 8.0, ...}
+    rope_theta: float = 10000.0  # RoPE base of the full-attention layers (all layers but Gemma's sliding ones)
+    rope_scaling: dict | None = None  # of the full layers: {"rope_type": "llama3" or "linear", "factor": ...}
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     attention_bias: bool = False  # Qwen2 has biases on q, k and v (not on o)
-    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's D values of q and of k, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each head's D values of q and of k, before RoPE
     max_position_embeddings: int = 2048
+    # Gemma 3's differences (the defaults are Llama's):
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), in float32: Gemma stores weight - 1
+    embed_scale: bool = False  # embeddings times sqrt(C)
+    post_norms: bool = False  # RMSNorms of the attention's and of the MLP's outputs too: four per block
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    query_pre_attn_scalar: float | None = None  # logits times its ** -0.5 (None: times D ** -0.5)
+    layer_types: tuple = ()  # FULL or SLIDING for each layer; () means every layer is FULL
+    sliding_window: int | None = None  # a sliding layer's query at position i sees keys i - window + 1 .. i
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (never rescaled)
 
     def __post_init__(self):
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         self.group = self.n_head // self.n_kv_head  # G: query heads per KV head
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
+        self.layer_types = tuple(self.layer_types) or (FULL,) * self.n_layer
+        if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= {FULL, SLIDING}:
+            raise ValueError(f"layer_types must give {FULL!r} or {SLIDING!r} for each of the {self.n_layer} "
+                             f"layers, got {list(self.layer_types)!r}")
+        w = self.sliding_window
+        if SLIDING in self.layer_types and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"sliding_window must be a positive integer (the model has sliding layers), got {w!r}")
+        # per layer: a sliding layer's window, None for a full layer (what KVCache masks by)
+        self.windows = [w if t == SLIDING else None for t in self.layer_types]
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return SLIDING in self.layer_types
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -91,24 +140,16 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r} in config.json; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' (SwiGLU)")
-        if cfg.get("mlp_bias", False):
-            raise ValueError("unsupported config: mlp_bias=true")
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and cfg.get("use_sliding_window", False):
-            raise ValueError("unsupported config: use_sliding_window=true (sliding-window attention)")
-        scaling = cfg.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {kind!r}; only 'llama3'")
-            else:
-                needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                absent = [key for key in needed if key not in scaling]
-                if absent:
-                    raise ValueError(f"rope_scaling 'llama3' lacks {', '.join(absent)}")
+        gemma = arch in GEMMA3_ARCHITECTURES
+        if gemma:
+            cfg = gemma3_text_settings(cfg, arch)
+        else:
+            if cfg.get("hidden_act", "silu") != "silu":
+                raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only 'silu' (SwiGLU)")
+            if cfg.get("mlp_bias", False):
+                raise ValueError("unsupported config: mlp_bias=true")
+            if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and cfg.get("use_sliding_window", False):
+                raise ValueError("unsupported config: use_sliding_window=true (Qwen's sliding-window attention)")
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size")
         for key in required + ("num_key_value_heads", "head_dim"):
@@ -119,7 +160,7 @@ class ModelConfig:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         n_head = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
-        return cls(
+        settings = dict(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
             n_embd=hidden,
@@ -130,38 +171,126 @@ class ModelConfig:
             intermediate_size=cfg["intermediate_size"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=scaling,
+            rope_scaling=rope_scaling_setting(cfg.get("rope_scaling")),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             # Qwen2 always has q/k/v biases; Llama and Qwen3 have them only when attention_bias is set.
             attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
             qk_norm=arch == "Qwen3ForCausalLM",
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         )
+        if gemma:
+            settings.update(gemma3_settings(cfg))
+        return cls(**settings)
+
+
+def rope_scaling_setting(s) -> dict | None:
+    """A config's RoPE scaling (rope_scaling, or one layer type's rope_parameters), checked: None for
+    plain RoPE, else the dict with its "rope_type" ("llama3" or "linear") and the numbers it needs."""
+    if s is None:
+        return None
+    if not isinstance(s, dict):
+        raise ValueError(f"rope_scaling must be a JSON object, got {s!r}")
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return None
+    needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "linear": ("factor",)}.get(kind)
+    if needed is None:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; only 'llama3' and 'linear'")
+    absent = [key for key in needed if key not in s]
+    if absent:
+        raise ValueError(f"rope_scaling {kind!r} lacks {', '.join(absent)}")
+    return {**s, "rope_type": kind}
+
+
+def gemma3_text_settings(cfg: dict, arch: str) -> dict:
+    """Gemma 3's text settings as one flat dict over Gemma3TextConfig's defaults: the top level of a
+    Gemma3ForCausalLM config, the "text_config" of a Gemma3ForConditionalGeneration one."""
+    if arch == "Gemma3ForCausalLM":
+        return {**GEMMA3_DEFAULTS, **cfg}
+    text = cfg.get("text_config", {})
+    if not isinstance(text, dict):
+        raise ValueError(f"text_config must be a JSON object, got {type(text).__name__}")
+    # a multimodal config states tie_word_embeddings at its top level, if at all
+    return {**GEMMA3_DEFAULTS, "tie_word_embeddings": cfg.get("tie_word_embeddings", True), **text}
+
+
+def gemma3_settings(c: dict) -> dict:
+    """The ModelConfig fields in which Gemma 3 differs, from its flat text settings (whose integers
+    from_hf has checked); refuses what this file does not implement, naming the field."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if c.get(key) is not None:
+            raise ValueError(f"unsupported config: {key}={c[key]!r} (logit soft-capping is not implemented)")
+    if c.get("use_bidirectional_attention"):
+        raise ValueError("unsupported config: use_bidirectional_attention=true (only causal attention)")
+    if c.get("attention_bias"):
+        raise ValueError("unsupported config: attention_bias=true (Gemma 3's biases on q, k, v and o)")
+    if c.get("hidden_activation") != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported hidden_activation {c.get('hidden_activation')!r}; Gemma 3 uses "
+                         "'gelu_pytorch_tanh'")
+    scalar = positive_number("query_pre_attn_scalar", c.get("query_pre_attn_scalar"))
+    types = c.get("layer_types")
+    if types is None:  # older configs: every pattern-th layer is full, the ones between slide
+        pattern = c.get("sliding_window_pattern")
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            raise ValueError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
+        types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(c["num_hidden_layers"])]
+    elif not isinstance(types, list):
+        raise ValueError(f"layer_types must be a list, got {type(types).__name__}")
+    theta, local_theta, scaling = c.get("rope_theta"), c.get("rope_local_base_freq"), c.get("rope_scaling")
+    params = c.get("rope_parameters")
+    if params is not None:  # newer configs: one RoPE setting per layer type
+        full, local = (params.get(t) or {} for t in (FULL, SLIDING)) if isinstance(params, dict) else (None, None)
+        if not isinstance(full, dict) or not isinstance(local, dict):
+            raise ValueError(f"rope_parameters must map {FULL!r} and {SLIDING!r} to JSON objects, got {params!r}")
+        if rope_scaling_setting(local) is not None:
+            raise ValueError(f"unsupported rope_parameters.{SLIDING} type {local.get('rope_type')!r}; "
+                             "sliding layers take plain RoPE")
+        theta, local_theta, scaling = full.get("rope_theta", theta), local.get("rope_theta", local_theta), full
+    return dict(rope_theta=positive_number("rope_theta", theta), rope_scaling=rope_scaling_setting(scaling),
+                rope_local_theta=positive_number("rope_local_base_freq", local_theta),
+                qk_norm=True, attention_bias=False, norm_plus_one=True, embed_scale=True, post_norms=True,
+                hidden_act="gelu_tanh", query_pre_attn_scalar=scalar, layer_types=tuple(types),
+                sliding_window=c.get("sliding_window"))
+
+
+def positive_number(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 # -----------------------------------------------------------------------------
 # 2. The layers
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
         self.eps = eps
+        self.plus_one = plus_one  # Gemma: scale by (1 + weight)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # normalize in float32 (as Hugging Face does) so bf16 inputs do not lose the mean square
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:  # Gemma rounds once, after the scaling, where Llama rounds before it
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/D), i < D/2, with Llama 3's long-context rescaling if set. (D/2,)"""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), i < D/2. (D/2,)
+    Of the full-attention layers: theta = rope_theta, with Llama 3's or linear rescaling if set;
+    of Gemma's sliding layers (local): theta = rope_local_theta, never rescaled."""
     D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    s = cfg.rope_scaling
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    s = None if local else cfg.rope_scaling
     if s is None:
         return inv_freq
+    if s["rope_type"] == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        return inv_freq / s["factor"]
     # Llama 3: wavelengths longer than the original context are slowed down by `factor`, short
     # ones are kept, and the band in between is interpolated smoothly.
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -187,11 +316,13 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def attention(q, k, v, n_past: int):
+def attention(q, k, v, n_past: int, window: int | None = None):
     """Causal grouped-query attention of T new tokens over S = n_past + T cached keys.
 
     q (Hkv, G, T, D); k, v (Hkv, S, D), the new tokens' keys being the last T rows.
-    Query t sits at absolute position n_past + t and sees keys 0 .. n_past + t. The G query heads
+    Query t sits at position n_past + t and sees keys 0 .. n_past + t; with a sliding `window`,
+    only the last `window` of them, n_past + t - window + 1 .. n_past + t (Hugging Face's mask for
+    Gemma 3: key j is seen from query i when i - window < j <= i). The G query heads
     of a group read the same K and V, which are never copied per query head; this equals Hugging
     Face's `repeat_kv` (torch.repeat_interleave(k, G, dim=heads)) followed by ordinary attention.
     Returns (Hkv, G, T, D).
@@ -202,18 +333,25 @@ def attention(q, k, v, n_past: int):
     # matmul per KV head, which reads K once. (Broadcasting K over a G axis instead would make
     # torch.matmul materialize G copies of it.)
     logits = (q.reshape(Hkv, G * T, D) @ k.transpose(1, 2)).float().view(Hkv, G, T, S) / math.sqrt(D)
-    if T > 1:  # a single new token sees the whole cache: no mask needed
+    if T > 1 or window is not None:  # a single new token sees the whole cache, if no window
         t = torch.arange(T, device=q.device)[:, None] + n_past
         s = torch.arange(S, device=q.device)[None, :]
-        logits = logits.masked_fill(s > t, float("-inf"))  # (T, S) broadcast over heads
+        hidden = s > t  # (T, S), broadcast over heads
+        if window is not None:
+            hidden |= s <= t - window
+        logits = logits.masked_fill(hidden, float("-inf"))
     p = torch.softmax(logits, dim=-1).to(v.dtype)  # (Hkv, G, T, S), softmax in float32
     return (p.view(Hkv, G * T, S) @ v).view(Hkv, G, T, D)  # (Hkv, G, T, D)
 
 
-def attention_sdpa(q, k, v, n_past: int):
+def attention_sdpa(q, k, v, n_past: int, window: int | None = None):
     """The same attention through torch's fused scaled_dot_product_attention, which never holds
     the (T, S) matrix. Shapes as in `attention`; tested against it. The G query heads of a group
     read their KV head in place (enable_gqa, or a stride-0 expand), as the grouping in `attention` does.
+
+    A sliding `window` first drops the keys that no new token sees (those before the first new
+    token's window); when every remaining key is inside every window, the calls below need no
+    other mask, else one call with a band mask (`attention_sdpa_mask`).
 
     Which call, by the shape of the work:
       - one new token (decode): it sees every key, so there is no mask;
@@ -224,6 +362,11 @@ def attention_sdpa(q, k, v, n_past: int):
       - a later chunk elsewhere: one call with an explicit mask (`attention_sdpa_mask`).
     """
     Hkv, G, T, D = q.shape
+    if window is not None:
+        first = max(0, n_past - window + 1)  # the oldest key that the first new token sees
+        k, v, n_past = k[:, first:], v[:, first:], n_past - first
+        if n_past + T > window:  # the last new token no longer sees key 0: a band mask
+            return attention_sdpa_mask(q, k, v, n_past, window)
     if T == 1:
         # One new token sees every key, so no mask: its G query heads become G query rows of one
         # head (1, Hkv, G, D), and each KV head's K and V are streamed once for the whole group.
@@ -267,14 +410,16 @@ def attention_past_new(q, k, v, n_past: int):
     return torch.lerp(new.float(), past.float(), share).to(q.dtype)  # new + share * (past - new)
 
 
-def attention_sdpa_mask(q, k, v, n_past: int):
+def attention_sdpa_mask(q, k, v, n_past: int, window: int | None = None):
     """`attention` for T > 1 new tokens as one SDPA call with an explicit boolean mask: the fused
-    path on devices whose kernels return no lse, and bench.py's comparison for the prefill (the
-    kernel computes the whole (T, S) product, the masked blocks included). Shapes as in `attention`."""
+    path on devices whose kernels return no lse, the path of sliding windows, and bench.py's
+    comparison for the prefill (the kernel computes the whole (T, S) product, the masked blocks
+    included). Shapes as in `attention`."""
     Hkv, G, T, D = q.shape
     S = k.shape[1]
-    # True = may attend; query t sees keys 0 .. n_past + t
-    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + n_past
+    # True = may attend; query t sees keys 0 .. n_past + t, the last `window` of them if windowed
+    s, t = torch.arange(S, device=q.device)[None, :], torch.arange(T, device=q.device)[:, None] + n_past
+    mask = s <= t if window is None else (s <= t) & (s > t - window)
     y = F.scaled_dot_product_attention(q.reshape(1, Hkv * G, T, D), k[None], v[None],
                                        attn_mask=mask, enable_gqa=True)  # (1, H, T, D)
     return y.view(Hkv, G, T, D)
@@ -304,9 +449,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)  # one weight of D values, shared by all heads
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # one weight of D values, shared by all heads
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one)
+        # Every attention path (this file's, kvzip's scoring, the kernels) divides the logits by
+        # sqrt(D). Gemma divides them by sqrt(query_pre_attn_scalar) instead: the difference is
+        # folded into q once, so each path, and each observer of q, sees the model's own logits.
+        s = cfg.query_pre_attn_scalar
+        self.q_scale = None if s is None or s == D else math.sqrt(D / s)
 
     def forward(self, x, cos, sin, cache, layer: int, observe=None):
         cfg = self.cfg
@@ -319,6 +469,8 @@ class Attention(nn.Module):
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, T, D), (Hkv, T, D)
         v = self.v_proj(x).view(T, Hkv, D).transpose(0, 1)  # (Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached after RoPE
+        if self.q_scale is not None:
+            q = q * self.q_scale
         # Explicit GQA: query head h * G + g reads KV head h, so grouping is a free view.
         q = q.reshape(Hkv, G, T, D)  # (Hkv, G, T, D)
         if observe is not None:
@@ -335,10 +487,11 @@ MLP_ROWS = 1024  # rows per MLP block: bounds the activations of long inputs (se
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated: down(act(gate(x)) * up(x)); act is SiLU (SwiGLU) or Gemma's tanh-approximated GELU."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act = F.silu if cfg.hidden_act == "silu" else functools.partial(F.gelu, approximate="tanh")
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
@@ -348,20 +501,27 @@ class MLP(nn.Module):
         # forward holds ~2,000 rows, twice a prefill chunk) go through in blocks of MLP_ROWS rows
         if x.shape[0] > MLP_ROWS:
             return torch.cat([self(x[i:i + MLP_ROWS]) for i in range(0, x.shape[0], MLP_ROWS)])
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        C, eps, plus_one = cfg.n_embd, cfg.rms_norm_eps, cfg.norm_plus_one
+        self.attn_norm = RMSNorm(C, eps, plus_one)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(C, eps, plus_one)
         self.mlp = MLP(cfg)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:  # Gemma: the attention's and the MLP's outputs are normalized too
+            self.attn_post_norm = RMSNorm(C, eps, plus_one)
+            self.mlp_post_norm = RMSNorm(C, eps, plus_one)
 
     def forward(self, x, cos, sin, cache, layer, observe=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, observe)
-        return x + self.mlp(self.mlp_norm(x))
+        y = self.attn(self.attn_norm(x), cos, sin, cache, layer, observe)
+        x = x + (self.attn_post_norm(y) if self.post_norms else y)
+        y = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(y) if self.post_norms else y)
 
 
 class Transformer(nn.Module):
@@ -370,12 +530,14 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps, cfg.norm_plus_one)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        # not a checkpoint tensor: derived from the config, so it is kept out of the state dict
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        # not checkpoint tensors: derived from the config, so they are kept out of the state dict
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # full layers'
+        if cfg.has_sliding_layers:
+            self.register_buffer("inv_freq_local", rope_frequencies(cfg, local=True), persistent=False)
 
     @property
     def device(self):
@@ -385,9 +547,14 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
-    def new_cache(self, capacity: int = 0, backend: str = "auto") -> "KVCache":
+    def new_cache(self, capacity: int = 0, backend: str = "auto", dense: bool = False) -> "KVCache":
+        """An empty cache: a KVCache, or for a model with sliding layers a WindowKVCache, whose
+        sliding layers free what leaves their window (dense=True: a KVCache that holds every
+        position and masks the window, the reference the window cache is tested against)."""
         cfg = self.cfg
-        return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, backend)
+        kind = WindowKVCache if cfg.has_sliding_layers and not dense else KVCache
+        return kind(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, capacity, self.dtype, self.device, backend,
+                    windows=cfg.windows)
 
     def forward(self, ids: torch.Tensor, cache, last_only: bool = False, observe=None,
                 positions=None, rows=None):
@@ -398,7 +565,8 @@ class Transformer(nn.Module):
         (kvzip.BatchedTails) each continue at their own position. Nothing else in the model
         mixes rows; which earlier rows a row attends to is the cache's decision (its `attend`).
         `cache` is anything that follows the cache protocol (see KVCache): the dense KVCache
-        below, or kvzip's FullKV and packed CompressedKV.
+        below (a WindowKVCache for a model with sliding layers), or kvzip's FullKV and packed
+        CompressedKV.
         `observe(layer, q, k)`, if given, is called in every layer with the new tokens'
         post-RoPE queries q (Hkv, G, T, D) and keys k (Hkv, T, D).
         Returns float32 logits (T, V), or (1, V) for the last position when last_only, or
@@ -414,10 +582,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} tokens is longer than the model allows "
                              f"(max_position_embeddings={self.cfg.max_position_embeddings})")
         cache.reserve(T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # (T, D) each
+        rope = {FULL: rope_cos_sin(self.inv_freq, positions, self.dtype)}  # cos, sin (T, D) each
+        if self.cfg.has_sliding_layers:
+            rope[SLIDING] = rope_cos_sin(self.inv_freq_local, positions, self.dtype)
         x = self.embed(ids)  # (T, C)
+        if self.cfg.embed_scale:  # Gemma: times sqrt(C), a factor rounded to float32, then to the weights' dtype
+            x = x * torch.tensor(math.sqrt(self.cfg.n_embd)).to(x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i, observe)
+            x = block(x, *rope[self.cfg.layer_types[i]], cache, i, observe)
         cache.advance(T)
         if last_only:
             x = x[-1:]
@@ -444,14 +616,20 @@ class KVCache:
       advance(n)              after the last layer: the n new tokens now count as held
       truncate(seq_len)       roll back to an earlier length
       nbytes                  bytes of the K and V held
-    keys(layer) / values(layer) give (Hkv, seq_len, D) views.
+    keys(layer) / values(layer) give (Hkv, seq_len, D) views (of a WindowKVCache's sliding layer:
+    the positions it holds, the last ones).
     backend: "reference" attends with the explicit `attention`, anything else with torch's fused
     SDPA (`attention_sdpa`, the default); the tests check that the two agree.
+    windows: per layer, a sliding layer's window or None (ModelConfig.windows; default: no
+    sliding layers). This cache holds every position of a sliding layer too, and masks the window;
+    WindowKVCache below frees what leaves the window.
     """
 
-    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, backend: str = "auto"):
+    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, backend: str = "auto",
+                 windows=None):
         check_backend(backend)
         self.attention = attention if backend == "reference" else attention_sdpa
+        self.windows = list(windows) if windows is not None else [None] * n_layer
         self.seq_len = 0
         shape = (n_kv_head, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -471,7 +649,12 @@ class KVCache:
         end = self.seq_len + k.shape[1]
         self.k[layer][:, self.seq_len:end] = k
         self.v[layer][:, self.seq_len:end] = v
-        return self.attention(q, self.k[layer][:, :end], self.v[layer][:, :end], self.seq_len)
+        w = self.windows[layer]
+        if w is None:
+            return self.attention(q, self.k[layer][:, :end], self.v[layer][:, :end], self.seq_len)
+        start = max(0, self.seq_len - w + 1)  # keys before the first new token's window are not read
+        return self.attention(q, self.k[layer][:, start:end], self.v[layer][:, start:end], self.seq_len - start,
+                              window=w)
 
     def advance(self, n: int):
         self.seq_len += n
@@ -493,6 +676,105 @@ class KVCache:
         """Bytes of the K and V of the seq_len tokens held (2 * L * Hkv * S * D * element size)."""
         per_token = sum(t.shape[0] * t.shape[2] * t.element_size() for t in self.k + self.v)
         return per_token * self.seq_len
+
+
+class WindowKVCache(KVCache):
+    """A KVCache whose sliding layers free the positions that leave their window: a sliding layer
+    holds the last window - 1 positions (all that a later token can see) plus the tokens of the
+    forward under way, during a prefill too, so its bytes do not grow with the context. The full
+    layers hold every position, as in KVCache. Tested against KVCache(windows=...), which holds
+    every position and masks the window.
+
+    A sliding layer i: k[i], v[i] are (Hkv, rows, D) buffers whose row r holds position
+    first[i] + r; positions kept_from(i) .. seq_len - 1 are held. When a forward's T tokens do not
+    fit after them, `compact` copies the held rows to the front of a new buffer with room for
+    max(T, window) more, so the buffer never exceeds about two windows plus the longest chunk, and
+    a decode copies the window once per `window` tokens, not at every token.
+
+    Rolling back needs the window before the length returned to: while a `rollback` block runs,
+    `floor` is its start, and the sliding layers also keep the window - 1 positions before it.
+    A truncate to a length whose window was freed is refused.
+    """
+
+    def __init__(self, n_layer, n_kv_head, head_dim, capacity, dtype, device, backend: str = "auto",
+                 windows=None):
+        super().__init__(n_layer, n_kv_head, head_dim, 0, dtype, device, backend, windows)
+        for i, w in enumerate(self.windows):
+            if w is None:  # a full layer holds every position: the requested capacity
+                self.k[i] = self.k[i].new_empty((n_kv_head, capacity, head_dim))
+                self.v[i] = self.v[i].new_empty((n_kv_head, capacity, head_dim))
+        self.first = [0] * n_layer  # the position of row 0 of each layer's buffer
+        self.floor = math.inf  # the earliest length a truncate may return to (model.rollback lowers it)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the full layers have room for (the sliding layers make room as they go)."""
+        return min((t.shape[1] for t, w in zip(self.k, self.windows) if w is None), default=0)
+
+    def kept_from(self, layer: int) -> int:
+        """The oldest position a layer holds: 0 for a full layer; for a sliding one, the first of
+        the window - 1 positions before min(seq_len, floor)."""
+        w = self.windows[layer]
+        return 0 if w is None else max(0, min(self.seq_len, self.floor) - (w - 1))
+
+    def reserve(self, n: int):
+        """Room for n more tokens in the full layers; a sliding layer makes room in `attend`, for
+        the tokens of one forward only (model.prefill reserves for a whole input at once)."""
+        full = [i for i, w in enumerate(self.windows) if w is None]
+        for buffers in (self.k, self.v):
+            part = [buffers[i] for i in full]
+            if part:
+                grow(part, self.seq_len, self.seq_len + n)
+            for i, b in zip(full, part):
+                buffers[i] = b
+
+    def attend(self, layer: int, q, k, v):
+        w = self.windows[layer]
+        if w is None:
+            return super().attend(layer, q, k, v)
+        T = k.shape[1]
+        if self.seq_len + T - self.first[layer] > self.k[layer].shape[1]:
+            self.compact(layer, T)
+        row = self.seq_len - self.first[layer]  # the buffer row of position seq_len
+        self.k[layer][:, row:row + T] = k
+        self.v[layer][:, row:row + T] = v
+        a = max(0, row - w + 1)  # the row of the oldest key that the first new token sees
+        return self.attention(q, self.k[layer][:, a:row + T], self.v[layer][:, a:row + T], row - a, window=w)
+
+    def compact(self, layer: int, T: int):
+        """Free a sliding layer's rows before kept_from(layer): copy the held rows to the front of a
+        new buffer with room for max(T, window) more tokens."""
+        keep, w = self.kept_from(layer), self.windows[layer]
+        n, src = self.seq_len - keep, keep - self.first[layer]
+        for buffers in (self.k, self.v):
+            old = buffers[layer]
+            new = old.new_empty((old.shape[0], n + max(T, w), old.shape[2]))
+            new[:, :n] = old[:, src:src + n]
+            buffers[layer] = new
+        self.first[layer] = keep
+
+    def truncate(self, seq_len: int):
+        for i, w in enumerate(self.windows):
+            if w is not None and self.first[i] > max(0, seq_len - w + 1):
+                raise ValueError(f"cannot truncate to {seq_len} tokens: sliding layer {i} freed the positions "
+                                 f"before {self.first[i]} (model.rollback keeps what its truncate needs)")
+        super().truncate(seq_len)
+
+    def keys(self, layer: int):
+        """The positions held, kept_from(layer) .. seq_len - 1: (Hkv, seq_len - kept_from(layer), D)."""
+        a, b = self.kept_from(layer) - self.first[layer], self.seq_len - self.first[layer]
+        return self.k[layer][:, a:b]
+
+    def values(self, layer: int):
+        a, b = self.kept_from(layer) - self.first[layer], self.seq_len - self.first[layer]
+        return self.v[layer][:, a:b]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V of the positions held: every position in a full layer, the window
+        (and, in a rollback, the rows it will return to) in a sliding one."""
+        return sum(2 * t.shape[0] * t.shape[2] * t.element_size() * (self.seq_len - self.kept_from(i))
+                   for i, t in enumerate(self.k))
 
 
 def grow(buffers: list, n_used: int, need: int, at_least: int = 0):
@@ -558,10 +840,15 @@ def rollback(cache):
     """`with rollback(cache): ...`: whatever the block runs on top of the cache is dropped again
     when it ends, also on an error, so the cache goes back to the length it had."""
     start = cache.seq_len
+    floor = getattr(cache, "floor", None)  # a WindowKVCache keeps what the truncate back to start needs
+    if floor is not None:
+        cache.floor = min(floor, start)
     try:
         yield cache
     finally:
         cache.truncate(start)
+        if floor is not None:
+            cache.floor = floor
 
 
 # -----------------------------------------------------------------------------
@@ -635,15 +922,31 @@ HF_NAMES = {
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
 }
+# Gemma 3's four norms per block: its post_attention_layernorm normalizes the attention's output
+# (Llama's, of the same name, is the MLP's input norm).
+GEMMA3_NAMES = {
+    **HF_NAMES,
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.attn_post_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_post_norm.weight",
+}
+# A Gemma3ForConditionalGeneration checkpoint keeps its text model under another prefix (older
+# and newer Hugging Face layouts), beside the vision tower, which this file does not run.
+TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                 "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
-def local_name(hf_name: str) -> str | None:
-    """Map one Hugging Face tensor name to ours, or None if the table does not know it."""
+def local_name(hf_name: str, names: dict = HF_NAMES) -> str | None:
+    """Map one Hugging Face tensor name to ours by the table `names`, or None if it does not know it."""
+    for prefix, plain in TEXT_PREFIXES.items():
+        if hf_name.startswith(prefix):
+            hf_name = plain + hf_name[len(prefix):]
     parts = hf_name.split(".")
     layer = None
     if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
         layer, parts[2] = parts[2], "{}"
-    ours = HF_NAMES.get(".".join(parts))
+    ours = names.get(".".join(parts))
     return ours.format(layer) if ours is not None and layer is not None else ours
 
 
@@ -708,12 +1011,16 @@ def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     with torch.device("meta"):
         model = Transformer(cfg)
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed.weight
+    names = GEMMA3_NAMES if cfg.architecture in GEMMA3_ARCHITECTURES else HF_NAMES
     loaded = set()
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for hf_name in f.keys():
-                    ours = local_name(hf_name)
+                    if hf_name.startswith(VISION_PREFIXES):
+                        raise InputError(f"{file}: {hf_name}: vision tower weights are not supported "
+                                         "(this file runs the text model only)")
+                    ours = local_name(hf_name, names)
                     if ours == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue  # some tied checkpoints also store the copy; the embedding is used
                     if ours not in params:
@@ -735,6 +1042,8 @@ def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight  # re-tie: assignment above replaced the Parameter
     model.inv_freq = rope_frequencies(cfg).to(device)
+    if cfg.has_sliding_layers:
+        model.inv_freq_local = rope_frequencies(cfg, local=True).to(device)
     model.eval()
     return model, tok
 
