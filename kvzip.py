@@ -637,6 +637,8 @@ class CompressedKV:
         if self.backend == "auto" and q.device.type == "cpu":  # the CPU's fast paths
             if T == 1 and self.plans is not None:
                 return fused.packed_decode(q, self.k[layer], self.v[layer], self.plans[layer], tk, tv)
+            if T == 1 and self.bits != 16:
+                return fused.quantized_decode(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
             return fused.packed_attention_fused(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
