@@ -550,10 +550,9 @@ class CompressedKV:
     the fast path for the device: on CUDA the Triton varlen kernel for single tokens (kernels.py),
     on a CPU torch's fused attention (fused.py; a 16-bit cache builds one fused.DecodePlan per
     layer, `plans`, with the cache, so that one new token attends over all heads in one call).
-    bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: they are
-    quant.Quantized blocks (codes plus an fp16 scale and zero per group of 32 values of a row);
-    decoding dequantizes one head's rows at a time, or inside the kernel's tile loads, never the
-    whole cache.
+    bits = 16: k[l], v[l] are tensors in the model's dtype. bits = 8 or 4: quant.Quantized blocks
+    (codes plus an fp16 scale and zero per group of 32 values of a row); decoding dequantizes one head's
+    rows, or blocks of them (fused.quantized_decode), or inside the kernel's tile loads, never the cache.
     Keys were cached after RoPE, so kept pairs need no re-rotation: they keep their positions.
     New tokens (a query and its answer) go to a dense tail, tail_k[l], tail_v[l] (Hkv, capacity, D),
     at positions n_p + n_c + i, in the model's dtype (it is small, and dropped again): `truncate`
@@ -639,7 +638,8 @@ class CompressedKV:
         if self.backend == "auto" and q.device.type == "cpu":  # the CPU's fast paths
             if T == 1 and self.plans is not None:
                 return fused.packed_decode(q, self.k[layer], self.v[layer], self.plans[layer], tk, tv)
-            return fused.packed_attention_fused(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
+            fast = fused.quantized_decode if T == 1 and self.bits != 16 else fused.packed_attention_fused
+            return fast(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
         return packed_attention(q, self.k[layer], self.v[layer], self._bounds[layer], tk, tv)
 
     def advance(self, n: int):

@@ -4,7 +4,8 @@ Quantized storage for the kept K/V rows of kvzip.CompressedKV: the reference (th
 Map of this file:
   1. Quantized                 - int8/int4 codes of an (N, D) block plus per-group fp16 scale and zero
   2. quantize                  - group-wise asymmetric min-max along the head dimension -> Quantized
-  3. dequantize, dequantize_rows - back to floats: the whole block, or a row range (one KV head)
+  3. dequantize, dequantize_rows - back to floats: the whole block, or a row range (one KV head);
+     dequantize_into              - a row range written into a buffer the caller reuses (fused.py)
   4. pack_int4, unpack_int4    - two 4-bit codes per byte, low nibble first
   5. packed_rows, nbytes       - a packed buffer (a tensor or a Quantized block) as its callers
                                  see it: a row range as floats, and the exact bytes it holds
@@ -183,6 +184,26 @@ def dequantize_rows(qx: Quantized, start: int, end: int, dtype: torch.dtype | No
     rows = dataclasses.replace(qx, data=qx.data[start:end], scale=qx.scale[start:end],
                                zero=qx.zero[start:end])  # views, no copy
     return dequantize(rows, dtype)
+
+
+def dequantize_into(out: torch.Tensor, qx: Quantized, start: int, end: int) -> torch.Tensor:
+    """dequantize_rows(qx, start, end, out.dtype) written into out (end - start, D), which the caller
+    reuses (fused.quantized_decode: a block of rows that stays in cache): no new (n, D) tensor.
+    Same numbers: zero + code * scale in float32 (addcmul with fp16 scale and zero promotes to
+    float32; code * scale is exact), rounded once to out's dtype."""
+    n, D = end - start, qx.shape[1]
+    if out.shape != (n, D):
+        raise ValueError(f"out must have shape {(n, D)}, got {tuple(out.shape)}")
+    data = qx.data[start:end]
+    if qx.bits == 8:
+        out.copy_(data)
+    else:  # the even column in the low nibble, the odd one in the high nibble (pack_int4)
+        pairs = out.view(n, D // 2, 2)
+        torch.bitwise_and(data, 0x0F, out=pairs[:, :, 0])
+        torch.bitwise_right_shift(data, 4, out=pairs[:, :, 1])
+    grouped = out.view(n, qx.scale.shape[1], qx.group)  # (n, n_groups, group)
+    torch.addcmul(qx.zero[start:end, :, None].float(), grouped, qx.scale[start:end, :, None].float(), out=grouped)
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -122,3 +122,50 @@ def test_decode_plan_equals_packed_attention(Hkv, G, lengths, n_tail, n_pieces, 
     plan = fused.DecodePlan(kp, vp, bounds, n_pieces=n_pieces)
     got = fused.packed_decode(q, kp, vp, plan, tk, tv)
     torch.testing.assert_close(got, kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(Hkv=st.integers(1, 4), G=st.sampled_from([1, 2, 4]),
+       lengths=st.lists(st.sampled_from([0, 1, 2, 5, 30, 70]), min_size=4, max_size=4),
+       n_tail=st.integers(0, 3), bits=st.sampled_from([8, 4]), block=st.sampled_from([1, 3, 16, 64, 1000]),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_quantized_decode_equals_dequantize_then_attend(Hkv, G, lengths, n_tail, bits, block, threads, seed):
+    """One token over an int8/int4 cache in blocks of rows dequantized into a reused buffer (the
+    last piece of a block masked) against the readable packed_attention, which dequantizes each
+    head: heads of any length, empty ones, blocks shorter and longer than a head, with and without
+    a tail, several thread counts."""
+    lengths = lengths[:Hkv]
+    if n_tail == 0:
+        lengths = [max(1, n) for n in lengths]  # every head needs a row to attend to
+    g = torch.Generator().manual_seed(seed)
+    D = 32
+    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    kp = quant.quantize(torch.randn(bounds[-1], D, generator=g) * 2, bits)
+    vp = quant.quantize(torch.randn(bounds[-1], D, generator=g), bits)
+    tk, tv = torch.randn(Hkv, n_tail, D, generator=g), torch.randn(Hkv, n_tail, D, generator=g)
+    q = torch.randn(Hkv, G, 1, D, generator=g) * 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = fused.quantized_decode(q, kp, vp, bounds, tk, tv, block=block)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_caches_generate_the_same_answers_with_either_backend(tiny, monkeypatch):
+    """Greedy answers from an int8 and an int4 cache of the tiny model: the CPU's fast decode path
+    ("auto": fused.quantized_decode for each new token, counted) against the reference path."""
+    m, tok, _ = tiny
+    calls = []
+    fast = fused.quantized_decode
+    monkeypatch.setattr(fused, "quantized_decode", lambda *a, **k: calls.append(1) or fast(*a, **k))
+    kv = kvzip.prefill(m, tok, tasks.haystack(60, seed=5), chunk_size=30)
+    for bits in (8, 4):
+        answers = []
+        for backend in ("auto", "reference"):
+            ckv = kv.prune(0.4, bits=bits)
+            ckv.backend = backend
+            answers.append(kvzip.generate(m, tok, "where is the market?", ckv, max_new_tokens=12))
+        assert answers[0] == answers[1]
+    assert len(calls) >= 2 * 11 * m.cfg.n_layer  # every answer token after the first, every layer

@@ -228,3 +228,19 @@ def test_bad_tensors():
         x[1, 5] = bad
         with pytest.raises(ValueError, match="finite and within"):
             quant.quantize(x, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_equals_dequantize_rows(bits, dtype):
+    """The buffer-filling dequantization (fused.quantized_decode's) gives the very numbers of
+    dequantize_rows, for a row range anywhere in the block, in a reused buffer holding stale rows."""
+    x = make_rows(40, 64, 32, "mixed", torch.float32, seed=11)
+    qx = quant.quantize(x, bits)
+    buf = torch.full((30, 64), float("nan"), dtype=dtype)
+    for start, end in ((0, 40 - 10), (7, 19), (39, 40), (5, 5)):
+        got = quant.dequantize_into(buf[:end - start], qx, start, end)
+        assert got.data_ptr() == buf.data_ptr() or end == start  # written in place (an empty view has none)
+        assert torch.equal(got, quant.dequantize_rows(qx, start, end, dtype))
+    with pytest.raises(ValueError, match="out must have shape"):
+        quant.dequantize_into(buf[:3], qx, 0, 4)
