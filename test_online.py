@@ -202,3 +202,22 @@ def test_demo_online_prints_the_kept_set_growing(tiny_checkpoint, tmp_path, caps
         with pytest.raises(SystemExit):
             kvzip.main(["--model", str(folder)] + argv)
         assert words in capsys.readouterr().err
+
+
+def test_compare_online_agrees_with_offline_on_one_chunk(tiny):
+    """reuse.compare_online: on a one-chunk context online is offline, so every figure says so;
+    on several chunks the figures are in range, one Spearman per chunk."""
+    import reuse
+    m, tok, _ = tiny
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert reuse.spearman(x, 2 * x + 1) == pytest.approx(1) and reuse.spearman(x, -x) == pytest.approx(-1)
+    one = reuse.compare_online(m, tok, tiny_context(tok, 60, seed=2), chunk_size=2000, ratios=(0.3,), n_spans=2)
+    row = one["rows"][0]
+    assert row["n_chunks"] == 1 and row["spearman"] == [pytest.approx(1)] and row["jaccard"] == 1
+    assert row["nll_ratio_online"] == row["nll_ratio_offline"]
+    many = reuse.compare_online(m, tok, tiny_context(tok, 200, seed=2), chunk_size=40, ratios=(0.3, 0.1), n_spans=2)
+    for row in many["rows"]:
+        assert row["n_chunks"] == len(row["spearman"]) == 5 and 0 < row["jaccard"] < 1
+        assert all(-1 <= r <= 1 for r in row["spearman"]) and row["nll_ratio_online"] > 0
+        assert row["peak_bytes_online"] < row["peak_bytes_offline"]
+    assert "Spearman per chunk" in reuse.format_online_table(many)
