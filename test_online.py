@@ -221,3 +221,21 @@ def test_compare_online_agrees_with_offline_on_one_chunk(tiny):
         assert all(-1 <= r <= 1 for r in row["spearman"]) and row["nll_ratio_online"] > 0
         assert row["peak_bytes_online"] < row["peak_bytes_offline"]
     assert "Spearman per chunk" in reuse.format_online_table(many)
+
+
+def test_memory_arithmetic_matches_the_caches_held(tiny8):
+    """bench.online_memory's arithmetic against the bytes the real caches hold (reference
+    backend: no CPU decode plans, as the arithmetic assumes): offline exactly; online within
+    the one-layer share it estimates while a cache is packed."""
+    import bench
+    m, tok = tiny8
+    context, r, cs = tiny_context(tok, 300, seed=4), 0.3, 50
+    kv = kvzip.prefill(m, tok, context, chunk_size=cs, backend="reference")
+    on = kvzip.prefill_online(m, tok, context, r, chunk_size=cs, backend="reference")
+    geo = bench.get_geometry("model", m)
+    got = bench.online_memory(geo, kv.n_prefix, kv.n_context, r, cs, kvzip.max_reconstruction_len(tok, 0))
+    assert got["full_bytes"] == kv.nbytes
+    assert got["offline_peak_bytes"] == kvzip.held_bytes(kv) + kvzip.held_bytes(kv.prune(r))
+    one_layer = kvzip.held_bytes(on) // m.cfg.n_layer
+    assert abs(max(s["held_bytes"] for s in on.trace) - got["online_peak_bytes"]) <= one_layer
+    assert got["online_peak_bytes"] < 0.6 * got["offline_peak_bytes"]
