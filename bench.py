@@ -41,8 +41,8 @@ and the template prefix has the default model's length (SYNTHETIC_PREFIX).
 
 Map of this file: geometries, arguments, per-head budgets, the memory check (before any model
 work: check_memory), the five measurements (1 + 2: measure_geometry; 3 + 4: real_run,
-quality_row; 5: measure_quantized; online_memory: KVzip online's peak, by arithmetic), the report (summary card, table, last-line
-JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
+quality_row; 5: measure_quantized; online_memory: KVzip online's peak, by arithmetic), the
+report (summary card, table, last-line JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
 contexts in tasks.py. Nothing imports this file.
 Left out on purpose: batching, throughput of whole-model decoding, other GPUs than one.
 """
