@@ -383,7 +383,7 @@ def online_memory(geo, n_p: int, n_c: int, ratio: float, chunk_size: int, n_q_ex
     pair = geo.kv_bytes(1) // (L * Hkv)  # K and V of one (layer, KV head, position)
 
     def packed(n_seen):  # the compressed cache after n_seen context tokens
-        return pair * (L * Hkv * n_p + round(ratio * L * Hkv * n_seen)) + L * (Hkv + 1) * 8
+        return pair * (L * Hkv * n_p + round(ratio * (L * Hkv * n_seen))) + L * (Hkv + 1) * 8
 
     offline = geo.kv_bytes(n_p + n_c + min(chunk_size, n_c) + n_q_extra) + packed(n_c)
     online = 0

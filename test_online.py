@@ -1,4 +1,4 @@
-"""Tests of KVzip online (kvzip.prefill_online, section 3b): one chunk is offline KVzip byte for
+"""Tests of KVzip online (kvzip.prefill_online, section 7c): one chunk is offline KVzip byte for
 byte; many chunks never hold more than their bound; the ranking is exact over the scores held;
 kept pairs keep their positions; bad input is refused as by prefill and prune."""
 import math
@@ -66,7 +66,7 @@ def test_many_chunks_never_hold_more_than_the_bound(tiny8, bits):
     assert len(ckv.trace) == math.ceil(n_c / 40) >= 8
     full = 2 * L * Hkv * (n_p + n_c) * m.cfg.head_dim * m.embed.weight.element_size()  # offline's full cache
     for i, step in enumerate(ckv.trace):
-        assert step["kept"] == round(0.3 * L * Hkv * step["end"])  # the global budget over what was seen
+        assert step["kept"] == round(0.3 * (L * Hkv * step["end"]))  # the global budget over what was seen
         assert sum(step["kept_per_chunk"]) == step["kept"] and len(step["kept_per_chunk"]) == i + 1
         assert step["held_bytes"] <= expected_bound(m, tok, ckv.trace, i, n_p), (i, step)
     assert max(s["held_bytes"] for s in ckv.trace) < 0.75 * full  # never the full cache (0.65 here)
@@ -137,7 +137,7 @@ def test_online_ranking_is_exact_over_the_scores_held(L, H, sizes, ratio, ties, 
                      for j in range(new.shape[-1])}
         n_seen += new.shape[-1]
         keep, held_scores = kvzip.online_keep(held_scores, new, ratio)
-        k = round(ratio * L * H * n_seen)
+        k = round(ratio * (L * H * n_seen))  # as keep_mask rounds
         got = {tuple(p) for p in keep.nonzero().tolist()}
         assert keep.shape == (L, H, n_seen) and len(got) == k
         assert got == best({**held, **new_pairs}, k, H, n_seen)  # exact over the scores held
