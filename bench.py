@@ -41,8 +41,8 @@ and the template prefix has the default model's length (SYNTHETIC_PREFIX).
 
 Map of this file: geometries, arguments, per-head budgets, the memory check (before any model
 work: check_memory), the five measurements (1 + 2: measure_geometry; 3 + 4: real_run,
-quality_row; 5: measure_quantized), the report (summary card, table, last-line
-JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
+quality_row; 5: measure_quantized; online_memory: KVzip online's peak, by arithmetic), the
+report (summary card, table, last-line JSON), main(). The measuring tools (timing, bandwidth, peak memory) are in measure.py, the
 contexts in tasks.py. Nothing imports this file.
 Left out on purpose: batching, throughput of whole-model decoding, other GPUs than one.
 """
@@ -365,6 +365,38 @@ def _inner(device) -> int:
     """Calls per function and timing round (measure.time_interleaved): on CUDA one decode call is
     shorter than the clock's overhead."""
     return 20 if device.type == "cuda" else 1
+
+
+def online_memory(geo, n_p: int, n_c: int, ratio: float, chunk_size: int, n_q_extra: int) -> dict:
+    """The most K/V bytes offline KVzip and KVzip online (kvzip.prefill_online) hold at a
+    geometry, from the arithmetic of the caches they hold (no K/V is built): the dense rows
+    (geo.kv_bytes) and the packed rows of kept pairs, K and V of one (layer, head, position) each,
+    plus the int64 offsets; no CPU decode plans (as on a GPU).
+
+    n_q_extra: the tokens of a reconstruction input beyond its chunk (prompt, quoted ids and
+    postfix: kvzip.max_reconstruction_len(tok, 0)).
+    Offline: the full cache with room for one input, and the compressed cache beside it while
+    prune packs it. Online, at each chunk: the packed prefix and kept pairs of the chunks before,
+    the chunk's and its input's dense rows (the first chunk's dense cache holds the prefix too,
+    and its packed cache is built beside it); while the next cache is packed, one layer of it
+    twice, taken as an equal share (1/L) of the kept pairs: the real share varies by layer.
+    """
+    L, Hkv = geo.n_layers, geo.n_kv_heads
+    pair = geo.kv_bytes(1) // (L * Hkv)  # K and V of one (layer, KV head, position)
+
+    def packed(n_seen):  # the compressed cache after n_seen context tokens
+        return pair * (L * Hkv * n_p + round(ratio * (L * Hkv * n_seen))) + L * (Hkv + 1) * 8
+
+    offline = geo.kv_bytes(n_p + n_c + min(chunk_size, n_c) + n_q_extra) + packed(n_c)
+    online = 0
+    for start in range(0, n_c, chunk_size):
+        end = min(start + chunk_size, n_c)
+        if start == 0:
+            held = geo.kv_bytes(n_p + 2 * end + n_q_extra) + packed(end)  # the input repeats the chunk
+        else:
+            held = packed(start) + geo.kv_bytes(2 * (end - start) + n_q_extra) + packed(end) // L
+        online = max(online, held)
+    return dict(full_bytes=geo.kv_bytes(n_p + n_c), offline_peak_bytes=offline, online_peak_bytes=online)
 
 
 def cache_memory(full, n_p: int, n_c: int, counts):

@@ -22,7 +22,7 @@ Map of this file, in pipeline order:
      packed_attention       - decoding over it, one KV head at a time (the spec)
   6b. save_compressed, load_compressed - a compressed cache in one safetensors file, checked on loading
   7. generate               - greedy answers from a full or compressed cache, which stays unchanged
-  7b. BatchedTails, shared_attention - many queries answered together over one shared cache
+  7b. BatchedTails, shared_attention - many queries over one shared cache; 7c. prefill_online: 3 chunk by chunk
   8. the command line: `python kvzip.py` (demo), --save FILE, --load FILE
 
 Shape alphabet (one sequence, no batch dimension):
@@ -314,19 +314,8 @@ class FullKV:
         return self.cache.nbytes
 
 
-@torch.no_grad()
-def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "auto",
-            score: bool = True, prefill_chunk: int = 1024, scorer: str = "softmax") -> FullKV:
-    """Prefill the template prefix and the context into a full cache, then score it (KVzip).
-
-    backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, fused.ScoringCache on a CPU).
-    score=False skips scoring (for the baselines, which score themselves, or to time it apart:
-    score_context(m, tok, kv) then scores the same FullKV, and head-level pruning needs no scores).
-    scorer: see score_context ("logits": the softmax-free ablation).
-    """
-    model_lib.check_backend(backend)
-    if scorer not in SCORERS:
-        raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: bool = True, prefill_chunk: int = 1024):
+    """(prefix ids, context ids) for prefill / prefill_online, or an InputError naming the problem."""
     if context is None or (isinstance(context, str) and not context.strip()):
         raise InputError(f"empty context ({context!r}): nothing to prefill and compress")
     if not isinstance(context, str):
@@ -341,16 +330,27 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
     n_p, n_c = len(p_ids), len(context_ids)
     limit = max_context_tokens(m, tok, chunk_size, score)
     if n_c > limit:
-        raise InputError(f"context too long: {n_c} tokens; the model's "
-                         f"{m.cfg.max_position_embeddings}-token limit leaves room for at most {limit} "
-                         f"context tokens after the {n_p}-token prefix"
+        raise InputError(f"context too long: {n_c} tokens; the model's {m.cfg.max_position_embeddings}-token limit "
+                         f"leaves room for at most {limit} context tokens after the {n_p}-token prefix"
                          + (" and the reconstruction input" if score else ""))
-    # room for the reconstruction input too, so scoring never has to grow (copy) the cache
-    room = max_reconstruction_len(tok, min(chunk_size, n_c))
-    capacity = min(n_p + n_c + room, m.cfg.max_position_embeddings)
-    cache = m.new_cache(capacity=capacity, backend=backend)
-    model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
-    kv = FullKV(cache, None, n_p, context_ids, backend, prefix_ids=p_ids, model_identity=model_identity(m))
+    return p_ids, context_ids
+
+
+@torch.no_grad()
+def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "auto",
+            score: bool = True, prefill_chunk: int = 1024, scorer: str = "softmax") -> FullKV:
+    """Prefill the template prefix and the context into a full cache, then score it (KVzip).
+
+    backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, fused.ScoringCache on a CPU).
+    score=False skips scoring (for the baselines, which score themselves, or to time it apart:
+    score_context(m, tok, kv) then scores the same FullKV, and head-level pruning needs no scores).
+    scorer: see score_context ("logits": the softmax-free ablation).
+    """
+    model_lib.check_backend(backend)
+    if scorer not in SCORERS:
+        raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    p_ids, context_ids = check_context(m, tok, context, chunk_size, score, prefill_chunk)
+    kv = prefill_ids(m, tok, p_ids, context_ids, chunk_size, backend, prefill_chunk)
     if score:
         score_context(m, tok, kv, chunk_size, scorer=scorer)
     return kv
@@ -1074,6 +1074,174 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
 
 
 # -----------------------------------------------------------------------------
+# 7c. Online: prefill, score and evict a long context chunk by chunk
+#
+# Offline, the full cache of the context is held before anything is scored: at 124K tokens of
+# Llama-3.1-8B that is 16.3 GB, of which 30% survives. But Eq. 2 for a chunk needs only the prefix,
+# the chunk and the chunk's own reconstruction input, so a chunk can be scored as soon as it is
+# prefilled. prefill_online takes the chunks of reconstruction_inputs in order, and for each:
+#   1. prefills it on top of the working cache (a CompressedKV: the prefix and the kept pairs of
+#      the earlier chunks) into that cache's dense tail. The tail's positions start at base_len =
+#      n_p + n_seen, the context tokens seen so far, not the pairs kept: kept keys were rotated at
+#      their own positions when they were prefilled, as offline, and the chunk comes after all of them;
+#   2. scores it by reconstruction as score_context scores a chunk: the same prompt (quoting the
+#      previous chunk's last ids) and postfix, K' = [prefix ; chunk ; input], run after the chunk;
+#   3. ranks the kept pairs of the earlier chunks (with the scores they got then) and the chunk's
+#      pairs in one global ranking (keep_mask's), keeps round(ratio * L * Hkv * n_seen) of them and
+#      packs the next working cache (_next_working_cache).
+# The cache held never exceeds the kept pairs plus one chunk's dense K/V plus its reconstruction
+# input's (and, while the next cache is packed, one layer's kept rows twice).
+# What differs from offline, by construction: a chunk's prefill and reconstruction see only the
+# kept past, and its reconstruction runs right after the chunk, not after the whole context, so
+# hidden states and scores drift; and a pair once evicted cannot come back if later chunks score
+# lower: the ranking is exact over the scores still held, not over every score ever computed.
+
+def prefill_ids(m, tok, p_ids: list[int], context_ids: list[int], chunk_size: int = CHUNK_SIZE,
+                backend: str = "auto", prefill_chunk: int = 1024) -> FullKV:
+    """The unscored FullKV of prefix + context ids (checked by check_context), its cache with room
+    for the reconstruction input too, so that scoring never has to grow (copy) the cache."""
+    room = max_reconstruction_len(tok, min(chunk_size, len(context_ids)))
+    capacity = min(len(p_ids) + len(context_ids) + room, m.cfg.max_position_embeddings)
+    cache = m.new_cache(capacity=capacity, backend=backend)
+    model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
+    return FullKV(cache, None, len(p_ids), context_ids, backend, prefix_ids=p_ids, model_identity=model_identity(m))
+
+
+def online_keep(held_scores, new_scores, ratio: float):
+    """One online eviction step, pure bookkeeping: (keep, scores), both over the n_seen = n_prev +
+    n_new context positions seen so far.
+
+    held_scores (L, Hkv, n_prev) float32: the scores of the pairs still held, -inf where a pair was
+    evicted at an earlier step; new_scores (L, Hkv, n_new): the new chunk's.
+    keep: bool (L, Hkv, n_seen), keep_mask's global ranking of the two side by side (so its count,
+    round(ratio * L * Hkv * n_seen), and its tie rule). An evicted pair (-inf) is never chosen: the
+    budget grows by at most the new chunk's pairs. scores: the same, -inf where not kept.
+    """
+    scores = torch.cat([held_scores, new_scores.float()], dim=-1)
+    keep = keep_mask(scores, ratio)
+    assert not (keep & torch.isneginf(scores)).any(), "the budget outgrew the pairs held"
+    return keep, scores.masked_fill(~keep, float("-inf"))
+
+
+def held_bytes(*caches) -> int:
+    """Bytes of every buffer the given caches hold (a FullKV's dense cache at its capacity, a
+    CompressedKV's packed rows, offsets, decode plans and tail at its capacity), not just the rows
+    in use: what online KVzip's bound is about. A None (a layer already released) holds nothing."""
+    total = 0
+    for c in caches:
+        if isinstance(c, FullKV):
+            total += sum(t.numel() * t.element_size() for t in c.cache.k + c.cache.v)
+            continue
+        total += sum(quant.nbytes(t) for t in c.k + c.v + c.offsets + c.tail_k + c.tail_v if t is not None)
+        total += sum(p.nbytes for p in c.plans or [] if p is not None)
+    return total
+
+
+def _score_tail_chunk(m, ckv, ids, n_p: int, n_new: int, backend: str):
+    """Eq. 2 for the chunk in the first n_new rows of ckv's tail: its reconstruction input `ids`
+    runs on top of ckv, and each layer's `observe` scores the chunk against K' = [prefix ; chunk ;
+    input], as score_context does. The input's K/V are dropped again. Returns (L, Hkv, n_new) float32."""
+    scores = torch.zeros(m.cfg.n_layer, m.cfg.n_kv_head, n_new, dtype=torch.float32, device=m.device)
+
+    def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
+        b = ckv._bounds[layer]  # every head's rows start with its n_p prefix rows
+        prefix = torch.stack([ckv.k[layer][b[h]:b[h] + n_p] for h in range(len(b) - 1)])  # (Hkv, n_p, D)
+        keys = torch.cat([prefix, ckv.tail_k[layer][:, :n_new], k], dim=1)  # (Hkv, |K'|, D)
+        scores[layer] = chunk_scores(q, keys, n_p, n_new, backend)
+
+    with model_lib.rollback(ckv):
+        m(torch.tensor(ids, device=m.device), ckv, last_only=True, observe=observe)
+    return scores
+
+
+def _next_working_cache(ckv, rows_before, rows_after, bits: int, backend: str):
+    """(the CompressedKV of the rows rows_after selects, the peak bytes held while building it),
+    from ckv's packed rows (those rows_before selects) and its tail's first n_new rows (the chunk).
+
+    rows_before: bool (L, Hkv, n_p + n_prev); rows_after: bool (L, Hkv, n_p + n_prev + n_new),
+    over positions, prefix included; what rows_after keeps of the past lies within rows_before.
+    Per layer and KV head the rows stay in increasing position, head-major, as from_full packs them.
+    ckv is taken apart layer by layer, each old layer released once its new one exists, so no more
+    than one layer is ever held twice.
+    """
+    n_old = rows_before.shape[-1]
+    ks, vs, offs, peak = [], [], [], 0
+    for l in range(len(ckv.k)):
+        past, chunk = rows_after[l, :, :n_old], rows_after[l, :, n_old:]  # (Hkv, n_old), (Hkv, n_new)
+        assert not (past & ~rows_before[l]).any(), "an evicted pair cannot come back"
+        still = past[rows_before[l]]  # (N_l,) over ckv's packed rows, in their (head-major) order
+        for buf, tail, out in ((ckv.k[l], ckv.tail_k[l], ks), (ckv.v[l], ckv.tail_v[l], vs)):
+            old = buf[still].split(past.sum(1).tolist())  # per head: the past's rows still kept
+            new = tail[:, :chunk.shape[1]][chunk].split(chunk.sum(1).tolist())  # per head: the chunk's kept
+            rows = torch.cat([x for pair in zip(old, new) for x in pair])  # (N'_l, D), head-major
+            out.append(rows if bits == 16 else quant.quantize(rows, bits))
+        counts = rows_after[l].sum(1)  # (Hkv,)
+        offs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+        peak = max(peak, held_bytes(ckv) + sum(quant.nbytes(t) for t in ks + vs + offs))
+        ckv.k[l] = ckv.v[l] = ckv.tail_k[l] = ckv.tail_v[l] = None  # release the old layer
+        if ckv.plans:
+            ckv.plans[l] = None
+    return CompressedKV(ks, vs, offs, base_len=rows_after.shape[-1], backend=backend), peak
+
+
+@torch.no_grad()
+def prefill_online(m, tok, context: str, ratio: float, chunk_size: int = CHUNK_SIZE, bits: int = 16,
+                   backend: str = "auto", prefill_chunk: int = 1024) -> "CompressedKV":
+    """KVzip online (see above): the context prefilled, scored and evicted chunk by chunk, never
+    held whole. Returns the CompressedKV of round(ratio * L * Hkv * n_c) context pairs (prefix
+    always kept), stored in `bits` (quantized once, at the end: the working caches stay in the
+    model's dtype, so every chunk is prefilled and scored over the values offline KVzip would use).
+    With one chunk (n_c <= chunk_size) it is offline prefill + prune, byte for byte.
+
+    Besides what prune's caches have, the returned cache carries
+      scores (L, Hkv, n_c) float32: each kept pair's score at its context position, as computed
+             when its chunk arrived (never recomputed); -inf at the positions of evicted pairs;
+      seen_scores  the same with the evicted pairs' scores too (to compare with offline scores);
+      trace  one dict per chunk: its context positions [start, end), the context pairs kept after
+             it (kept) and per chunk so far (kept_per_chunk), those of earlier chunks it evicted
+             (evicted_past), and held_bytes: the most bytes of K/V buffers held during the step
+             (held_bytes(), measured after the reconstruction and while packing).
+    Bad input is refused as by prefill and prune, before any work.
+    """
+    check_ratio(ratio)
+    quant.check_bits(bits)
+    model_lib.check_backend(backend)
+    p_ids, context_ids = check_context(m, tok, context, chunk_size, True, prefill_chunk)
+    n_p, pieces = len(p_ids), reconstruction_inputs(tok, context_ids, chunk_size)
+    # chunk 0: offline KVzip on the first chunk alone (the whole context if it is one chunk)
+    n_0 = pieces[0][1]
+    kv = prefill_ids(m, tok, p_ids, context_ids[:n_0], chunk_size, backend, prefill_chunk)
+    new = score_context(m, tok, kv, chunk_size)
+    keep, scores = online_keep(new[..., :0], new, ratio)
+    seen = [new]
+    ckv = kv.pack(keep, bits=bits if len(pieces) == 1 else 16)
+    trace = [dict(start=0, end=n_0, kept=int(keep.sum()), kept_per_chunk=[int(keep.sum())], evicted_past=0,
+                  held_bytes=held_bytes(kv, ckv))]
+    del kv
+    prefix = torch.ones(*keep.shape[:2], n_p, dtype=torch.bool, device=keep.device)  # (L, Hkv, n_p)
+    for i, (start, end, ids) in enumerate(pieces[1:], start=1):
+        ckv.plans = None  # a working cache decodes no single tokens (see CompressedKV.attend)
+        ckv.reserve(end - start + len(ids))  # the chunk and its input: the tail is never grown mid-step
+        model_lib.prefill(m, context_ids[start:end], ckv, chunk_size=prefill_chunk)
+        new = _score_tail_chunk(m, ckv, ids, n_p, end - start, backend)
+        seen.append(new)
+        held = held_bytes(ckv)  # the kept past, the chunk and the room its input used
+        before = keep
+        keep, scores = online_keep(scores, new, ratio)
+        ckv, packing = _next_working_cache(ckv, torch.cat([prefix, before], -1), torch.cat([prefix, keep], -1),
+                                           bits if i == len(pieces) - 1 else 16, backend)
+        trace.append(dict(start=start, end=end, kept=int(keep.sum()),
+                          kept_per_chunk=[int(keep[..., a:b].sum()) for a, b, _ in pieces[:i + 1]],
+                          evicted_past=int((before & ~keep[..., :start]).sum()), held_bytes=max(held, packing)))
+    ckv.kept_ratio = keep.sum().item() / keep.numel()
+    ckv.prefix_ids, ckv.context_ids, ckv.model_identity = p_ids, context_ids, model_identity(m)
+    ckv.info = dict(ratio=repr(float(ratio)), level="pair", budget="online", scores="kvzip",
+                    chunk_size=str(chunk_size), scorer="softmax")
+    ckv.scores, ckv.seen_scores, ckv.trace = scores, torch.cat(seen, dim=-1), trace
+    return ckv
+
+
+# -----------------------------------------------------------------------------
 # 8. Demo
 
 # The default demo: pass keys hidden in ~1000 tokens of seeded filler (tasks.needle_task), asked
@@ -1082,6 +1250,21 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
 # compression's doing. (Chat questions about invented people make a poor demo: the model answers
 # them with filler even from the full cache.)
 DEMO_TASK = dict(n_tokens=1000, n_needles=4, seed=4)
+ONLINE_DEMO_CHUNK = 250  # --online: the demo's ~1000 context tokens in 4 chunks
+
+
+def format_online_steps(ckv, full_bytes: int) -> str:
+    """prefill_online's trace as a table: after each chunk, the pairs kept of every chunk so far
+    (an earlier chunk's share shrinks as later chunks outscore it), the pairs of earlier chunks
+    the step evicted, and the most K/V bytes held during the step, against the full cache's."""
+    n = len(ckv.trace)
+    lines = ["kept pairs of each chunk (all layers and heads) after each chunk arrives:",
+             "chunk  positions  " + "".join(f"{'c' + str(i):>8}" for i in range(n)) + "  evicted   most held"]
+    for i, s in enumerate(ckv.trace):
+        cells = "".join(f"{k:>8,}" for k in s["kept_per_chunk"]) + " " * 8 * (n - 1 - i)
+        lines.append(f"{'c' + str(i):<5}  {s['start']:>4}-{s['end']:<5}{cells}  {s['evicted_past']:>7,}  "
+                     f"{s['held_bytes'] / 2**20:6.2f} MiB ({s['held_bytes'] / full_bytes:.0%} of the full cache)")
+    return "\n".join(lines)
 
 
 def _wrapped(label: str, answer: str, width: int = 100) -> str:
@@ -1175,14 +1358,20 @@ def _save(m, tok, args, context):
         context = tasks.needle_task(**DEMO_TASK, tok=tok)["context"]
     errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
     try:
-        kv = prefill(m, tok, context)
+        if args.online:
+            ckv = prefill_online(m, tok, context, args.ratio, chunk_size=args.chunk_size, bits=args.bits)
+        else:
+            kv = prefill(m, tok, context, chunk_size=args.chunk_size)
+            ckv = kv.prune(args.ratio, bits=args.bits)
     except InputError as e:
         raise InputError(f"--context {args.context}: {e}" if args.context else str(e)) from None
-    ckv = kv.prune(args.ratio, bits=args.bits)
     ckv.save(args.save)
     size = os.path.getsize(args.save)
-    print(f"saved {args.save}: {size / 2**20:.2f} MiB ({kv.n_context} context tokens at ratio {args.ratio}, "
-          f"{args.bits}-bit; the full cache is {kv.nbytes / 2**20:.2f} MiB)")
+    n_c = len(ckv.context_ids)
+    Hkv, D = len(ckv.offsets[0]) - 1, ckv.k[0].shape[1]
+    full = 2 * len(ckv.k) * Hkv * D * ckv.base_len * ckv.tail_k[0].element_size()  # dense prefix + context
+    print(f"saved {args.save}: {size / 2**20:.2f} MiB ({n_c} context tokens at ratio {args.ratio}, "
+          f"{args.bits}-bit{', online' if args.online else ''}; the full cache is {full / 2**20:.2f} MiB)")
     if args.query:
         _answer_saved(m, tok, ckv, args.query, args.max_new_tokens)
 
@@ -1207,10 +1396,15 @@ def main(argv=None):
                    help="with --save: 16, 8 or 4 bits a stored value (default 16)")
     p.add_argument("--load", metavar="FILE", help="answer from a cache saved with --save (questions: "
                    "--query, or stdin one a line)")
+    p.add_argument("--online", action="store_true", help="compress chunk by chunk (prefill_online), never "
+                   "holding the full cache; prints the kept set growing chunk by chunk")
+    p.add_argument("--chunk-size", type=int, metavar="N", help="context tokens scored per reconstruction "
+                   f"pass (default {CHUNK_SIZE}; with --online {ONLINE_DEMO_CHUNK}, so the demo has several chunks)")
     args = p.parse_args(argv)
     # cheap checks first: nothing is loaded, prefilled or scored before the arguments are usable
     if args.load:
-        for option, given in (("--context", args.context), ("--save", args.save), ("--ratio", args.ratio)):
+        for option, given in (("--context", args.context), ("--save", args.save), ("--ratio", args.ratio),
+                              ("--online", args.online or None), ("--chunk-size", args.chunk_size)):
             if given is not None:
                 p.error(f"--load {args.load}: answers from the saved cache; {option} cannot be used with it")
     args.ratio = 0.3 if args.ratio is None else args.ratio
@@ -1222,6 +1416,9 @@ def main(argv=None):
         p.error(why)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.chunk_size is not None and args.chunk_size < N_OVERLAP:
+        p.error(f"--chunk-size must be at least {N_OVERLAP}, got {args.chunk_size}")
+    args.chunk_size = args.chunk_size or (ONLINE_DEMO_CHUNK if args.online else CHUNK_SIZE)
     for q in args.query or []:
         if not q.strip():
             p.error(f"--query {q!r}: empty question")
@@ -1256,13 +1453,19 @@ def main(argv=None):
     errors.progress(f"prefill and scoring by reconstruction ({len(tok.encode(context))} context tokens)")
     t0 = time.perf_counter()
     try:
-        kv = prefill(m, tok, context)
+        if args.online:  # the full cache only for the comparison of answers; the online one never holds it
+            ckv = prefill_online(m, tok, context, args.ratio, chunk_size=args.chunk_size)
+            kv = prefill(m, tok, context, score=False)
+        else:
+            kv = prefill(m, tok, context, chunk_size=args.chunk_size)
+            ckv = kv.prune(args.ratio)
     except InputError as e:  # too long for this model: name the file it came from
         raise InputError(f"--context {args.context}: {e}" if args.context else str(e)) from None
     t_prefill = time.perf_counter() - t0
-    ckv = kv.prune(args.ratio)
     print(f"context: {kv.n_context} tokens, {about}")
     _print_sizes(m, kv, ckv, args.ratio)
+    if args.online:
+        print(format_online_steps(ckv, kv.nbytes))
     print()
     _compare_answers(m, tok, {"full": kv, "compressed": ckv}, probes, template=template,
                      max_new_tokens=args.max_new_tokens, ratio=args.ratio)

@@ -7,6 +7,7 @@ query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Fi
     python reuse.py --json out.json --plot quality.png   # the figure: accuracy and NLL vs ratio
     python reuse.py --baseline-budget global --methods snapkv,h2o   # the baselines' other budget rule
     python reuse.py --head-scores heads.safetensors                 # reuse kvzip-head's head scores
+    python reuse.py --online 1000          # KVzip online vs offline, chunks of 1000 (compare_online)
 
 For each seeded context (tasks.py): prefill once, score once per method (baselines.py; SnapKV,
 PyramidKV and H2O see the context's *first* query; KVzip's ablations are scored here with
@@ -21,7 +22,8 @@ _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's varia
 (_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask),
 the intervals and _summarize (one row), run_quality (the experiment) and its steps (_settings,
 _score_baselines, _evaluate_caches, _result), format_quality_table, format_kinds_table (what each
-method keeps of digits, punctuation and words), plot_quality (the figure), main(). Nothing
+method keeps of digits, punctuation and words), plot_quality (the figure), compare_online and
+format_online_table (KVzip online against offline, --online), main(). Nothing
 imports this file.
 """
 import argparse
@@ -598,6 +600,78 @@ def plot_quality(result, path) -> list[str]:
     return labels
 
 
+# -----------------------------------------------------------------------------
+# KVzip online against offline KVzip on one context (kvzip.prefill_online), the same chunks and
+# prompts on both sides: what the online drift costs, and what its bounded cache saves.
+
+ONLINE_WORDS = 4500  # --online's haystack: about 6,000 tokens of the default model, within its 8K limit
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two 1-D tensors (ranks by a stable sort: ties, rare among
+    float scores, are ranked in index order rather than averaged)."""
+    def ranks(x):
+        r = torch.empty(len(x), dtype=torch.float64, device=x.device)
+        r[x.argsort(stable=True)] = torch.arange(len(x), dtype=torch.float64, device=x.device)
+        return r
+    return float(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1])
+
+
+@torch.no_grad()
+def compare_online(m, tok, context: str, chunk_size: int, ratios=(0.3, 0.1), n_spans: int = 4,
+                   span_tokens: int = 64) -> dict:
+    """Offline KVzip (prefill + prune) and KVzip online (prefill_online) on one context, with
+    reconstruction chunks of chunk_size tokens on both sides. Per ratio: the Spearman correlation
+    of each chunk's online scores (seen_scores: as computed when the chunk arrived) with its
+    offline scores, over all layers, heads and positions; the kept sets' Jaccard index; the
+    reconstruction NLL of n_spans spans (spread over the context) under each compressed cache,
+    relative to the full cache's; the most K/V bytes held (offline: the full cache with its
+    scoring room, and the compressed cache packed from it; online: its trace) and the seconds."""
+    t0 = time.perf_counter()
+    kv = kvzip.prefill(m, tok, context, chunk_size=chunk_size)
+    offline_seconds = time.perf_counter() - t0
+    spans = kvzip.reconstruction_inputs(tok, kv.context_ids, span_tokens)
+    spans = [spans[int((i + 0.5) * len(spans) / n_spans)] for i in range(n_spans)]
+    nll_full = _reconstruction_nll(m, kv.cache, spans)
+    full_bytes = kv.nbytes  # the dense cache of prefix + context
+    rows = []
+    for r in ratios:
+        off = kv.prune(r)
+        t0 = time.perf_counter()
+        on = kvzip.prefill_online(m, tok, context, r, chunk_size=chunk_size)
+        online_seconds = time.perf_counter() - t0
+        keep_off, keep_on = kvzip.keep_mask(kv.scores, r), torch.isfinite(on.scores)
+        rows.append(dict(
+            ratio=r, n_chunks=len(on.trace),
+            spearman=[spearman(on.seen_scores[..., s["start"]:s["end"]].flatten(),
+                               kv.scores[..., s["start"]:s["end"]].flatten()) for s in on.trace],
+            jaccard=int((keep_off & keep_on).sum()) / int((keep_off | keep_on).sum()),
+            nll_ratio_offline=_reconstruction_nll(m, off, spans) / nll_full,
+            nll_ratio_online=_reconstruction_nll(m, on, spans) / nll_full,
+            peak_bytes_offline=kvzip.held_bytes(kv) + kvzip.held_bytes(off),
+            peak_bytes_online=max(s["held_bytes"] for s in on.trace),
+            offline_seconds=offline_seconds, online_seconds=online_seconds,
+            kept_per_chunk=[s["kept_per_chunk"] for s in on.trace]))
+    return dict(n_context=kv.n_context, n_prefix=kv.n_prefix, chunk_size=chunk_size, full_bytes=full_bytes,
+                rows=rows)
+
+
+def format_online_table(result) -> str:
+    """compare_online's result as a table: one row per ratio."""
+    n_c, full = result["n_context"], result["full_bytes"]
+    lines = [f"KVzip online vs offline: {n_c} context tokens, chunks of {result['chunk_size']} "
+             f"(full cache {full / 2**20:.1f} MiB)",
+             "ratio  chunks  Spearman per chunk (online vs offline scores)  Jaccard  NLL ratio off / on  "
+             "peak held off / on (of full)   seconds off / on"]
+    for r in result["rows"]:
+        rho = " ".join(f"{x:.2f}" for x in r["spearman"])
+        lines.append(f"{r['ratio']:<5}  {r['n_chunks']:>6}  {rho:<45}  {r['jaccard']:.3f}    "
+                     f"{r['nll_ratio_offline']:.3f} / {r['nll_ratio_online']:.3f}      "
+                     f"{r['peak_bytes_offline'] / full:.0%} / {r['peak_bytes_online'] / full:.0%}"
+                     f"                 {r['offline_seconds']:.0f} / {r['online_seconds']:.0f}")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
@@ -616,6 +690,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-scores", metavar="FILE",
                    help="kvzip-head's head scores: read FILE if it exists (kvzip.load_head_scores), "
                         "otherwise compute them on calibration contexts and write FILE")
+    p.add_argument("--online", type=int, metavar="CHUNK",
+                   help="instead: KVzip online (kvzip.prefill_online) against offline KVzip, chunks of CHUNK "
+                        f"tokens, on a haystack of {ONLINE_WORDS} words (compare_online; ratios 0.3, 0.1)")
     args = p.parse_args(argv)
     # cheap checks first: the outputs are written after a run of minutes, which must not be lost
     for option, path, suffixes in (("--json", args.json, None), ("--plot", args.plot, errors.IMAGE_SUFFIXES)):
@@ -634,11 +711,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     for meth in args.methods or ():
         if meth not in METHODS:
             p.error(f"unknown method {meth!r} in --methods; choose from {', '.join(METHODS)}")
+    if args.online is not None and args.online < kvzip.N_OVERLAP:
+        p.error(f"--online: the chunk size must be at least {kvzip.N_OVERLAP} tokens, got {args.online}")
     return args
 
 
 def main(args: argparse.Namespace) -> dict:
     m, tok = model_lib.load(args.model)
+    if args.online:
+        result = compare_online(m, tok, tasks.haystack(ONLINE_WORDS, seed=args.seed), args.online)
+        print(format_online_table(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     hs = None
     if args.head_scores and os.path.exists(args.head_scores):
         hs = kvzip.load_head_scores(args.head_scores, m)
