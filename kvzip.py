@@ -944,7 +944,7 @@ class BatchedTails:
 
     def set_rows(self, owners, positions):
         """owners, positions (T,) int64: the query and position of each row of the next forward."""
-        T, end = len(owners), self.n_tail + len(owners)
+        end = self.n_tail + len(owners)
         if end > self.owner.numel():
             raise ValueError(f"tail capacity {self.owner.numel()} exceeded ({end} rows)")
         self.owner[self.n_tail:end], self.pos[self.n_tail:end] = owners, positions
