@@ -160,6 +160,11 @@ class ModelConfig:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         n_head = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
+        # Newer transformers write RoPE as one object, rope_parameters {"rope_type", "rope_theta",
+        # scaling numbers}, instead of rope_theta + rope_scaling (Gemma's, per layer type, is read below).
+        rope = {} if gemma else cfg.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a JSON object, got {rope!r}")
         settings = dict(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -170,8 +175,8 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or hidden // n_head,
             intermediate_size=cfg["intermediate_size"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=rope_scaling_setting(cfg.get("rope_scaling")),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling_setting(cfg.get("rope_scaling", rope or None)),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             # Qwen2 always has q/k/v biases; Llama and Qwen3 have them only when attention_bias is set.
             attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),

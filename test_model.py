@@ -149,6 +149,22 @@ def test_llama3_rope_scaling(tmp_path):
     assert ((inv[mid] < plain[mid]) & (inv[mid] > plain[mid] / 8)).all()
 
 
+def test_rope_parameters_read_as_rope_theta_and_rope_scaling():
+    """Newer transformers configs give RoPE as one rope_parameters object; its base and scaling are
+    used, not the 10,000 default."""
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=64)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    old = model.ModelConfig.from_hf(dict(base, rope_theta=500000.0, rope_scaling=scaling))
+    new = model.ModelConfig.from_hf(dict(base, rope_parameters={**scaling, "rope_theta": 500000.0}))
+    assert (new.rope_theta, new.rope_scaling["factor"]) == (old.rope_theta, old.rope_scaling["factor"]) == (5e5, 8.0)
+    plain = model.ModelConfig.from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    assert (plain.rope_theta, plain.rope_scaling) == (1e6, None)
+    with pytest.raises(ValueError, match="rope_parameters must be a JSON object"):
+        model.ModelConfig.from_hf(dict(base, rope_parameters=[1e6]))
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         model.load(tmp_path / "nope")
