@@ -592,7 +592,7 @@ def measure_quantized(geo, *, n_p, n_c, counts, ratio, full_bytes, comp_bytes, d
     if at_ratio_16 != comp_bytes:
         raise RuntimeError(f"bits-16 bytes per pair times kept pairs, {at_ratio_16:,}, differ from the "
                            f"layer-by-layer count {comp_bytes:,}")
-    # A third of the rounds (at least 3): on a CPU an int8/int4 step still costs about three times a
+    # A third of the rounds (at least 3): on a CPU an int8/int4 step still costs several times a
     # bits-16 one (it dequantizes what it reads, block by block), and this table must not double the
     # main command's minute.
     rounds = max(3, reps // 3)

@@ -22,7 +22,7 @@ Map of this file, in pipeline order:
      packed_attention       - decoding over it, one KV head at a time (the spec)
   6b. save_compressed, load_compressed - a compressed cache in one safetensors file, checked on loading
   7. generate               - greedy answers from a full or compressed cache, which stays unchanged
-  7b. BatchedTails, shared_attention - many queries over one shared cache; 7c. prefill_online: 3 chunk by chunk
+  7b. BatchedTails, shared_attention - many queries over one shared cache; 7c. prefill_online - KVzip online
   8. the command line: `python kvzip.py` (demo), --save FILE, --load FILE
 
 Shape alphabet (one sequence, no batch dimension):
@@ -334,6 +334,17 @@ def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: boo
                          f"leaves room for at most {limit} context tokens after the {n_p}-token prefix"
                          + (" and the reconstruction input" if score else ""))
     return p_ids, context_ids
+
+
+def prefill_ids(m, tok, p_ids: list[int], context_ids: list[int], chunk_size: int = CHUNK_SIZE,
+                backend: str = "auto", prefill_chunk: int = 1024) -> FullKV:
+    """The unscored FullKV of prefix + context ids (checked by check_context), its cache with room
+    for the reconstruction input too, so that scoring never has to grow (copy) the cache."""
+    room = max_reconstruction_len(tok, min(chunk_size, len(context_ids)))
+    capacity = min(len(p_ids) + len(context_ids) + room, m.cfg.max_position_embeddings)
+    cache = m.new_cache(capacity=capacity, backend=backend)
+    model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
+    return FullKV(cache, None, len(p_ids), context_ids, backend, prefix_ids=p_ids, model_identity=model_identity(m))
 
 
 @torch.no_grad()
@@ -1095,17 +1106,6 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
 # kept past, and its reconstruction runs right after the chunk, not after the whole context, so
 # hidden states and scores drift; and a pair once evicted cannot come back if later chunks score
 # lower: the ranking is exact over the scores still held, not over every score ever computed.
-
-def prefill_ids(m, tok, p_ids: list[int], context_ids: list[int], chunk_size: int = CHUNK_SIZE,
-                backend: str = "auto", prefill_chunk: int = 1024) -> FullKV:
-    """The unscored FullKV of prefix + context ids (checked by check_context), its cache with room
-    for the reconstruction input too, so that scoring never has to grow (copy) the cache."""
-    room = max_reconstruction_len(tok, min(chunk_size, len(context_ids)))
-    capacity = min(len(p_ids) + len(context_ids) + room, m.cfg.max_position_embeddings)
-    cache = m.new_cache(capacity=capacity, backend=backend)
-    model_lib.prefill(m, p_ids + context_ids, cache, chunk_size=prefill_chunk)
-    return FullKV(cache, None, len(p_ids), context_ids, backend, prefix_ids=p_ids, model_identity=model_identity(m))
-
 
 def online_keep(held_scores, new_scores, ratio: float):
     """One online eviction step, pure bookkeeping: (keep, scores), both over the n_seen = n_prev +
