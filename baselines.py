@@ -1,7 +1,8 @@
 """
 baselines.py: the query-aware methods KVzip is compared with, and two controls.
 
-Every method turns into scores of the same shape as KVzip's, (L, Hkv, n_c), so one eviction rule
+Every method turns into scores of the same shape as KVzip's, (L', Hkv, n_c) over the scored
+layers (kvzip.scored_layers: all L, or a hybrid model's global layers), so one eviction rule
 (kvzip.keep_mask: the global ranking, or per-layer budgets) and one packed cache
 (kvzip.CompressedKV) serve them all:
   - snapkv_scores      SnapKV (Li et al., 2024): attention from an observation window at the end
@@ -49,24 +50,31 @@ def attention_received(m, kv: kvzip.FullKV, new_ids: list[int], n_rows: int):
 
     Those positions are re-run in a *copy* of the cache (the rows before them are copied, then the
     model appends to the copy), so kv.cache is never written: it stays bit-exact. Their post-RoPE
-    queries are read through model.prefill's `observe` hook.
-    Returns sums (L, Hkv, G, n_c): attention summed over the observed rows, per query head; and
-    counts (n_c,): how many observed rows can see each context key (a row sees keys at or before it).
+    queries are read through model.prefill's `observe` hook. A hybrid model's sliding layers hold
+    only their window, so there everything is re-run from position 0 in a new cache, and only the
+    scored (global) layers are observed.
+    Returns sums (L', Hkv, G, n_c): attention summed over the observed rows, per query head, one row
+    per scored layer (kv.layers); and counts (n_c,): how many observed rows can see each context
+    key (a row sees keys at or before it).
     """
     cfg = m.cfg
     n_p, n_c = kv.n_prefix, kv.n_context
     base, end = n_p + n_c, n_p + n_c + len(new_ids)  # context ends at base; new ids end at end
     n_rows = min(n_rows, n_c + len(new_ids))
     first_row = end - n_rows  # position of the first observed row
-    start = min(first_row, base)  # re-run from here (new ids are always run: they are not cached)
+    hybrid = len(kv.layers) < cfg.n_layer
+    start = 0 if hybrid else min(first_row, base)  # re-run from here (new ids are not cached: always run)
     work = m.new_cache(capacity=end)
-    for l in range(cfg.n_layer):  # copy the rows before `start`; kv.cache is only read
+    for l in range(cfg.n_layer if start else 0):  # copy the rows before `start`; kv.cache is only read
         work.k[l][:, :start] = kv.cache.k[l][:, :start]
         work.v[l][:, :start] = kv.cache.v[l][:, :start]
     work.seq_len = start
-    sums = torch.zeros(cfg.n_layer, cfg.n_kv_head, cfg.group, n_c, dtype=torch.float32, device=m.device)
+    row_of = {l: i for i, l in enumerate(kv.layers)}  # layer -> its row of sums
+    sums = torch.zeros(len(kv.layers), cfg.n_kv_head, cfg.group, n_c, dtype=torch.float32, device=m.device)
 
     def observe(layer, q, k):  # q (Hkv, G, T, D), k (Hkv, T, D): the tokens of this prefill chunk
+        if layer not in row_of:
+            return  # a sliding layer: not scored
         past = work.keys(layer)  # (Hkv, S0, D): rows before this chunk (this chunk is not stored yet)
         keys = torch.cat([past, k], dim=1)  # (Hkv, S, D), S = S0 + T
         logits = q.float() @ keys.float().unsqueeze(1).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (Hkv, G, T, S)
@@ -74,9 +82,9 @@ def attention_received(m, kv: kvzip.FullKV, new_ids: list[int], n_rows: int):
         col = torch.arange(keys.shape[1], device=q.device)[None, :]
         p = torch.softmax(logits.masked_fill_(col > row, float("-inf")), dim=-1)  # (Hkv, G, T, S) float32
         p = p[:, :, row[:, 0] >= first_row, n_p:base]  # observed rows only; context columns only
-        sums[layer, :, :, :p.shape[-1]] += p.sum(dim=2)  # (Hkv, G, <= n_c)
+        sums[row_of[layer], :, :, :p.shape[-1]] += p.sum(dim=2)  # (Hkv, G, <= n_c)
 
-    ids = (kv.context_ids + list(new_ids))[start - n_p:]
+    ids = (kv.prefix_ids + kv.context_ids + list(new_ids))[start:]
     # 512-row chunks bound the probability matrix: Hkv * G * 512 * S floats, 37 MB per layer for
     # SmolLM2 (9 query heads) at S = 2000
     model_lib.prefill(m, ids, work, chunk_size=512, observe=observe)
@@ -198,7 +206,7 @@ def streamingllm_scores(kv: kvzip.FullKV, n_sink: int = STREAMING_SINKS):
     """StreamingLLM (Xiao et al., 2024): keep the first n_sink tokens (attention sinks) and the most
     recent ones. As scores: the sinks get 2, the others j / n_c (later is higher), in every head,
     so the global ranking keeps the sinks and then the most recent positions in all heads alike."""
-    L, Hkv, n_c = len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context
+    L, Hkv, n_c = len(kv.layers), kv.cache.k[0].shape[0], kv.n_context  # L: the scored layers
     s = torch.arange(n_c, dtype=torch.float32, device=kv.cache.k[0].device) / n_c
     s[:n_sink] = 2.0
     return s.expand(L, Hkv, n_c).clone()  # (L, Hkv, n_c)
@@ -206,14 +214,14 @@ def streamingllm_scores(kv: kvzip.FullKV, n_sink: int = STREAMING_SINKS):
 
 def random_scores(kv: kvzip.FullKV, seed: int = 0):
     """Control: seeded uniform random scores (what any scorer must beat)."""
-    L, Hkv, n_c = len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context
+    L, Hkv, n_c = len(kv.layers), kv.cache.k[0].shape[0], kv.n_context  # L: the scored layers
     g = torch.Generator().manual_seed(seed)
     return torch.rand(L, Hkv, n_c, generator=g).to(kv.cache.k[0].device)  # (L, Hkv, n_c)
 
 
 def method_scores(method: str, m, tok, kv: kvzip.FullKV, query: str | None = None, template: bool = True,
                   seed: int = 0):
-    """Scores (L, Hkv, n_c) of one method for the context in kv. Query-aware methods (snapkv,
+    """Scores (L', Hkv, n_c) of one method for the context in kv. Query-aware methods (snapkv,
     pyramidkv, h2o) need `query`, formatted as generate would (template=False: a raw probe)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -233,7 +241,7 @@ def method_scores(method: str, m, tok, kv: kvzip.FullKV, query: str | None = Non
 
 
 def eviction_budgets(method: str, ratio: float, shape, budget: str = DEFAULT_BUDGET):
-    """The per-layer budgets a method's scores of `shape` (L, Hkv, n_c) are ranked under, for
+    """The per-layer budgets a method's scores of `shape` (L', Hkv, n_c) are ranked under, for
     kvzip.keep_mask(layer_budgets=...): PyramidKV's shrinking layer budgets; for the other
     baselines `budget`: "layer" (equal layer budgets, heads ranked within each layer, as the paper
     sets up its baselines) or "global" (None: one ranking over all layers, which also moves budget

@@ -13,7 +13,8 @@ Map of this file, in pipeline order:
   1. the prompts            - KVzip's instruction before the context, the reconstruction prompts
   2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec);
      chunk_scores_logits    - the paper's softmax-free ablation (max scaled logit), for comparison
-  3. prefill, score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction
+  3. prefill, score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction;
+     scored_layers          - which layers are scored and evicted (a hybrid model's global ones)
   4. head_scores            - the scores reduced to one per KV head, once per model (save/load_head_scores)
   5. keep_mask, FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head;
      head_keep_mask         - head-level eviction: whole heads, no reconstruction pass per context
@@ -27,6 +28,7 @@ Map of this file, in pipeline order:
 
 Shape alphabet (one sequence, no batch dimension):
   L    layers                        Hkv  KV heads        G   query heads per KV head
+  L'   scored layers (scored_layers: all L, or a hybrid model's global layers)
   D    head dim                      n_p  prefix tokens   n_c context tokens
   n_q  tokens of one reconstruction input (prompt + postfix + chunk)
   T    new tokens of one forward     S    positions held in a dense cache (as in model.py)
@@ -211,11 +213,30 @@ def chunk_scores(q, k, n_prefix: int, n_chunk: int, backend: str = "auto"):
 # -----------------------------------------------------------------------------
 # 3. Prefill and scoring by context reconstruction
 
+def scored_layers(windows) -> list[int]:
+    """The layers whose context pairs KVzip scores and evicts, from the per-layer windows of a
+    model (ModelConfig.windows) or cache (None for a full-attention layer): every layer of an
+    ordinary model; of a hybrid one (Gemma 3) the full-attention ("global") layers only.
+
+    A sliding layer already holds only its window of the context's last positions (window - 1 of
+    them, model.WindowKVCache), whatever the context's length: evicting there would save little
+    and cost the recent tokens every answer starts from. So its window is kept whole, never scored,
+    and never counted in the ratio: ratio is the fraction of the global layers' context pairs kept.
+    (The authors' code also scores only Gemma 3's global layers, but backs the sliding layers' full
+    caches up before scoring and restores them afterwards, and evicts by masking, so nothing is
+    freed; here the sliding layers never hold more than their window.)
+    """
+    return [l for l, w in enumerate(windows) if w is None]
+
+
 class FullKV:
     """The uncompressed cache of prefix + context, plus KVzip's scores of every context pair.
 
-    cache:  model.KVCache holding n_p + n_c positions (keys post-RoPE)
-    scores: (L, Hkv, n_c) float32, or None if scoring was skipped
+    cache:  model.KVCache holding n_p + n_c positions (keys post-RoPE); for a hybrid model a
+            model.WindowKVCache, whose sliding layers hold only their window
+    scores: (L', Hkv, n_c) float32, or None if scoring was skipped; L' = len(layers)
+    layers: the scored layers (scored_layers): all L, or a hybrid model's global layers only;
+            scores, keep masks and head scores have one row per scored layer, in this order
     It stays available after pruning, so several ratios can be tried from one prefill and one
     scoring pass: each prune(r) builds a new CompressedKV. It follows the cache protocol (see
     model.KVCache) by handing every call to its cache, so generate takes it like a CompressedKV.
@@ -227,6 +248,7 @@ class FullKV:
         self.n_prefix, self.n_context = n_prefix, len(context_ids)
         self.context_ids, self.prefix_ids = context_ids, prefix_ids
         self.backend = backend  # scoring, and the decode path of the compressed caches it prunes to
+        self.layers = scored_layers(cache.windows)
         # what a saved compressed cache records about its origin (CompressedKV.save)
         self.model_identity = model_identity
         self.chunk_size = self.scorer = None  # set by score_context
@@ -235,11 +257,12 @@ class FullKV:
               level: str = "pair", head_scores=None, *, bits: int = 16) -> "CompressedKV":
         """Keep `ratio` of the context's KV pairs (prefix always kept): a new compressed cache.
 
-        level="pair" (default): scores (L, Hkv, n_c) to rank by, default KVzip's own;
+        level="pair" (default): scores (L', Hkv, n_c) to rank by, default KVzip's own (L' = the
+        scored layers, self.layers: a hybrid model's global ones);
         layer_budgets: per-layer counts (PyramidKV); otherwise one global ranking, or per-head
         budgets when uniform.
         level="head": keep the whole context of the round(ratio * L * Hkv) heads ranked highest by
-        head_scores (L, Hkv) (see head_scores()) and nothing of the others'; needs no pair scores,
+        head_scores (L', Hkv) (see head_scores()) and nothing of the others'; needs no pair scores,
         so no reconstruction pass (prefill(..., score=False) is enough).
         bits: 16 stores the kept K/V in the model's dtype; 8 or 4 stores them quantized
         (quant.py: groups of 32 along D, fp16 scale and zero per group). ratio=1.0 with bits 8 or 4
@@ -257,10 +280,10 @@ class FullKV:
             if uniform or scores is not None or layer_budgets is not None:
                 raise ValueError("level='head' ranks whole heads by head_scores; uniform=, scores= and "
                                  "layer_budgets= apply to level='pair' only")
-            want = (len(self.cache.k), self.cache.k[0].shape[0])  # (L, Hkv) of this cache
+            want = (len(self.layers), self.cache.k[0].shape[0])  # (L', Hkv) of this cache
             if not torch.is_tensor(head_scores) or tuple(head_scores.shape) != want:
                 got = tuple(head_scores.shape) if torch.is_tensor(head_scores) else type(head_scores).__name__
-                raise ValueError(f"head_scores must have shape (n_layer, n_kv_head) = {want} for this "
+                raise ValueError(f"head_scores must have shape (scored layers, n_kv_head) = {want} for this "
                                  f"cache, got {got}")
             keep = head_keep_mask(head_scores.to(self.cache.k[0].device), ratio, self.n_context)
         else:
@@ -279,9 +302,10 @@ class FullKV:
         return ckv
 
     def pack(self, keep, bits: int = 16) -> "CompressedKV":
-        """The compressed cache of the context pairs `keep` (bool (L, Hkv, n_c)) selects, prefix
-        always kept; prune computes keep from scores, callers with a mask of their own pass it here.
-        Its kept_ratio is the fraction of context pairs kept."""
+        """The compressed cache of the context pairs `keep` (bool (L', Hkv, n_c), one row per
+        scored layer) selects, prefix always kept (and a hybrid model's sliding windows whole);
+        prune computes keep from scores, callers with a mask of their own pass it here.
+        Its kept_ratio is the fraction of the scored layers' context pairs kept."""
         quant.check_bits(bits)
         ckv = CompressedKV.from_full(self.cache, self.n_prefix, keep, self.backend, bits=bits)
         ckv.kept_ratio = keep.sum().item() / max(1, keep.numel())  # context pairs kept, as a fraction
@@ -291,6 +315,18 @@ class FullKV:
         ckv.info = dict(ratio="", level="mask", budget="mask", scores="mask",
                         chunk_size=str(self.chunk_size or ""), scorer=self.scorer or "")
         return ckv
+
+    @property
+    def windows(self) -> list:
+        """Per layer, a sliding layer's window or None (model.ModelConfig.windows)."""
+        return self.cache.windows
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes a cache without sliding windows would hold for the same positions: every layer
+        holding all of them (what a non-hybrid model of this shape would need). Equals nbytes for
+        an ordinary model."""
+        return sum(2 * k.shape[0] * k.shape[2] * k.element_size() for k in self.cache.k) * self.seq_len
 
     # --- the cache protocol, handed to the dense cache ---
     @property
@@ -324,8 +360,6 @@ def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: boo
     for name, value, least in (("chunk_size", chunk_size, N_OVERLAP), ("prefill_chunk", prefill_chunk, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
-    if m.cfg.has_sliding_layers:  # every FullKV comes from here: scoring, head scores, baselines, pruning
-        raise InputError(f"{m.cfg.architecture}: hybrid sliding-window models are not supported by KVzip scoring yet")
     p_ids, context_ids = prefix_ids(tok), tok.encode(context)
     n_p, n_c = len(p_ids), len(context_ids)
     limit = max_context_tokens(m, tok, chunk_size, score)
@@ -370,8 +404,8 @@ def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "
 @torch.no_grad()
 def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str | None = None,
                   scorer: str = "softmax"):
-    """KVzip scores (L, Hkv, n_c) of the context pairs in kv, by context reconstruction; also
-    stored as kv.scores.
+    """KVzip scores (L', Hkv, n_c) of the context pairs in kv's scored layers (kv.layers: all L, or
+    a hybrid model's global layers), by context reconstruction; also stored as kv.scores.
 
     Each chunk's reconstruction input runs through the model on top of the full cache at positions
     after prefix + context (the model's own attention sees the whole cache as usual). In every layer
@@ -381,13 +415,18 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
     the same scores, from the forward's own attention); "reference" always takes this one.
     scorer: "softmax" (Eq. 2) or "logits" (the softmax-free ablation, chunk_scores_logits, always
     on this path).
+    A hybrid model runs as usual, its sliding layers attending within their window (the input's
+    K/V stored and rolled back in them too); only the global layers' chunk is scored, here on this
+    path (fused.ScoringCache reads every layer's whole cache, which a sliding layer does not hold).
     """
     if scorer not in SCORERS:
         raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     backend = kv.backend if backend is None else backend
     cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
-    fast_cpu = backend == "auto" and m.device.type == "cpu" and scorer == "softmax"
-    scores = torch.zeros(cfg.n_layer, cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
+    hybrid = len(kv.layers) < cfg.n_layer
+    fast_cpu = backend == "auto" and m.device.type == "cpu" and scorer == "softmax" and not hybrid
+    row = {l: i for i, l in enumerate(kv.layers)}  # layer -> its row of scores
+    scores = torch.zeros(len(kv.layers), cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
     for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
         ids = torch.tensor(ids, device=m.device)
         if fast_cpu:  # the cache only read; scores written from inside the forward's attention
@@ -395,12 +434,14 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
             continue
 
         def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
+            if layer not in row:
+                return  # a sliding layer: not scored
             cached = cache.keys(layer)  # (Hkv, n_p + n_c, D); the input is not stored yet
             keys = torch.cat([cached[:, :n_p], cached[:, n_p + start:n_p + end], k], dim=1)  # (Hkv, |K'|, D)
             if scorer == "logits":
-                scores[layer, :, start:end] = chunk_scores_logits(q, keys, n_p, end - start)
+                scores[row[layer], :, start:end] = chunk_scores_logits(q, keys, n_p, end - start)
             else:
-                scores[layer, :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
+                scores[row[layer], :, start:end] = chunk_scores(q, keys, n_p, end - start, backend)
 
         with model_lib.rollback(cache):  # drop the reconstruction input's K/V afterwards
             m(ids, cache, last_only=True, observe=observe)
@@ -417,8 +458,9 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
 
 @torch.no_grad()
 def head_scores(m, tok, contexts, chunk_size: int = CHUNK_SIZE, backend: str = "auto"):
-    """Head scores (L, Hkv) float32 from calibration contexts: for each context, KVzip's pair scores
+    """Head scores (L', Hkv) float32 from calibration contexts: for each context, KVzip's pair scores
     (prefill + score_context) reduced by the max over context positions; then the max over contexts.
+    L' = the scored layers (scored_layers: all L, or a hybrid model's global layers).
 
     A head that ever pays high attention to some context pair while reconstructing some context
     scores high. Use contexts unlike the ones you will evaluate on (the reuse experiment draws
@@ -427,8 +469,8 @@ def head_scores(m, tok, contexts, chunk_size: int = CHUNK_SIZE, backend: str = "
     if isinstance(contexts, str) or not contexts:
         raise ValueError("contexts must be a non-empty list of strings (calibration texts)")
     per_context = [prefill(m, tok, c, chunk_size=chunk_size, backend=backend).scores.amax(dim=-1)
-                   for c in contexts]  # each (L, Hkv)
-    return torch.stack(per_context).amax(dim=0).float().cpu()  # (L, Hkv)
+                   for c in contexts]  # each (L', Hkv)
+    return torch.stack(per_context).amax(dim=0).float().cpu()  # (L', Hkv)
 
 
 def model_identity(m) -> dict:
@@ -447,13 +489,13 @@ def model_identity(m) -> dict:
 
 
 def save_head_scores(path, hs, m):
-    """Write head scores (L, Hkv) to a small safetensors file, with the model's identity
+    """Write head scores (L', Hkv) to a small safetensors file, with the model's identity
     (model_identity) in its metadata."""
     from safetensors.torch import save_file
     ident = model_identity(m)
-    want = (m.cfg.n_layer, m.cfg.n_kv_head)
+    want = (len(scored_layers(m.cfg.windows)), m.cfg.n_kv_head)
     if not torch.is_tensor(hs) or tuple(hs.shape) != want:
-        raise ValueError(f"head scores must have shape (n_layer, n_kv_head) = {want}, got "
+        raise ValueError(f"head scores must have shape (scored layers, n_kv_head) = {want}, got "
                          f"{tuple(hs.shape) if torch.is_tensor(hs) else type(hs).__name__}")
     save_file({"head_scores": hs.detach().float().cpu().contiguous()}, str(path), metadata=ident)
 
@@ -471,7 +513,7 @@ def load_head_scores(path, m):
         return (f"{d.get('architecture')} with {d.get('n_layer')} layers x {d.get('n_kv_head')} KV heads "
                 f"x head_dim {d.get('head_dim')}, weights {d.get('weights_sha256')}")
 
-    if saved != ident or tuple(hs.shape) != (m.cfg.n_layer, m.cfg.n_kv_head):
+    if saved != ident or tuple(hs.shape) != (len(scored_layers(m.cfg.windows)), m.cfg.n_kv_head):
         raise ValueError(f"head scores in {path} were computed for another model: file {describe(saved)}, "
                          f"shape {tuple(hs.shape)}; this model {describe(ident)}")
     return hs.to(m.device)
@@ -573,24 +615,38 @@ class CompressedKV:
     n_tail tail rows in use. The tail buffers are allocated by `reserve` (room for a query and its
     answer, grown by doubling) and released when `truncate` returns to the context (n_tail = 0):
     between queries the cache holds exactly nbytes, however long the last query was.
+
+    A hybrid model's sliding layers (windows[l], the layer's window, or None for a full layer)
+    have no packed pairs (k[l], v[l] hold 0 rows; offsets all 0): they keep the window of the
+    context's last positions whole (window_kv[l] = (k, v), each (Hkv, n_w, D), n_w = the last
+    min(n_p + n_c, window - 1) positions), in the model's dtype, at the front of the layer's tail
+    (rows 0 .. n_w - 1, then the new tokens), and attend over it with the window's mask, as
+    model.KVCache does. The window is never released: nbytes counts it.
     """
 
-    def __init__(self, k, v, offsets, base_len: int, backend: str = "auto"):
+    def __init__(self, k, v, offsets, base_len: int, backend: str = "auto", windows=None, window_kv=None):
         self.k, self.v, self.offsets = k, v, offsets  # lists over layers: tensors or quant.Quantized
-        self.bits = k[0].bits if isinstance(k[0], quant.Quantized) else 16
+        self.bits = next((t.bits for t in k if isinstance(t, quant.Quantized)), 16)
         self._bounds = [o.tolist() for o in offsets]  # the same offsets as Python ints, for slicing
         self.base_len = base_len  # n_p + n_c: positions of new tokens start here
         self.n_tail = 0
         Hkv, D = offsets[0].numel() - 1, k[0].shape[1]
         self.dtype = k[0].dtype  # the model's dtype (a Quantized block keeps its input's): the tail's
         device = offsets[0].device
-        self.tail_k = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
-        self.tail_v = [torch.empty((Hkv, 0, D), dtype=self.dtype, device=device) for _ in k]
+        self.windows = list(windows) if windows is not None else [None] * len(k)
+        empty = torch.empty((Hkv, 0, D), dtype=self.dtype, device=device)
+        # a sliding layer's tail starts with its window: n_window[l] rows (0 for a full layer)
+        self.tail_k = [empty if w is None else window_kv[l][0] for l, w in enumerate(self.windows)]
+        self.tail_v = [empty if w is None else window_kv[l][1] for l, w in enumerate(self.windows)]
+        self.n_window = [t.shape[1] for t in self.tail_k]
         model_lib.check_backend(backend)
         self.backend = backend  # the decode path (see attend)
+        # a sliding layer's attention: the dense cache's, with the window's mask
+        self.window_attention = model_lib.attention if backend == "reference" else model_lib.attention_sdpa
         self.plans = None  # per layer, the fused.DecodePlan of the CPU's single-token path
         if backend == "auto" and device.type == "cpu" and self.bits == 16:
-            self.plans = [fused.DecodePlan(kl, vl, b) for kl, vl, b in zip(k, v, self._bounds)]
+            self.plans = [fused.DecodePlan(kl, vl, b) if w is None else None
+                          for kl, vl, b, w in zip(k, v, self._bounds, self.windows)]
         # where it came from, for `save`: set by FullKV.pack and load_compressed
         self.kept_ratio = None
         self.prefix_ids = self.context_ids = self.model_identity = None
@@ -603,13 +659,29 @@ class CompressedKV:
     @classmethod
     def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto", bits: int = 16):
         """Gather the kept rows of a dense cache, stored in its dtype (bits=16) or quantized
-        (bits=8 or 4, see quant.quantize). keep: bool (L, Hkv, n_c)."""
+        (bits=8 or 4, see quant.quantize). keep: bool (L', Hkv, n_c), one row per scored layer
+        (scored_layers(cache.windows)); a sliding layer keeps its window (see the class docstring)."""
         quant.check_bits(bits)
-        L, Hkv, n_c = keep.shape
+        layers = scored_layers(cache.windows)
+        if keep.shape[0] != len(layers):
+            raise ValueError(f"keep has {keep.shape[0]} layers; the cache has {len(layers)} scored layers")
+        _, Hkv, n_c = keep.shape
+        base_len = n_prefix + n_c
         prefix = torch.ones(Hkv, n_prefix, dtype=torch.bool, device=keep.device)
-        ks, vs, offs = [], [], []
-        for l in range(L):
-            rows = torch.cat([prefix, keep[l]], dim=1)  # (Hkv, n_p + n_c): the prefix is never evicted
+        ks, vs, offs, window_kv = [], [], [], []
+        row = {l: i for i, l in enumerate(layers)}  # layer -> its row of keep
+        for l, w in enumerate(cache.windows):
+            if w is not None:  # a sliding layer: no packed pairs; its window, copied
+                held = cache.keys(l).shape[1]  # a dense KVCache holds every position, a WindowKVCache the window
+                a = held - min(base_len, w - 1)  # the first of the window - 1 last positions
+                window_kv.append((cache.keys(l)[:, a:].clone(), cache.values(l)[:, a:].clone()))
+                k = cache.keys(l).new_empty((0, cache.keys(l).shape[2]))  # (0, D)
+                ks.append(k)
+                vs.append(k)
+                offs.append(torch.zeros(Hkv + 1, dtype=torch.int64, device=keep.device))
+                continue
+            window_kv.append(None)
+            rows = torch.cat([prefix, keep[row[l]]], dim=1)  # (Hkv, n_p + n_c): the prefix is never evicted
             # boolean indexing of (Hkv, S, D) by (Hkv, S) walks head by head: exactly head-major packing
             k, v = cache.keys(l)[rows], cache.values(l)[rows]  # (N_l, D) each, new tensors
             if bits == 16:
@@ -620,7 +692,7 @@ class CompressedKV:
                 vs.append(quant.quantize(v, bits))
             counts = rows.sum(dim=1)  # (Hkv,)
             offs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))  # (Hkv + 1,) int64
-        return cls(ks, vs, offs, base_len=n_prefix + n_c, backend=backend)
+        return cls(ks, vs, offs, base_len=base_len, backend=backend, windows=cache.windows, window_kv=window_kv)
 
     # --- the cache protocol (see model.KVCache) ---
     @property
@@ -631,16 +703,25 @@ class CompressedKV:
         """Make room for n more new tokens: grows only the small tail, never the packed buffers
         (doubling, so a long answer decoded token by token copies the tail only a few times)."""
         for buf in (self.tail_k, self.tail_v):
-            model_lib.grow(buf, self.n_tail, self.n_tail + n, at_least=2 * buf[0].shape[1])
+            for l, n_w in enumerate(self.n_window):
+                one = buf[l:l + 1]  # grow works on a list of buffers
+                model_lib.grow(one, n_w + self.n_tail, n_w + self.n_tail + n, at_least=2 * one[0].shape[1])
+                buf[l] = one[0]
 
     def attend(self, layer: int, q, k, v):
         """Store new k, v (Hkv, T, D) in the tail; q (Hkv, G, T, D) attends per KV head over
-        [that head's kept pairs ; tail]. Returns (Hkv, G, T, D)."""
+        [that head's kept pairs ; tail] (a sliding layer: over the window and the tail, masked to
+        the window). Returns (Hkv, G, T, D)."""
         T = k.shape[1]
-        end = self.n_tail + T
-        self.tail_k[layer][:, self.n_tail:end] = k
-        self.tail_v[layer][:, self.n_tail:end] = v
-        tk, tv = self.tail_k[layer][:, :end], self.tail_v[layer][:, :end]  # (Hkv, n_tail + T, D)
+        old = self.n_window[layer] + self.n_tail  # the tail rows before these tokens
+        end = old + T
+        self.tail_k[layer][:, old:end] = k
+        self.tail_v[layer][:, old:end] = v
+        tk, tv = self.tail_k[layer][:, :end], self.tail_v[layer][:, :end]  # (Hkv, n_window + n_tail + T, D)
+        w = self.windows[layer]
+        if w is not None:  # consecutive positions, as in a dense cache: its attention with the mask
+            a = max(0, old - w + 1)  # the oldest row the first new token sees
+            return self.window_attention(q, tk[:, a:], tv[:, a:], old - a, window=w)
         if T == 1 and use_triton(self.backend, q.device):  # the kernel decodes one token at a time
             out = triton_kernels(q.device).varlen_decode_attention(
                 q[:, :, 0], self.k[layer], self.v[layer], self.offsets[layer], tk, tv,
@@ -661,16 +742,19 @@ class CompressedKV:
             raise ValueError(f"can truncate only to [{self.base_len}, {self.seq_len}], got {seq_len}")
         self.n_tail = seq_len - self.base_len
         if self.n_tail == 0:  # back to the context: release the tail buffers (see the class docstring)
-            self.tail_k = [t.new_empty((t.shape[0], 0, t.shape[2])) for t in self.tail_k]  # (Hkv, 0, D)
-            self.tail_v = [t.new_empty((t.shape[0], 0, t.shape[2])) for t in self.tail_v]
+            self.tail_k = [t[:, :n].clone() for t, n in zip(self.tail_k, self.n_window)]  # (Hkv, n_window, D)
+            self.tail_v = [t[:, :n].clone() for t, n in zip(self.tail_v, self.n_window)]
 
     @property
     def nbytes(self) -> int:
         """Bytes held for the context: packed K and V (quantized: codes, scales and zeros), the
-        offsets, the decode plans (a CPU cache in the model's dtype), and any new tokens' K/V."""
+        offsets, the decode plans (a CPU cache in the model's dtype), a hybrid model's sliding
+        windows, and any new tokens' K/V."""
         packed = sum(quant.nbytes(t) for t in self.k + self.v + self.offsets)
-        plans = sum(p.nbytes for p in self.plans or [])
-        tail = sum(t[:, :self.n_tail].numel() * t.element_size() for t in self.tail_k + self.tail_v)
+        plans = sum(p.nbytes for p in self.plans or [] if p is not None)
+        rows = self.n_window * 2  # per tail buffer (keys, then values): window + new tokens
+        tail = sum(t[:, :n + self.n_tail].numel() * t.element_size()
+                   for t, n in zip(self.tail_k + self.tail_v, rows))
         return packed + plans + tail
 
     def head_lengths(self):
@@ -733,6 +817,9 @@ def save_compressed(ckv: CompressedKV, path):
     if ckv.n_tail:
         raise ValueError(f"the cache holds {ckv.n_tail} query rows (keep=True): truncate it to its "
                          f"context ({ckv.base_len} positions) before saving")
+    if any(w is not None for w in ckv.windows):
+        raise InputError("saving the compressed cache of a hybrid sliding-window model (its windows) "
+                         "is not supported yet: the file format holds packed layers only")
     tensors = {"prefix_ids": torch.tensor(ckv.prefix_ids, dtype=torch.int64),
                "context_ids": torch.tensor(ckv.context_ids, dtype=torch.int64)}
     for l in range(len(ckv.k)):
@@ -887,13 +974,12 @@ def generate_ids(m, tok, ids: list[int], kv, max_new_tokens: int = 64, keep: boo
     if kv.seq_len + len(ids) + max_new_tokens > limit:
         raise InputError(f"query of {len(ids)} tokens plus {max_new_tokens} new tokens does not fit "
                          f"after the {kv.seq_len} cached positions (model limit {limit})")
-    start = kv.seq_len
     kv.reserve(len(ids) + max_new_tokens)
-    try:
+    if keep:
         return model_lib.generate(m, ids, kv, max_new_tokens, tok.stop_ids)
-    finally:
-        if not keep:
-            kv.truncate(start)
+    # through a FullKV's own cache: a WindowKVCache then keeps the window it must return to
+    with model_lib.rollback(getattr(kv, "cache", kv)):
+        return model_lib.generate(m, ids, kv, max_new_tokens, tok.stop_ids)
 
 
 def generate(m, tok, query, kv, max_new_tokens: int = 64, template: bool = True,
@@ -1013,6 +1099,11 @@ def shared_attention(q, ctx_k, ctx_v, tail_k, tail_v, visible):
     return out
 
 
+def has_windows(kv) -> bool:
+    """Whether a FullKV or CompressedKV has sliding layers (a hybrid model's)."""
+    return any(w is not None for w in kv.windows)
+
+
 def _first_rows(inputs: list[list[int]], start: int, device):
     """The rows of several inputs as one forward: ids, owners (the input of each row) and positions
     (each input from `start` on), all (T,) int64, T = the inputs' lengths summed."""
@@ -1029,6 +1120,12 @@ def forward_batched(m, inputs: list[list[int]], kv) -> list:
     m(input_i, kv) alone up to float rounding. kv is only read (unchanged afterwards)."""
     if not inputs or any(not x for x in inputs):
         raise InputError("no inputs, or an empty one: nothing to run")
+    if has_windows(kv):  # see generate_ids_batched: one input at a time
+        out = []
+        for x in inputs:
+            with model_lib.rollback(getattr(kv, "cache", kv)):
+                out.append(m(torch.tensor(x, device=m.device), kv))
+        return out
     tails = BatchedTails(kv, sum(len(x) for x in inputs), m.cfg.n_layer)
     ids, owners, positions = _first_rows(inputs, kv.seq_len, m.device)
     tails.set_rows(owners, positions)
@@ -1046,6 +1143,8 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
     max_new_tokens) and brings no rows to the next forward. max_new_tokens: one for all, or a list
     of one per query. Same answers as one query at a time (generate_ids), except where float
     rounding of the other kernels breaks a near-tie.
+    A hybrid model's cache (sliding layers) is answered one query at a time: BatchedTails masks
+    by query and position, not by a sliding window.
     """
     if not queries or any(not q for q in queries):
         raise InputError("no queries, or an empty one: nothing to answer")
@@ -1059,6 +1158,8 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
         if start + len(q) + n > limit:
             raise InputError(f"query of {len(q)} tokens plus {n} new tokens does not fit "
                              f"after the {start} cached positions (model limit {limit})")
+    if has_windows(kv):
+        return [generate_ids(m, tok, q, kv, n) for q, n in zip(queries, budgets)]
     dev = m.device
     tails = BatchedTails(kv, sum(len(q) for q in queries) + sum(budgets), m.cfg.n_layer)
     out = [[] for _ in queries]
@@ -1206,6 +1307,8 @@ def prefill_online(m, tok, context: str, ratio: float, chunk_size: int = CHUNK_S
     check_ratio(ratio)
     quant.check_bits(bits)
     model_lib.check_backend(backend)
+    if m.cfg.has_sliding_layers:  # its step packs every layer's past; a sliding layer holds a window
+        raise InputError(f"{m.cfg.architecture}: KVzip online on hybrid sliding-window models is not supported yet")
     p_ids, context_ids = check_context(m, tok, context, chunk_size, True, prefill_chunk)
     n_p, pieces = len(p_ids), reconstruction_inputs(tok, context_ids, chunk_size)
     # chunk 0: offline KVzip on the first chunk alone (the whole context if it is one chunk)
@@ -1301,7 +1404,7 @@ def _demo_probes(args, tok, context):
 def _print_sizes(m, kv, ckv, ratio: float):
     """The full and compressed cache's bytes, and why the compressed share is not the ratio."""
     n_p, n_c = kv.n_prefix, kv.n_context
-    L, Hkv = m.cfg.n_layer, m.cfg.n_kv_head
+    L, Hkv = len(kv.layers), m.cfg.n_kv_head  # the scored layers: a hybrid model's global ones
     kept = round(ratio * L * Hkv * n_c)  # context pairs kept by the global ranking
     rows = (kept + L * Hkv * n_p) / (L * Hkv * (n_p + n_c))  # the prefix is never evicted
     plans = sum(p.nbytes for p in ckv.plans or [])  # the CPU's decode plans (fused.DecodePlan)
@@ -1311,6 +1414,10 @@ def _print_sizes(m, kv, ckv, ratio: float):
           f"template + KVzip's instruction) is never evicted, so {rows:.1%} of the rows stay "
           f"(({kept:,} + {L * Hkv * n_p:,} prefix) of {L * Hkv * (n_p + n_c):,}), plus the per-head offsets"
           + (f" and the decode plans ({plans / 2**20:.2f} MiB, see fused.DecodePlan)" if plans else ""))
+    if has_windows(kv):
+        print(f"  of the {m.cfg.n_layer} layers {L} are global (scored, evicted; the rows above count them); the "
+              f"sliding ones keep their windows whole. Every layer holding every position would take "
+              f"{kv.dense_nbytes / 2**20:.2f} MiB ({ckv.nbytes / kv.dense_nbytes:.1%} of it compressed)")
 
 
 def _compare_answers(m, tok, caches: dict, probes, template: bool, max_new_tokens: int, ratio: float):

@@ -2,7 +2,8 @@
 independent float64 forward written here (sliding window and its edge, the four norms of
 (1 + weight), q/k norm, query_pre_attn_scalar, local and global RoPE bases), the dense cache on a
 context longer than the window, the window cache (WindowKVCache: sliding layers that free what
-leaves their window) against the dense one, bad configs, and KVzip's refusal of hybrid models."""
+leaves their window) against the dense one, bad configs, and KVzip on a hybrid model (only the
+global layers scored and evicted)."""
 import json
 import math
 
@@ -339,20 +340,174 @@ def test_gemma3_vision_tower_weights_and_a_bad_text_config_are_refused(tmp_path)
         model.load(tmp_path)
 
 
-def test_kvzip_refuses_hybrid_models(gemma, tmp_path):
-    """KVzip's scoring of hybrid models is not written yet: prefill (every FullKV's origin: scoring,
-    pruning, the baselines) and head_scores refuse them clearly; a Gemma 3 without sliding layers
-    is an ordinary model to it."""
+# -----------------------------------------------------------------------------
+# KVzip on a hybrid model: only the global layers scored and evicted, the windows kept whole
+
+CONTEXT = " ".join([TEXT] * 4)  # ~130 tokens: about twenty windows of the tiny model
+
+
+@pytest.fixture(scope="module")
+def gemma_kv(gemma):
+    """The tiny Gemma 3's FullKV of CONTEXT, scored; tests must leave it as they found it."""
     m, tok, _, _ = gemma
-    for call in (lambda: kvzip.prefill(m, tok, TEXT), lambda: kvzip.prefill(m, tok, TEXT, score=False),
-                 lambda: kvzip.head_scores(m, tok, [TEXT])):
-        with pytest.raises(InputError, match="hybrid sliding-window models are not supported by KVzip scoring yet"):
-            call()
-    write_tiny_gemma(tmp_path, sliding_window_pattern=1)  # every layer full
-    m_full, tok_full = model.load(tmp_path)
+    return kvzip.prefill(m, tok, CONTEXT)
+
+
+def dense_full_kv(m, tok, backend="reference"):
+    """The FullKV of CONTEXT on a dense cache (every position of every layer held, the window
+    masked), scored: what the window cache must agree with."""
+    p_ids, ctx = kvzip.prefix_ids(tok), tok.encode(CONTEXT)
+    cache = m.new_cache(capacity=len(p_ids) + len(ctx) + 64, backend=backend, dense=True)
+    model.prefill(m, p_ids + ctx, cache)
+    kv = kvzip.FullKV(cache, None, len(p_ids), ctx, backend, prefix_ids=p_ids)
+    kvzip.score_context(m, tok, kv)
+    return kv
+
+
+def test_kvzip_scores_only_the_global_layers(gemma, gemma_kv):
+    """Scores exist for the global layer only, (1, Hkv, n_c); the same from the window cache, the
+    dense cache and the reference path (sliding layers attend within their window either way)."""
+    m, tok, c, _ = gemma
+    kv = gemma_kv
+    assert kv.n_context > 4 * c["sliding_window"] and kv.layers == [2] == kvzip.scored_layers(m.cfg.windows)
+    assert kv.scores.shape == (1, m.cfg.n_kv_head, kv.n_context) and torch.isfinite(kv.scores).all()
+    assert (kv.scores > 0).all()
+    dense = dense_full_kv(m, tok)
+    torch.testing.assert_close(kv.scores, dense.scores, atol=1e-5, rtol=1e-4)
+    ref = kvzip.prefill(m, tok, CONTEXT, backend="reference")
+    torch.testing.assert_close(kv.scores, ref.scores, atol=1e-5, rtol=1e-4)
+    # scoring rolled the reconstruction input back: the window cache answers as the dense one
+    probe = torch.tensor(tok.encode(" the valley"))
+    with model.rollback(kv.cache), model.rollback(dense.cache):
+        torch.testing.assert_close(m(probe, kv), m(probe, dense), atol=1e-5, rtol=0)
+
+
+def test_the_compressed_cache_keeps_the_windows_and_evicts_the_global_layer(gemma, gemma_kv):
+    """At 0.3: the global layer keeps round(0.3 * Hkv * n_c) context pairs plus the prefix; each
+    sliding layer holds no packed pairs and exactly the full cache's last window - 1 positions;
+    nbytes counts exactly those rows (plus the offsets), and dense_nbytes what every layer holding
+    every position would take."""
+    m, tok, c, _ = gemma
+    kv, W = gemma_kv, c["sliding_window"]
+    Hkv, D, n_p, n_c = m.cfg.n_kv_head, m.cfg.head_dim, kv.n_prefix, kv.n_context
+    ckv = kvzip.CompressedKV.from_full(kv.cache, n_p, kvzip.keep_mask(kv.scores, 0.3), backend="reference")
+    dense = dense_full_kv(m, tok)
+    kept = int(ckv.head_lengths()[2].sum())
+    assert kept == Hkv * n_p + round(0.3 * Hkv * n_c)
+    for layer in (0, 1):
+        assert ckv.k[layer].shape[0] == 0 and ckv.n_window[layer] == W - 1
+        last = slice(-(W - 1), None)  # the full cache's last window - 1 positions
+        torch.testing.assert_close(ckv.tail_k[layer][:, :W - 1], dense.cache.keys(layer)[:, last], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ckv.tail_v[layer][:, :W - 1], dense.cache.values(layer)[:, last], atol=1e-5, rtol=0)
+    row = 2 * D * 4  # K and V of one position of one head, float32
+    offsets = sum(o.numel() * 8 for o in ckv.offsets)
+    assert ckv.nbytes == row * (kept + 2 * Hkv * (W - 1)) + offsets
+    assert kv.cache.nbytes == row * Hkv * (n_p + n_c + 2 * (W - 1))
+    assert kv.dense_nbytes == dense.cache.nbytes == row * Hkv * 3 * (n_p + n_c)
+    assert ckv.nbytes < kv.cache.nbytes < kv.dense_nbytes
+    # the prune path (FullKV.prune) builds the same cache, and says what fraction it kept
+    pruned = kv.prune(0.3)
+    assert pruned.kept_ratio == round(0.3 * Hkv * n_c) / (Hkv * n_c)
+    assert torch.equal(pruned.head_lengths(), ckv.head_lengths())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compressed_at_ratio_one_answers_as_the_full_cache(gemma, backend):
+    """Everything kept: a query's logits and a greedy answer longer than the window equal the full
+    cache's; the cache goes back to its context after each answer (the window too), so a second
+    query still matches; keep=True then truncate too. At 0.3 the logits differ, so the comparison
+    can fail."""
+    m, tok, c, _ = gemma
+    W = c["sliding_window"]
+    kv = kvzip.prefill(m, tok, CONTEXT, backend=backend)
+    ckv = kv.prune(1.0)
+    for query in ("Where did the train go?", "What does the fox do?"):
+        ids = kvzip.query_ids(tok, query)
+        with model.rollback(kv.cache):
+            full = m(torch.tensor(ids), kv)
+        part = m(torch.tensor(ids), ckv)
+        ckv.truncate(ckv.base_len)
+        torch.testing.assert_close(part, full, atol=1e-4, rtol=0)
+        a = kvzip.generate_ids(m, tok, ids, kv, max_new_tokens=3 * W)
+        assert len(a) > W
+        assert kvzip.generate_ids(m, tok, ids, ckv, max_new_tokens=3 * W) == a
+        assert ckv.seq_len == ckv.base_len and ckv.n_tail == 0
+    kept = kvzip.generate_ids(m, tok, ids, ckv, max_new_tokens=3 * W, keep=True)
+    assert kept == a and ckv.seq_len == ckv.base_len + len(ids) + len(a) - 1
+    ckv.truncate(ckv.base_len)
+    assert kvzip.generate_ids(m, tok, ids, ckv, max_new_tokens=3 * W) == a
+    small = kv.prune(0.3)
+    evicted = m(torch.tensor(ids), small)
+    small.truncate(small.base_len)
+    assert (evicted - part).abs().max() > 1e-3
+
+
+def test_batched_answers_on_a_hybrid_model_equal_one_at_a_time(gemma, gemma_kv):
+    m, tok, c, _ = gemma
+    ckv = gemma_kv.prune(0.5)
+    queries = [kvzip.query_ids(tok, q) for q in ("Where did the train go?", "What does the fox do?")]
+    one = [kvzip.generate_ids(m, tok, q, ckv, 2 * c["sliding_window"]) for q in queries]
+    assert kvzip.generate_ids_batched(m, tok, queries, ckv, 2 * c["sliding_window"]) == one
+    outs = kvzip.forward_batched(m, queries, ckv)
+    for q, out in zip(queries, outs):
+        with model.rollback(ckv):
+            torch.testing.assert_close(out, m(torch.tensor(q), ckv), atol=1e-6, rtol=0)
+    assert ckv.seq_len == ckv.base_len
+
+
+def test_head_level_uniform_and_baselines_on_the_global_layers(gemma, gemma_kv, tmp_path):
+    """Head scores are (1, Hkv); head-level pruning keeps whole global heads; uniform budgets; every
+    baseline scores (1, Hkv, n_c) and compresses to the same count; H2O's sums equal the global
+    layer's attention computed here from one forward's queries and keys."""
+    import baselines
+    m, tok, _, _ = gemma
+    kv = gemma_kv
+    Hkv, n_p, n_c = m.cfg.n_kv_head, kv.n_prefix, kv.n_context
+    hs = kvzip.head_scores(m, tok, [CONTEXT, TEXT])
+    assert hs.shape == (1, Hkv)
+    kvzip.save_head_scores(tmp_path / "hs.safetensors", hs, m)
+    torch.testing.assert_close(kvzip.load_head_scores(tmp_path / "hs.safetensors", m), hs)
+    by_head = kv.prune(0.5, level="head", head_scores=hs)
+    assert sorted(by_head.head_lengths()[2].tolist()) == [n_p, n_p + n_c]
+    uniform = kv.prune(0.3, uniform=True)
+    assert (uniform.head_lengths()[2] - n_p).tolist() == [round(0.3 * n_c)] * Hkv
+    with pytest.raises(ValueError, match=r"head_scores must have shape \(scored layers, n_kv_head\) = \(1, 2\)"):
+        kv.prune(0.5, level="head", head_scores=torch.ones(3, Hkv))
+    for method in baselines.METHODS:
+        s = baselines.method_scores(method, m, tok, kv, "Where did the train go?")
+        assert s.shape == (1, Hkv, n_c) and torch.isfinite(s).all(), method
+        ckv = baselines.compress(kv, method, 0.3, s)
+        assert int(ckv.head_lengths()[2].sum()) == Hkv * n_p + round(0.3 * Hkv * n_c), method
+    # H2O by its definition, from the global layer's queries and keys of one forward
+    q_ids = kvzip.query_ids(tok, "Where did the train go?")
+    seen = {}
+    model.prefill(m, kv.prefix_ids + kv.context_ids + q_ids, m.new_cache(dense=True), chunk_size=4096,
+                  observe=lambda layer, q, k: seen.setdefault(layer, (q, k)))
+    q, k = seen[2]  # (Hkv, G, T, D), (Hkv, T, D)
+    T = k.shape[1]
+    p = (q @ k.unsqueeze(1).transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(
+        torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)  # (Hkv, G, T, T)
+    ctx = p[:, :, n_p:, n_p:n_p + n_c]  # rows from the first context token on, context keys
+    seen_by = torch.arange(n_c, 0, -1) + len(q_ids)  # rows at or after each context key
+    h2o = (ctx.sum(2) / seen_by).mean(1)[None]  # (1, Hkv, n_c)
+    torch.testing.assert_close(baselines.h2o_scores(m, tok, kv, "Where did the train go?"), h2o,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_hybrid_refusals_and_a_gemma_without_sliding_layers(gemma, gemma_kv, tmp_path):
+    """Not supported yet, said by name: saving a hybrid compressed cache, KVzip online on a hybrid
+    model. A Gemma 3 without sliding layers is an ordinary model to KVzip: every layer scored."""
+    m, tok, _, _ = gemma
+    with pytest.raises(InputError, match="hybrid sliding-window model"):
+        gemma_kv.prune(0.3).save(tmp_path / "c.safetensors")
+    with pytest.raises(InputError, match="KVzip online on hybrid sliding-window models is not supported yet"):
+        kvzip.prefill_online(m, tok, CONTEXT, 0.3, chunk_size=64)
+    write_tiny_gemma(tmp_path / "full", sliding_window_pattern=1)  # every layer full
+    m_full, tok_full = model.load(tmp_path / "full")
     assert not m_full.cfg.has_sliding_layers
     kv = kvzip.prefill(m_full, tok_full, TEXT)
-    assert kv.scores.shape == (3, 2, kv.n_context) and torch.isfinite(kv.scores).all()
+    assert kv.layers == [0, 1, 2] and kv.scores.shape == (3, 2, kv.n_context) and torch.isfinite(kv.scores).all()
+    assert kv.dense_nbytes == kv.cache.nbytes
 
 
 # -----------------------------------------------------------------------------
