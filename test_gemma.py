@@ -79,10 +79,11 @@ def write_tiny_gemma(path, layout="causal", seed=0, **over):
     return text, w
 
 
-def gemma_reference(w, c, ids, window=None, swap_bases=False):
+def gemma_reference(w, c, ids, window=None, swap_bases=False, collect=None):
     """Gemma 3's forward in float64 from the raw weights and the text settings c, cache-free:
     logits (T, V). window / swap_bases change the sliding window or swap the two RoPE bases,
-    to show that the comparison with the model notices either."""
+    to show that the comparison with the model notices either. collect, a dict, receives each
+    layer's post-RoPE (q (H, T, D), k (Hkv, T, D)), for recomputing KVzip's scores."""
     w = {k: v.double() for k, v in w.items()}
     T, C, H, Hkv, D = len(ids), c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     W = c["sliding_window"] if window is None else window
@@ -122,6 +123,8 @@ def gemma_reference(w, c, ids, window=None, swap_bases=False):
         else:
             q, k = rope(q, glob, factor), rope(k, glob, factor)
             seen = j <= i
+        if collect is not None:
+            collect[layer] = (q, k)
         kr, vr = k.repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)  # (H, T, D)
         att = (q @ kr.transpose(1, 2) * c["query_pre_attn_scalar"] ** -0.5).masked_fill(~seen, float("-inf"))
         o = (att.softmax(-1) @ vr).transpose(0, 1).reshape(T, H * D) @ w[p + "self_attn.o_proj.weight"].T
@@ -380,6 +383,33 @@ def test_kvzip_scores_only_the_global_layers(gemma, gemma_kv):
     probe = torch.tensor(tok.encode(" the valley"))
     with model.rollback(kv.cache), model.rollback(dense.cache):
         torch.testing.assert_close(m(probe, kv), m(probe, dense), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_global_layer_scores_equal_first_principles_recomputation(gemma, backend):
+    """Four chunks; the global layer's scores recomputed from the independent float64 forward of
+    prefix + context + reconstruction input (sliding layers masked to their window there, no
+    cache): softmax over K' = [prefix ; chunk ; input] with Gemma's query_pre_attn_scalar ** -0.5
+    scaling, max over the input's rows and the group."""
+    m, tok, c, w = gemma
+    context = " ".join([TEXT] * 2)
+    kv = kvzip.prefill(m, tok, context, chunk_size=20, backend=backend)
+    n_p, n_c, Hkv, G = kv.n_prefix, kv.n_context, m.cfg.n_kv_head, m.cfg.group
+    seq0 = kv.prefix_ids + kv.context_ids
+    chunks = kvzip.reconstruction_inputs(tok, kv.context_ids, 20)
+    assert len(chunks) == 4 and n_c > 4 * c["sliding_window"]
+    for start, end, rec in chunks:
+        seen = {}
+        gemma_reference(w, c, seq0 + rec, collect=seen)
+        q, k = seen[2]  # the global layer: (H, n_all, D), (Hkv, n_all, D)
+        n_all, n_q = len(seq0) + len(rec), len(rec)
+        key = torch.arange(n_all)[None, :]
+        row = torch.arange(n_all - n_q, n_all)[:, None]  # absolute positions of the input's queries
+        visible = (key < n_p) | ((key >= n_p + start) & (key < n_p + end)) | ((key >= n_p + n_c) & (key <= row))
+        logits = q[:, -n_q:] @ k.repeat_interleave(G, 0).transpose(1, 2) * c["query_pre_attn_scalar"] ** -0.5
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)  # (H, n_q, n_all)
+        expect = probs[:, :, n_p + start:n_p + end].reshape(Hkv, G * n_q, -1).amax(1)
+        torch.testing.assert_close(kv.scores[0, :, start:end], expect.float(), atol=1e-5, rtol=1e-4)
 
 
 def test_the_compressed_cache_keeps_the_windows_and_evicts_the_global_layer(gemma, gemma_kv):
