@@ -1157,7 +1157,7 @@ def main(argv=None):
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.model and args.model not in MODEL_NAMES and (why := errors.check_folder(args.model, "--model")):
-        p.error(why)
+        p.error(f"{why} (model names: {', '.join(MODEL_NAMES)})")
     t0 = time.perf_counter()
     m, tok = load(args.model)
     print(f"loaded {m.cfg.architecture} ({m.cfg.n_layer} layers, {m.cfg.n_head} query heads, "

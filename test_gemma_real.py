@@ -92,10 +92,13 @@ def test_missing_package_says_how_to_install_in_one_line(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written before the check
 
 
-def test_unknown_names_list_the_known_ones():
+def test_unknown_names_list_the_known_ones(capsys):
     with pytest.raises(FileNotFoundError, match="neither a model folder nor a known model name") as e:
         model.load("gemma3-27b")
     assert "gemma3-270m" in str(e.value) and "smollm2-135m-instruct" in str(e.value)
+    with pytest.raises(SystemExit):
+        model.main(["Hi", "--model", "gemma3-27b"])
+    assert "model names: smollm2-135m-instruct, gemma3-270m" in capsys.readouterr().err
     with pytest.raises(InputError, match="unknown model name 'gemma3-27b'; known names: smollm2-135m-instruct, gemma3-270m"):
         model.named_model_dir("gemma3-27b")
 
@@ -121,6 +124,7 @@ def test_config(gemma_dir, gemma):
         assert cfg[k] == v, k
     m, _ = gemma
     assert [i for i, t in enumerate(m.cfg.layer_types) if t == model.FULL] == [5, 11, 17]
+    assert not list(model.cache_root().glob("gemma3-270m.gguf-*"))  # the assembled GGUF is deleted
     assert m.cfg.windows.count(512) == 15
 
 
