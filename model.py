@@ -877,7 +877,9 @@ class Tokenizer:
     here (gemma3-270m) is a base model: it was never trained on chat turns, so the instruction,
     the context, KVzip's reconstruction prompt and the questions are given as plain text, one
     after the other, and the answer (or the repeated context) follows the postfix's newline.
-    <bos> is in the prefix because Gemma expects every sequence to start with it.
+    <bos> is in the prefix because Gemma expects every sequence to start with it. (An
+    instruction-tuned Gemma folder gets the same plain template: its turn markers, <start_of_turn>
+    and <end_of_turn>, are not used here.)
     """
 
     def __init__(self, path):
