@@ -240,6 +240,14 @@ def test_plain_template_answers_from_the_context(gemma):
     ids = p_ids + tok.encode(PASS_KEY_CONTEXT) + kvzip.query_ids(tok, "What is the pass key?")
     out = tok.decode(model.generate(m, ids, m.new_cache(), 16, tok.stop_ids))
     assert "71942" in out, out
+    # KVzip's reconstruction input: the prompt, the postfix's newline, then the context to repeat;
+    # greedily, the model starts repeating it (a model this small does not repeat it all)
+    ctx_ids = tok.encode(PASS_KEY_CONTEXT)
+    (_, _, rec), = kvzip.reconstruction_inputs(tok, ctx_ids)
+    prompt = rec[:len(rec) - len(ctx_ids)]
+    assert prompt == tok.encode(kvzip.FIRST_PROMPT) + [107]  # "\n" is one token
+    out = tok.decode(model.generate(m, p_ids + ctx_ids + prompt, m.new_cache(), 6, tok.stop_ids))
+    assert out.startswith("The village of Lindenfeld"), out
 
 
 def test_kvzip_on_the_real_model(gemma):
