@@ -613,7 +613,9 @@ def plot_quality(result, path) -> list[str]:
         if isinstance(row.get("method"), str) and isinstance(row.get("ratio"), (int, float)):
             series.setdefault((row["method"], row.get("bits") or 16), []).append(row)
     keys = sorted(series, key=lambda k: (order.get(k[0], len(order)), k[0], -k[1]))
-    colours = plt.get_cmap("tab10").colors
+    # tab10, then colours unlike any of its ten: METHODS has more than ten, and a reused colour
+    # would make two methods (kvzip-c1000 and kvzip, kvzip-online and snapkv) look like one
+    colours = plt.get_cmap("tab10").colors + ("black", "darkgoldenrod", "magenta", "lime")
     methods = list(dict.fromkeys(meth for meth, _ in keys))  # a colour per method, a dash per bit width
     dashes = {16: "-", 8: "--", 4: ":"}
     # equal values (several methods at 0, all at 1) would hide each other: each series gets its own

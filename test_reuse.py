@@ -369,3 +369,25 @@ def test_model_names_pass_through_to_model_load(tiny, tmp_path, monkeypatch, cap
     monkeypatch.setitem(reuse.QUALITY_PRESETS, "quick", dict(reuse.QUALITY_PRESETS["quick"], **TINY_PRESET))
     reuse.main(reuse.parse_args(["--model", "some-model", "--quick", "--methods", "kvzip"]))
     assert loaded == ["some-model"] and "reuse experiment" in capsys.readouterr().out
+
+
+def test_plot_quality_gives_every_method_its_own_colour(tmp_path, monkeypatch):
+    """More methods than tab10 has colours: none may share one (kvzip-online would look like snapkv)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    colours = {}
+    real_savefig = Figure.savefig
+
+    def spy(fig, *a, **k):
+        for ln in fig.axes[0].get_lines():
+            colours[ln.get_label()] = to_hex(ln.get_color())
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    rows = [dict(method=meth, ratio=r, relative_accuracy=r, reconstruction_nll_ratio=1 / r)
+            for meth in reuse.METHODS for r in (0.3, 1.0)]
+    reuse.plot_quality(dict(rows=rows, methods=list(reuse.METHODS)), tmp_path / "fig.png")
+    assert set(colours) == set(reuse.METHODS) and len(set(colours.values())) == len(reuse.METHODS)
+    plt.close("all")
