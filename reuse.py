@@ -22,10 +22,10 @@ Map of this file: the methods and presets, the evaluation of one cache (_answers
 _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
 (_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask),
 the intervals and _summarize (one row), run_quality (the experiment) and its steps (_settings,
-_runnable, _online_caches, _score_baselines, _evaluate_caches, _result), format_quality_table, format_kinds_table (what each
-method keeps of digits, punctuation and words), plot_quality (the figure), compare_online and
-format_online_table (KVzip online against offline, --online), main(). Nothing
-imports this file.
+_runnable, _online_caches, _score_baselines, _evaluate_caches, _result), format_quality_table,
+format_kinds_table (what each method keeps of digits, punctuation and words), plot_quality (the
+figure), compare_online and format_online_table (KVzip online against offline, --online), main().
+Nothing imports this file.
 """
 import argparse
 import json
@@ -350,6 +350,7 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
                                                    quick=quick, budget=budget, quantized=quantized,
                                                    overrides=overrides)
     methods, skipped = _runnable(m, methods)
+    ratios_of = {meth: ratios_of[meth] for meth in methods}
     for meth, why in skipped.items():  # printed whatever `progress` says: a row the caller asked for is missing
         errors.progress(f"skipping {meth}: {why}")
     say = errors.progress if progress else (lambda msg: None)
