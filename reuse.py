@@ -12,7 +12,8 @@ query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Fi
 For each seeded context (tasks.py): prefill once, score once per method (baselines.py; SnapKV,
 PyramidKV and H2O see the context's *first* query; KVzip's ablations are scored here with
 kvzip.py's functions), prune at the method's ratios, then answer *all* queries of the context
-from that one cache, as a serving system would reuse it.
+from that one cache, as a serving system would reuse it. KVzip online (kvzip-online) builds its
+own cache at each ratio instead, chunk by chunk (kvzip.prefill_online), and is answered alike.
 The same context also gives the quantized rows: KVzip caches stored in int8 / int4
 (kv.prune(ratio, bits=...), quant.py), and quantization alone (ratio 1.0, int4); every row has a
 `bits` field (16: the model's dtype, not quantized).
@@ -21,10 +22,10 @@ Map of this file: the methods and presets, the evaluation of one cache (_answers
 _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
 (_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask),
 the intervals and _summarize (one row), run_quality (the experiment) and its steps (_settings,
-_score_baselines, _evaluate_caches, _result), format_quality_table, format_kinds_table (what each
-method keeps of digits, punctuation and words), plot_quality (the figure), compare_online and
-format_online_table (KVzip online against offline, --online), main(). Nothing
-imports this file.
+_runnable, _online_caches, _score_baselines, _evaluate_caches, _result), format_quality_table,
+format_kinds_table (what each method keeps of digits, punctuation and words), plot_quality (the
+figure), compare_online and format_online_table (KVzip online against offline, --online), main().
+Nothing imports this file.
 """
 import argparse
 import json
@@ -68,8 +69,15 @@ import tasks  # noqa: E402
 #   kvzip-uniform       KVzip's scores, the same budget for every head (uniform=True)
 #   kvzip-softmax-free  the max scaled logit instead of the max attention probability (scorer="logits")
 #   kvzip-c500/-c1000   KVzip with reconstruction chunks of 500 / 1000 tokens instead of 2000
+# and KVzip online beside them (ONLINE), which cannot be pruned from the offline FullKV:
+#   kvzip-online        kvzip.prefill_online at each of its ratios (a fresh prefill per ratio: the
+#                       kept past decides what every later chunk sees), chunks of ONLINE_CHUNK = 500
+#                       tokens, so the contexts of 719-1,492 tokens come in 2-3 chunks; with those
+#                       chunks kvzip-c500 is the same scoring offline
 KVZIP_VARIANTS = ("kvzip-head", "kvzip-uniform", "kvzip-softmax-free", "kvzip-c500", "kvzip-c1000")
-METHODS = baselines.METHODS + KVZIP_VARIANTS
+ONLINE = "kvzip-online"
+ONLINE_CHUNK = 500
+METHODS = baselines.METHODS + KVZIP_VARIANTS + (ONLINE,)
 VARIANT_CHUNKS = {"kvzip": kvzip.CHUNK_SIZE, "kvzip-c500": 500, "kvzip-c1000": 1000}
 CALIBRATION_SEED = 10 ** 6  # head scores are calibrated on contexts of seed CALIBRATION_SEED + seed
 
@@ -93,19 +101,21 @@ QUALITY_PRESETS = {
     # query-aware baselines at baseline_ratios (below 0.3 they keep almost no probe, at 0.7
     # some); the controls (StreamingLLM, random) at one ratio; KVzip's pair-level ablations at
     # 0.1, where KVzip itself loses probes (where it keeps them all an ablation cannot differ);
-    # head-level at the paper's 0.6; ratio 1 once, shared. Scoring is the other large cost (four
+    # head-level at the paper's 0.6; KVzip online at KVzip's own ratios (online_ratios), to set
+    # beside it row by row; ratio 1 once, shared. Scoring is the other large cost (four
     # KVzip passes per context for the ablations), hence contexts of 1-1.5K tokens.
     "default": dict(needle_contexts=3, needle_tokens=(1000, 1500, 1000), needles=(16,), key_digits=3,
                     fact_contexts=1, fact_entities=6, fact_filler_words=400, questions_per_context=6,
                     recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
                     kvzip_ratios=(0.1, 0.3, 0.5), baseline_ratios=(0.3, 0.7),
                     control_ratios=(0.5,), ablation_ratios=(0.1,), head_ratios=(0.6,),
-                    calibration_tokens=1500),
+                    online_ratios=(0.1, 0.3, 0.5), calibration_tokens=1500),
     "quick": dict(needle_contexts=1, needle_tokens=(1000,), needles=(8,), key_digits=3,
                   fact_contexts=1, fact_entities=4, fact_filler_words=200, questions_per_context=3,
                   recon_spans=1, recon_span_tokens=64, needle_max_new=5, qa_max_new=8,
                   kvzip_ratios=(0.1, 0.3), baseline_ratios=(0.3,), control_ratios=(0.3,),
-                  ablation_ratios=(0.1,), head_ratios=(0.6,), calibration_tokens=1000),
+                  ablation_ratios=(0.1,), head_ratios=(0.6,), online_ratios=(0.1, 0.3),
+                  calibration_tokens=1000),
 }
 BOOTSTRAP_SAMPLES = 1000
 # The quantized rows: (ratio, bits) of KVzip caches stored quantized (kv.prune(ratio, bits=bits)),
@@ -192,6 +202,7 @@ def _calibration_contexts(tok, cfg, seed):
 def method_ratios(method, cfg) -> tuple:
     """The ratios a method is evaluated at in a preset (see QUALITY_PRESETS), ratio 1 included."""
     key = ("kvzip_ratios" if method == "kvzip" else "head_ratios" if method == "kvzip-head"
+           else "online_ratios" if method == ONLINE
            else "ablation_ratios" if method in KVZIP_VARIANTS
            else "control_ratios" if method in ("streamingllm", "random") else "baseline_ratios")
     return tuple(sorted(set(cfg[key]) | {1.0}))
@@ -261,7 +272,13 @@ def _keep_mask(kv, method, ratio, scores, hs, budget):
     their own rule (head level by the head scores hs (L, Hkv), uniform, or the global ranking of
     their scores), the baselines by theirs (baselines.eviction_budgets). The same mask gives the
     cache (kv.pack) and the kept share of each token kind; test_reuse checks it against each
-    method's own prune path."""
+    method's own prune path. kvzip-online's mask comes with its cache (_online_caches), except
+    at ratio 1, where it is every pair, as for every method."""
+    if method == ONLINE:
+        if ratio < 1:
+            raise ValueError("kvzip-online's kept pairs come from kvzip.prefill_online, not from offline scores")
+        return torch.ones(len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context, dtype=torch.bool,
+                          device=kv.cache.k[0].device)
     if method == "kvzip-head":
         return kvzip.head_keep_mask(hs.to(kv.cache.k[0].device), ratio, kv.n_context)
     if method == "kvzip-uniform":
@@ -332,6 +349,10 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
     methods, cfg, ratios_of, quantized = _settings(ratios=ratios, methods=methods, n_contexts=n_contexts,
                                                    quick=quick, budget=budget, quantized=quantized,
                                                    overrides=overrides)
+    methods, skipped = _runnable(m, methods)
+    ratios_of = {meth: ratios_of[meth] for meth in methods}
+    for meth, why in skipped.items():  # printed whatever `progress` says: a row the caller asked for is missing
+        errors.progress(f"skipping {meth}: {why}")
     say = errors.progress if progress else (lambda msg: None)
     t0 = time.perf_counter()
     head_seconds = 0.0
@@ -354,12 +375,13 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
         scores, seconds = _score_kvzip_variants(m, tok, kv, methods)
         full = _full_reference(m, tok, kv, ctx, cfg, offset=(ci + 0.5) / len(contexts))
         _score_baselines(m, tok, kv, ctx, methods=methods, scores=scores, seconds=seconds, seed=seed + ci)
+        online = _online_caches(m, tok, ctx, ratios_of[ONLINE], seconds) if ONLINE in methods else {}
         for meth in methods:
             scoring_seconds[meth] += 0.0 if meth == "kvzip-head" else seconds[_scores_key(meth)]
         start = time.perf_counter()
         kinds += [tasks.token_kind(tok.decode([i])) for i in kv.context_ids]
         plain, stored = _evaluate_caches(m, tok, kv, ctx, full, scores=scores, methods=methods, ratios_of=ratios_of,
-                                         quantized=quantized, hs=head_scores, budget=budget)
+                                         quantized=quantized, hs=head_scores, budget=budget, online=online)
         for key, count in plain:
             counts[key].append(count)
         for key, count in stored:
@@ -377,7 +399,8 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
 
     return _result(counts, quantized_counts, per_context, kinds, methods=methods, ratios_of=ratios_of,
                    quantized=quantized, seed=seed, quick=quick, cfg=cfg, budget=budget,
-                   scoring_seconds=scoring_seconds, head_seconds=head_seconds, hs=head_scores, t0=t0)
+                   scoring_seconds=scoring_seconds, head_seconds=head_seconds, hs=head_scores, t0=t0,
+                   skipped=skipped)
 
 
 def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, overrides):
@@ -404,6 +427,32 @@ def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, override
     return methods, cfg, ratios_of, quantized
 
 
+def _runnable(m, methods) -> tuple[tuple, dict]:
+    """(the methods that can run on model m, {method: why not} for the others): kvzip.prefill_online
+    refuses hybrid sliding-window models (check_context), so kvzip-online is left out on them."""
+    if ONLINE in methods and m.cfg.has_sliding_layers:
+        why = (f"{m.cfg.architecture} has sliding-window layers, which kvzip.prefill_online does not "
+               "support; the other methods still run")
+        return tuple(x for x in methods if x != ONLINE), {ONLINE: why}
+    return methods, {}
+
+
+def _online_caches(m, tok, ctx, ratios, seconds) -> dict:
+    """KVzip online's cache of one context at each ratio below 1: {ratio: (CompressedKV, keep
+    (L, Hkv, n_c))}, from kvzip.prefill_online with chunks of ONLINE_CHUNK. Each ratio is a run of
+    its own (prefill, scoring and eviction, chunk by chunk), whose seconds are summed into
+    seconds[ONLINE]. At ratio 1 nothing is evicted: the shared full cache stands for it."""
+    out, total = {}, 0.0
+    for r in ratios:
+        if r < 1:
+            start = time.perf_counter()
+            ckv = kvzip.prefill_online(m, tok, ctx["context"], r, chunk_size=ONLINE_CHUNK)
+            total += time.perf_counter() - start
+            out[r] = ckv, ckv.scores > float("-inf")  # scores are -inf exactly where a pair was evicted
+    seconds[ONLINE] = total
+    return out
+
+
 def _score_baselines(m, tok, kv, ctx, *, methods, scores, seconds, seed):
     """Adds to scores and seconds (_score_kvzip_variants') those of the baselines in `methods`
     not scored yet. The query-aware ones see the context's first query only: the cache must then
@@ -417,18 +466,21 @@ def _score_baselines(m, tok, kv, ctx, *, methods, scores, seconds, seed):
             seconds[key] = time.perf_counter() - start
 
 
-def _evaluate_caches(m, tok, kv, ctx, full, *, scores, methods, ratios_of, quantized, hs, budget):
-    """Every cache of one context, pruned from kv and evaluated against the full cache's side
-    `full`: ([((method, ratio), count)], [((ratio, bits), count)] for the quantized KVzip caches),
-    each count as _summarize reads it. At ratio 1 every method keeps every pair: one cache,
-    evaluated once."""
+def _evaluate_caches(m, tok, kv, ctx, full, *, scores, methods, ratios_of, quantized, hs, budget, online=None):
+    """Every cache of one context, pruned from kv (kvzip-online's: given, online = _online_caches')
+    and evaluated against the full cache's side `full`: ([((method, ratio), count)],
+    [((ratio, bits), count)] for the quantized KVzip caches), each count as _summarize reads it.
+    At ratio 1 every method keeps every pair: one cache, evaluated once."""
     plain, stored = [], []
     res_full = None
     for meth in methods:
         for r in ratios_of[meth]:
-            keep = _keep_mask(kv, meth, r, scores, hs, budget)  # (L, Hkv, n_c)
+            if meth == ONLINE and r < 1:
+                ckv, keep = online[r]
+            else:
+                keep = _keep_mask(kv, meth, r, scores, hs, budget)  # (L, Hkv, n_c)
+                ckv = kv.pack(keep) if r < 1 or res_full is None else None
             if r < 1 or res_full is None:
-                ckv = kv.pack(keep)
                 res = dict(_evaluate(m, tok, ckv, ctx, full), kept_ratio=ckv.kept_ratio)
                 if r == 1:
                     res_full = res
@@ -451,10 +503,10 @@ def _count(res, keep, ctx, full) -> dict:
 
 
 def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of, quantized, seed, quick, cfg,
-            budget, scoring_seconds, head_seconds, hs, t0) -> dict:
+            budget, scoring_seconds, head_seconds, hs, t0, skipped=None) -> dict:
     """run_quality's result: one row per (method, ratio) and per quantized (ratio, bits) from the
     per-context counts, the totals over contexts, the settings, the head scores hs (L, Hkv) of
-    kvzip-head, and the seconds (t0: the start)."""
+    kvzip-head, the methods skipped on this model ({method: why}) and the seconds (t0: the start)."""
     rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed))
             for (meth, r), cs in counts.items()]
     rows += [dict(method="kvzip", ratio=r, bits=bits, **_summarize(cs, kinds, seed))
@@ -465,6 +517,7 @@ def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of,
         rows=rows, methods=list(methods), ratios=sorted({r for rs in ratios_of.values() for r in rs}),
         quantized=[list(rb) for rb in quantized],
         seed=seed, quick=quick, config=cfg, baseline_budget=budget,
+        online_chunk_size=ONLINE_CHUNK if ONLINE in methods else None, skipped=dict(skipped or {}),
         n_contexts=len(per_context), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
         n_probes_asked=sum(c["n_queries"] for c in needle),
         n_probes=sum(c["full_right"] for c in needle),  # those the full cache gets right: the denominator
@@ -474,7 +527,9 @@ def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of,
         context_tokens=[c["n_context"] for c in per_context],
         token_kinds={k: kinds.count(k) for k in sorted(set(kinds), key=_kind_order)},
         prefill_seconds=round(sum(c["prefill_seconds"] for c in per_context), 1),
-        scoring_seconds={k: round(v, 3) for k, v in scoring_seconds.items()},  # per method, all contexts
+        # per method, all contexts; kvzip-online's are whole runs of prefill_online (its prefill
+        # included), one per ratio, where the offline methods share one prefill (prefill_seconds)
+        scoring_seconds={k: round(v, 3) for k, v in scoring_seconds.items()},
         head_scores_seconds=round(head_seconds, 3),  # once per model (kvzip-head), not per context
         head_scores=None if hs is None else hs.tolist(),  # (L, Hkv)
         per_context=per_context,
@@ -511,7 +566,11 @@ def format_quality_table(result) -> str:
                      + ", ".join(f"{k} {v:.1f}" for k, v in result["scoring_seconds"].items())
                      + f"; prefill {result['prefill_seconds']:.1f}"
                      + (f"; head scores (once per model) {result['head_scores_seconds']:.1f}"
-                        if "kvzip-head" in result["methods"] else ""))
+                        if "kvzip-head" in result["methods"] else "")
+                     + (f" ({ONLINE}: prefill_online at each of its ratios, chunks of {result['online_chunk_size']}, "
+                        "its prefills included)" if ONLINE in result["methods"] else ""))
+    for meth, why in result.get("skipped", {}).items():
+        lines.append(f"skipped {meth}: {why}")
     return "\n".join(lines)
 
 
@@ -555,7 +614,9 @@ def plot_quality(result, path) -> list[str]:
         if isinstance(row.get("method"), str) and isinstance(row.get("ratio"), (int, float)):
             series.setdefault((row["method"], row.get("bits") or 16), []).append(row)
     keys = sorted(series, key=lambda k: (order.get(k[0], len(order)), k[0], -k[1]))
-    colours = plt.get_cmap("tab10").colors
+    # tab10, then colours unlike any of its ten: METHODS has more than ten, and a reused colour
+    # would make two methods (kvzip-c1000 and kvzip, kvzip-online and snapkv) look like one
+    colours = plt.get_cmap("tab10").colors + ("black", "darkgoldenrod", "magenta", "lime")
     methods = list(dict.fromkeys(meth for meth, _ in keys))  # a colour per method, a dash per bit width
     dashes = {16: "-", 8: "--", 4: ":"}
     # equal values (several methods at 0, all at 1) would hide each other: each series gets its own
@@ -672,6 +733,14 @@ def format_online_table(result) -> str:
     return "\n".join(lines)
 
 
+def _names_a_path(model: str) -> bool:
+    """Whether --model names a folder (checked here, before minutes of work) rather than a model
+    name such as "gemma3-270m", which goes to model.load as it is (model.load says whether it knows
+    it): whatever exists on disk, or is written as a path (a separator, ~ or a leading dot)."""
+    seps = {os.sep, os.altsep or os.sep}
+    return os.path.exists(model) or any(c in model for c in seps) or model.startswith((".", "~"))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
@@ -681,7 +750,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE",
                    help="also draw the figure into FILE (.png, .pdf, .svg, .jpg): relative accuracy and "
                    "reconstruction NLL vs ratio, one line per method")
-    p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", metavar="DIR_OR_NAME",
+                   help="Hugging Face folder, or a model name that model.load knows "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--baseline-budget", choices=baselines.BUDGETS, default=baselines.DEFAULT_BUDGET,
                    help="the baselines' budget rule: 'layer' (equal layer budgets, heads ranked within each "
                         "layer: the paper's setup, the default) or 'global' (one ranking over all layers)")
@@ -706,7 +777,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "this safetensors file (kvzip.save_head_scores writes one)")
         elif why := errors.check_output(args.head_scores, "--head-scores"):
             p.error(why)
-    if args.model and (why := errors.check_folder(args.model, "--model")):
+    if args.model and _names_a_path(args.model) and (why := errors.check_folder(args.model, "--model")):
         p.error(why)
     for meth in args.methods or ():
         if meth not in METHODS:

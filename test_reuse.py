@@ -144,7 +144,7 @@ def test_keep_mask_is_what_each_method_prunes(tiny_kv):
             return tiny_kv.prune(ratio, scores=scores[meth])
         return baselines.compress(tiny_kv, meth, ratio, scores["snapkv" if meth == "pyramidkv" else meth], budget)
 
-    for meth in reuse.METHODS:
+    for meth in (x for x in reuse.METHODS if x != reuse.ONLINE):  # kvzip-online: its own cache, tested below
         for ratio in (0.1, 0.45):
             for budget in baselines.BUDGETS:
                 want = own_prune(meth, ratio, budget)
@@ -153,6 +153,9 @@ def test_keep_mask_is_what_each_method_prunes(tiny_kv):
                     assert torch.equal(ckv.offsets[l], want.offsets[l]), (meth, ratio, budget, l)
                     assert torch.equal(ckv.k[l], want.k[l]) and torch.equal(ckv.v[l], want.v[l]), (meth, ratio, l)
                 assert ckv.kept_ratio == want.kept_ratio
+    with pytest.raises(ValueError, match="prefill_online"):  # no silent offline stand-in
+        reuse._keep_mask(tiny_kv, reuse.ONLINE, 0.3, scores, hs, "layer")
+    assert reuse._keep_mask(tiny_kv, reuse.ONLINE, 1.0, scores, hs, "layer").all()
 
 
 def synthetic_result():
@@ -278,3 +281,113 @@ def test_each_method_runs_at_its_presets_ratios():
     assert reuse.method_ratios("random", cfg) == tuple(cfg["control_ratios"]) + (1.0,)
     assert reuse.method_ratios("kvzip-c500", cfg) == tuple(cfg["ablation_ratios"]) + (1.0,)
     assert reuse.method_ratios("kvzip-head", cfg) == tuple(cfg["head_ratios"]) + (1.0,)
+    assert reuse.method_ratios(reuse.ONLINE, cfg) == (0.1, 0.3, 0.5, 1.0)  # beside KVzip's own rows
+    assert reuse.method_ratios(reuse.ONLINE, cfg) == reuse.method_ratios("kvzip", cfg)
+    assert reuse.ONLINE in reuse.METHODS and reuse.ONLINE in reuse.parse_args(["--methods", reuse.ONLINE]).methods
+
+
+def test_kvzip_online_rows_are_prefill_online_caches(tiny, monkeypatch):
+    """kvzip-online's rows evaluate the caches kvzip.prefill_online returns, one run per context
+    and ratio below 1, with ONLINE_CHUNK: with several chunks their kept sets are not offline
+    KVzip's (same chunks, same ratio), so a fallback to offline pruning would fail here."""
+    m, tok, _ = tiny
+    monkeypatch.setattr(reuse, "ONLINE_CHUNK", 40)  # several chunks of the ~100-150-token contexts
+    calls, evaluated = [], set()
+    real_online, real_evaluate = kvzip.prefill_online, reuse._evaluate
+
+    def spy_online(m_, tok_, context, ratio, **kw):
+        ckv = real_online(m_, tok_, context, ratio, **kw)
+        calls.append((context, ratio, kw.get("chunk_size"), ckv))
+        return ckv
+
+    def spy_evaluate(m_, tok_, cache, ctx, full):
+        evaluated.add(id(cache))
+        return real_evaluate(m_, tok_, cache, ctx, full)
+
+    monkeypatch.setattr(kvzip, "prefill_online", spy_online)
+    monkeypatch.setattr(reuse, "_evaluate", spy_evaluate)
+    res = reuse.run_quality(m, tok, methods=("kvzip", reuse.ONLINE), n_contexts=1, quick=True, progress=False,
+                            quantized=(), **dict(TINY_PRESET, kvzip_ratios=(0.3,), online_ratios=(0.1, 0.3)))
+    res = json.loads(json.dumps(res))  # plain JSON all the way down
+    assert [(r, c) for _, r, c, _ in calls] == [(0.1, 40), (0.3, 40)] * 2  # needle, then fact context
+    assert all(id(ckv) in evaluated for *_, ckv in calls)
+    assert all(len(ckv.trace) >= 2 for *_, ckv in calls)  # several chunks each
+    online = {r["ratio"]: r for r in res["rows"] if r["method"] == reuse.ONLINE}
+    assert set(online) == {0.1, 0.3, 1.0} and res["online_chunk_size"] == 40 and res["skipped"] == {}
+    for r, row in online.items():
+        assert row["kept_ratio"] == pytest.approx(r, abs=0.01) and row["n_probes"] == res["n_probes"]
+    assert online[1.0]["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert res["scoring_seconds"][reuse.ONLINE] > 0
+    # the rows' kept share of each token kind is that of prefill_online's caches
+    kinds, kept = [], {0.1: [], 0.3: []}
+    for context, r, _, ckv in calls:
+        if r == 0.1:
+            kinds += [tasks.token_kind(tok.decode([i])) for i in ckv.context_ids]
+        kept[r] += (ckv.scores > float("-inf")).float().mean(dim=(0, 1)).tolist()
+    for r in (0.1, 0.3):
+        want = tasks.kept_by_kind(kept[r], kinds)
+        assert online[r]["kept_by_kind"] == pytest.approx(want)
+    # not offline KVzip: the same chunks and ratio pruned from the full cache keep another set
+    context, _, _, ckv = calls[1]  # the needle context at 0.3
+    offline = kvzip.prefill(m, tok, context, chunk_size=40)
+    assert not torch.equal(ckv.scores > float("-inf"), kvzip.keep_mask(offline.scores, 0.3).to(ckv.scores.device))
+    table = reuse.format_quality_table(res)
+    assert f"{reuse.ONLINE:<19}  0.10   16" in table and "prefill_online at each of its ratios, chunks of 40" in table
+
+
+def test_hybrid_models_skip_kvzip_online(tiny, capsys):
+    """prefill_online refuses hybrid sliding-window models: kvzip-online is left out of the methods
+    there, with the reason, which the table prints; other models keep it."""
+    from types import SimpleNamespace
+
+    m, _, _ = tiny
+    assert reuse._runnable(m, reuse.METHODS) == (reuse.METHODS, {})
+    cfg = model.ModelConfig(architecture="Gemma3ForCausalLM", vocab_size=16, n_embd=8, n_layer=2, n_head=1,
+                            n_kv_head=1, head_dim=8, intermediate_size=8, layer_types=(model.SLIDING, model.FULL),
+                            sliding_window=4)
+    methods, skipped = reuse._runnable(SimpleNamespace(cfg=cfg), reuse.METHODS)
+    assert methods == tuple(x for x in reuse.METHODS if x != reuse.ONLINE)
+    assert list(skipped) == [reuse.ONLINE] and "sliding-window" in skipped[reuse.ONLINE]
+    res = dict(rows=[], methods=list(methods), n_needle_contexts=1, n_probes_asked=1, n_probes=1, n_fact_contexts=0,
+               n_questions=0, context_tokens=[10], seed=0, seconds=1.0, skipped=skipped)
+    assert f"skipped {reuse.ONLINE}: Gemma3ForCausalLM has sliding-window layers" in reuse.format_quality_table(res)
+
+
+def test_model_names_pass_through_to_model_load(tiny, tmp_path, monkeypatch, capsys):
+    """--model takes a folder (checked at once: a wrong path is a usage error) or a name, which
+    goes to model.load unchanged."""
+    m, tok, _ = tiny
+    assert reuse.parse_args(["--model", "gemma3-270m"]).model == "gemma3-270m"
+    for bad, why in ((str(tmp_path / "missing"), "no such folder"), ("./missing", "no such folder"),
+                     (str(tmp_path / "f.txt"), "is a file")):
+        (tmp_path / "f.txt").write_text("x")
+        with pytest.raises(SystemExit):
+            reuse.parse_args(["--model", bad])
+        assert why in capsys.readouterr().err
+    loaded = []
+    monkeypatch.setattr(reuse.model_lib, "load", lambda name=None: loaded.append(name) or (m, tok))
+    monkeypatch.setitem(reuse.QUALITY_PRESETS, "quick", dict(reuse.QUALITY_PRESETS["quick"], **TINY_PRESET))
+    reuse.main(reuse.parse_args(["--model", "some-model", "--quick", "--methods", "kvzip"]))
+    assert loaded == ["some-model"] and "reuse experiment" in capsys.readouterr().out
+
+
+def test_plot_quality_gives_every_method_its_own_colour(tmp_path, monkeypatch):
+    """More methods than tab10 has colours: none may share one (kvzip-online would look like snapkv)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    colours = {}
+    real_savefig = Figure.savefig
+
+    def spy(fig, *a, **k):
+        for ln in fig.axes[0].get_lines():
+            colours[ln.get_label()] = to_hex(ln.get_color())
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    rows = [dict(method=meth, ratio=r, relative_accuracy=r, reconstruction_nll_ratio=1 / r)
+            for meth in reuse.METHODS for r in (0.3, 1.0)]
+    reuse.plot_quality(dict(rows=rows, methods=list(reuse.METHODS)), tmp_path / "fig.png")
+    assert set(colours) == set(reuse.METHODS) and len(set(colours.values())) == len(reuse.METHODS)
+    plt.close("all")
