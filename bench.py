@@ -205,8 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (default auto: cuda when available, else cpu)")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
-    p.add_argument("--model", metavar="DIR",
-                   help="Hugging Face folder for the real-model rows (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", metavar="DIR_OR_NAME",
+                   help=f"Hugging Face folder or a model name ({', '.join(model_lib.MODEL_NAMES)}) for the real-model "
+                        "rows (default: embedded SmolLM2-135M)")
     p.add_argument("--reps", type=parse_positive, default=None,
                    help="timed repeats of each decode path (default 15 on CPU, 30 on CUDA; --quick 3)")
     p.add_argument("--synthetic", action="store_true",
@@ -221,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available here")
     if args.json and (why := errors.check_output(args.json, "--json")):
         p.error(why)
-    if args.model and (why := errors.check_folder(args.model, "--model")):
+    if args.model and (why := model_lib.model_arg_problem(args.model)):
         p.error(why)
     if args.synthetic:  # these options are about the model, which --synthetic does not load
         for given, option in ((args.model, "--model"), (args.score_ctx, "--score-ctx"),
@@ -287,6 +288,8 @@ def geometry_before_load(args, device) -> Geometry:
         return get_geometry(args.geometry)
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # model.load's defaults
     folder = Path(args.model) if args.model else model_lib.default_model_dir()
+    if args.model in model_lib.MODEL_NAMES:
+        folder = model_lib.named_model_dir(args.model)  # converted on first use, as load would
     if not args.model and not (folder / "config.json").exists():  # not converted yet: its known shape
         return dataclasses.replace(GEOMETRIES["smollm2-135m"], name="model", dtype=dtype)
     c = model_lib.read_config(folder)

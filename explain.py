@@ -679,7 +679,8 @@ def main(argv=None):
     p.add_argument("--context", metavar="FILE", help="text file to use as the context "
                    "(default: a seeded haystack with two pass keys)")
     p.add_argument("--query", action="append", help="a question for --explain with --context (repeatable)")
-    p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", metavar="DIR_OR_NAME",
+                   help=f"Hugging Face folder or a model name: {', '.join(model_lib.MODEL_NAMES)} (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--chunk-size", type=int, default=128,
                    help="context tokens per reconstruction chunk in --explain (default 128, so that "
                    f"chunking shows; kvzip's default is {kvzip.CHUNK_SIZE})")
@@ -703,7 +704,7 @@ def main(argv=None):
     # the model has loaded and scored the context, a failure then would waste that work
     if args.html and (why := errors.check_output(args.html, "--html")):
         p.error(why)
-    if args.model and (why := errors.check_folder(args.model, "--model")):
+    if args.model and (why := model_lib.model_arg_problem(args.model)):
         p.error(why)
 
     if args.toy:

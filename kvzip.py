@@ -1495,7 +1495,8 @@ def main(argv=None):
                    "in order (one per --query): both caches are then marked right or WRONG")
     p.add_argument("--raw", action="store_true", help="ask each --query as raw text to complete (e.g. 'The "
                    "pass key for the red door is'), not as a chat question")
-    p.add_argument("--model", metavar="DIR", help="Hugging Face folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", metavar="DIR_OR_NAME",
+                   help=f"Hugging Face folder or a model name: {', '.join(model_lib.MODEL_NAMES)} (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="the longest answer, in tokens (default 32)")
     p.add_argument("--save", metavar="FILE", help="compress the context and write the cache to FILE")
@@ -1538,7 +1539,7 @@ def main(argv=None):
             p.error(f"{option}: marks the demo's two caches; it cannot be used with --save or --load")
     if args.bits != 16 and not args.save:
         p.error(f"--bits {args.bits}: sets the stored values of a cache written with --save; no --save given")
-    if args.model and (why := errors.check_folder(args.model, "--model")):
+    if args.model and (why := model_lib.model_arg_problem(args.model)):
         p.error(why)
     context = None
     if args.context:

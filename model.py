@@ -1088,6 +1088,12 @@ MODEL_NAMES = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct (the default; pac
                               "the Gemma terms of use apply to its weights)"}
 
 
+def model_arg_problem(value, what: str = "--model") -> str | None:
+    """Why a command line's --model cannot be loaded, checked before any work (None if it can be
+    tried): a name of MODEL_NAMES is always fine; anything else must be an existing folder."""
+    return None if value in MODEL_NAMES else errors.check_folder(value, what)
+
+
 def default_model_problem() -> str | None:
     """Why load() with no path cannot work on this machine (the wheel or `gguf` missing, and no
     converted folder yet), or None if it can: checked without loading or converting anything."""
@@ -1158,7 +1164,7 @@ def main(argv=None):
         p.error("empty prompt")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.model and args.model not in MODEL_NAMES and (why := errors.check_folder(args.model, "--model")):
+    if args.model and (why := model_arg_problem(args.model)):
         p.error(f"{why} (model names: {', '.join(MODEL_NAMES)})")
     t0 = time.perf_counter()
     m, tok = load(args.model)

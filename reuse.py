@@ -733,14 +733,6 @@ def format_online_table(result) -> str:
     return "\n".join(lines)
 
 
-def _names_a_path(model: str) -> bool:
-    """Whether --model names a folder (checked here, before minutes of work) rather than a model
-    name such as "gemma3-270m", which goes to model.load as it is (model.load says whether it knows
-    it): whatever exists on disk, or is written as a path (a separator, ~ or a leading dot)."""
-    seps = {os.sep, os.altsep or os.sep}
-    return os.path.exists(model) or any(c in model for c in seps) or model.startswith((".", "~"))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = errors.ArgumentParser(prog="reuse.py", description="The reuse experiment: query-agnostic KVzip "
                                 "against query-aware baselines, one compressed cache per context and method.")
@@ -777,7 +769,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "this safetensors file (kvzip.save_head_scores writes one)")
         elif why := errors.check_output(args.head_scores, "--head-scores"):
             p.error(why)
-    if args.model and _names_a_path(args.model) and (why := errors.check_folder(args.model, "--model")):
+    if args.model and (why := model_lib.model_arg_problem(args.model)):
         p.error(why)
     for meth in args.methods or ():
         if meth not in METHODS:

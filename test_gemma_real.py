@@ -251,16 +251,12 @@ def test_plain_template_answers_from_the_context(gemma):
 
 
 def test_kvzip_on_the_real_model(gemma):
+    """KVzip scores the three global layers (5, 11, 17) only, and the pass key survives at 0.5."""
     m, tok = gemma
-    try:
-        kv = kvzip.prefill(m, tok, PASS_KEY_CONTEXT)
-    except InputError as e:
-        if "hybrid" in str(e):
-            pytest.skip(f"KVzip refuses hybrid models in this version ({e}); KVzip on Gemma 3 is tested elsewhere")
-        raise
+    kv = kvzip.prefill(m, tok, PASS_KEY_CONTEXT)
+    assert kv.layers == [5, 11, 17] and kv.scores.shape == (3, 1, kv.n_context)
     assert "71942" in kvzip.generate(m, tok, "What is the pass key?", kv, max_new_tokens=16)
-    answer = kvzip.generate(m, tok, "What is the pass key?", kv.prune(0.5), max_new_tokens=16)
-    assert isinstance(answer, str) and answer.strip()
+    assert "71942" in kvzip.generate(m, tok, "What is the pass key?", kv.prune(0.5), max_new_tokens=16)
 
 
 # -----------------------------------------------------------------------------

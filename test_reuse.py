@@ -367,8 +367,8 @@ def test_model_names_pass_through_to_model_load(tiny, tmp_path, monkeypatch, cap
     loaded = []
     monkeypatch.setattr(reuse.model_lib, "load", lambda name=None: loaded.append(name) or (m, tok))
     monkeypatch.setitem(reuse.QUALITY_PRESETS, "quick", dict(reuse.QUALITY_PRESETS["quick"], **TINY_PRESET))
-    reuse.main(reuse.parse_args(["--model", "some-model", "--quick", "--methods", "kvzip"]))
-    assert loaded == ["some-model"] and "reuse experiment" in capsys.readouterr().out
+    reuse.main(reuse.parse_args(["--model", "gemma3-270m", "--quick", "--methods", "kvzip"]))
+    assert loaded == ["gemma3-270m"] and "reuse experiment" in capsys.readouterr().out
 
 
 def test_plot_quality_gives_every_method_its_own_colour(tmp_path, monkeypatch):
