@@ -402,6 +402,31 @@ def online_memory(geo, n_p: int, n_c: int, ratio: float, chunk_size: int, n_q_ex
     return dict(full_bytes=geo.kv_bytes(n_p + n_c), offline_peak_bytes=offline, online_peak_bytes=online)
 
 
+def hybrid_memory(cfg, n_p: int, n_c: int, ratio: float, bits=(16, 8, 4), dtype=torch.bfloat16, seed: int = 0) -> dict:
+    """Bytes of a hybrid sliding-window model's KV cache (Gemma 3: model.ModelConfig cfg) for n_p
+    prefix + n_c context tokens, counted from real cache objects with random K/V: the full cache as
+    model.WindowKVCache holds it (global layers every position, sliding layers their last window - 1),
+    the same positions with no sliding windows (every layer every position), and KVzip's compressed
+    cache at `ratio` for each of `bits` (kvzip.CompressedKV.from_full: the global layers' kept pairs,
+    packed, the windows whole; built with the reference backend, so without a CPU's decode plans).
+    The kept count does not depend on the scores (exactly round(ratio * pairs)): random ones do."""
+    n, L, Hkv, D = n_p + n_c, cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+    g = torch.Generator().manual_seed(seed)
+    full = model_lib.WindowKVCache(L, Hkv, D, 0, dtype, "cpu", "reference", windows=cfg.windows)
+    for i, w in enumerate(cfg.windows):  # what the cache holds after n positions, set directly
+        rows = n if w is None else min(n, w - 1)
+        full.k[i] = torch.randn(Hkv, rows, D, generator=g).to(dtype)  # (Hkv, rows, D)
+        full.v[i] = torch.randn(Hkv, rows, D, generator=g).to(dtype)
+        full.first[i] = n - rows  # the position of row 0
+    full.seq_len = n
+    scores = torch.rand(len(kvzip.scored_layers(cfg.windows)), Hkv, n_c, generator=g)  # (L', Hkv, n_c)
+    keep = kvzip.keep_mask(scores, ratio)
+    compressed = {b: kvzip.CompressedKV.from_full(full, n_p, keep, "reference", bits=b).nbytes for b in bits}
+    per_position = 2 * Hkv * D * full.k[0].element_size()  # K and V of one position in one layer
+    return dict(n_p=n_p, n_c=n_c, ratio=ratio, dtype=str(dtype).removeprefix("torch."), full=full.nbytes,
+                no_windows=per_position * L * n, compressed=compressed)
+
+
 def cache_memory(full, n_p: int, n_c: int, counts):
     """(full bytes, compressed bytes) of all L layers, counted from real cache objects.
 

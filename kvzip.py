@@ -1407,10 +1407,10 @@ def _print_sizes(m, kv, ckv, ratio: float):
     L, Hkv = len(kv.layers), m.cfg.n_kv_head  # the scored layers: a hybrid model's global ones
     kept = round(ratio * L * Hkv * n_c)  # context pairs kept by the global ranking
     rows = (kept + L * Hkv * n_p) / (L * Hkv * (n_p + n_c))  # the prefix is never evicted
-    plans = sum(p.nbytes for p in ckv.plans or [])  # the CPU's decode plans (fused.DecodePlan)
+    plans = sum(p.nbytes for p in ckv.plans or [] if p is not None)  # the CPU's decode plans (fused.DecodePlan)
     print(f"KV cache: full {kv.nbytes / 2**20:.2f} MiB; compressed at ratio {ratio}: "
           f"{ckv.nbytes / 2**20:.2f} MiB ({ckv.nbytes / kv.nbytes:.1%} of the bytes)")
-    print(f"  why not {ratio:.0%}: the ratio counts context pairs only; the {n_p}-token prefix (chat "
+    print(f"  why not {ratio:.0%}: the ratio counts context pairs only; the {n_p}-token prefix ("
           f"template + KVzip's instruction) is never evicted, so {rows:.1%} of the rows stay "
           f"(({kept:,} + {L * Hkv * n_p:,} prefix) of {L * Hkv * (n_p + n_c):,}), plus the per-head offsets"
           + (f" and the decode plans ({plans / 2**20:.2f} MiB, see fused.DecodePlan)" if plans else ""))

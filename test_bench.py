@@ -296,3 +296,19 @@ def test_serving_step_and_capacity_on_paper():
                                                     speedup=8.0, same_answers=True),
                                      step=step, capacity=cap))
     assert "8.0x" in text and "0.3 + int4" in text
+
+
+def test_hybrid_memory_counts_what_the_real_caches_hold(tmp_path):
+    """bench.hybrid_memory at a tiny Gemma 3 (two sliding layers, window 6, one global layer)
+    against a real prefill: the window cache's bytes, every layer holding every position, and the
+    compressed caches at 0.3 in 16, 8 and 4 bits (reference backend: no decode plans)."""
+    import model
+    from test_gemma import CONTEXT, write_tiny_gemma
+    write_tiny_gemma(tmp_path)
+    m, tok = model.load(tmp_path)
+    kv = kvzip.prefill(m, tok, CONTEXT, backend="reference")
+    got = bench.hybrid_memory(m.cfg, kv.n_prefix, kv.n_context, 0.3, dtype=torch.float32)
+    assert got["full"] == kv.cache.nbytes < got["no_windows"] == kv.dense_nbytes
+    for bits in (16, 8, 4):
+        assert got["compressed"][bits] == kv.prune(0.3, bits=bits).nbytes, bits
+    assert got["compressed"][4] < got["compressed"][8] < got["compressed"][16] < got["full"]

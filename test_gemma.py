@@ -6,6 +6,7 @@ leaves their window) against the dense one, bad configs, and KVzip on a hybrid m
 global layers scored and evicted)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -522,6 +523,20 @@ def test_head_level_uniform_and_baselines_on_the_global_layers(gemma, gemma_kv, 
     h2o = (ctx.sum(2) / seen_by).mean(1)[None]  # (1, Hkv, n_c)
     torch.testing.assert_close(baselines.h2o_scores(m, tok, kv, "Where did the train go?"), h2o,
                                atol=1e-5, rtol=1e-4)
+
+
+def test_the_demo_on_a_hybrid_model(tmp_path, capsys):
+    """python kvzip.py --model on the tiny Gemma 3: both caches answer, and the sizes say which
+    layers were scored and what every layer holding every position would take."""
+    folder = tmp_path / "g"
+    write_tiny_gemma(folder)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT, encoding="utf-8")
+    kvzip.main(["--model", str(folder), "--context", str(ctx), "--query", "Where did the train go?",
+                "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert "of the 3 layers 1 are global (scored, evicted" in out and "Every layer holding every position" in out
+    assert re.search(r"^  -> (the same answer|the answers part at word \d+: full )", out, flags=re.M)
 
 
 def test_hybrid_refusals_and_a_gemma_without_sliding_layers(gemma, gemma_kv, tmp_path):

@@ -317,7 +317,7 @@ def test_demo_marks_answers_right_or_wrong(tiny_checkpoint, tmp_path, capsys, mo
     n_full = sum(c == "full" and m == "right" for c, m in marks)
     n_comp = sum(c == "compressed" and m == "right" for c, m in marks)
     assert f"right: full cache {n_full}/2, compressed cache {n_comp}/2 at ratio 0.3" in out
-    assert "prefix (chat template + KVzip's instruction) is never evicted" in out
+    assert "prefix (template + KVzip's instruction) is never evicted" in out
     assert "prefill and scoring by reconstruction" in err and "answering 2/2" in err  # progress lines
     assert not re.search(r"^\[ *[0-9.]+ s\]", out, flags=re.M)  # stdout holds the results alone
 
