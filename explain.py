@@ -680,7 +680,8 @@ def main(argv=None):
                    "(default: a seeded haystack with two pass keys)")
     p.add_argument("--query", action="append", help="a question for --explain with --context (repeatable)")
     p.add_argument("--model", metavar="DIR_OR_NAME",
-                   help=f"Hugging Face folder or a model name: {', '.join(model_lib.MODEL_NAMES)} (default: embedded SmolLM2-135M-Instruct)")
+                   help=f"Hugging Face folder or a model name: {', '.join(model_lib.MODEL_NAMES)} "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--chunk-size", type=int, default=128,
                    help="context tokens per reconstruction chunk in --explain (default 128, so that "
                    f"chunking shows; kvzip's default is {kvzip.CHUNK_SIZE})")

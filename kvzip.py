@@ -350,7 +350,8 @@ class FullKV:
         return self.cache.nbytes
 
 
-def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: bool = True, prefill_chunk: int = 1024):
+def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: bool = True,
+                  prefill_chunk: int = model_lib.PREFILL_CHUNK):
     """(prefix ids, context ids) for prefill / prefill_online, or an InputError naming the problem."""
     if context is None or (isinstance(context, str) and not context.strip()):
         raise InputError(f"empty context ({context!r}): nothing to prefill and compress")
@@ -371,7 +372,7 @@ def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: boo
 
 
 def prefill_ids(m, tok, p_ids: list[int], context_ids: list[int], chunk_size: int = CHUNK_SIZE,
-                backend: str = "auto", prefill_chunk: int = 1024) -> FullKV:
+                backend: str = "auto", prefill_chunk: int = model_lib.PREFILL_CHUNK) -> FullKV:
     """The unscored FullKV of prefix + context ids (checked by check_context), its cache with room
     for the reconstruction input too, so that scoring never has to grow (copy) the cache."""
     room = max_reconstruction_len(tok, min(chunk_size, len(context_ids)))
@@ -383,7 +384,7 @@ def prefill_ids(m, tok, p_ids: list[int], context_ids: list[int], chunk_size: in
 
 @torch.no_grad()
 def prefill(m, tok, context: str, chunk_size: int = CHUNK_SIZE, backend: str = "auto",
-            score: bool = True, prefill_chunk: int = 1024, scorer: str = "softmax") -> FullKV:
+            score: bool = True, prefill_chunk: int = model_lib.PREFILL_CHUNK, scorer: str = "softmax") -> FullKV:
     """Prefill the template prefix and the context into a full cache, then score it (KVzip).
 
     backend: see model.BACKENDS ("auto": the Triton kernel on CUDA, fused.ScoringCache on a CPU).
@@ -1287,7 +1288,7 @@ def _next_working_cache(ckv, rows_before, rows_after, bits: int, backend: str):
 
 @torch.no_grad()
 def prefill_online(m, tok, context: str, ratio: float, chunk_size: int = CHUNK_SIZE, bits: int = 16,
-                   backend: str = "auto", prefill_chunk: int = 1024) -> "CompressedKV":
+                   backend: str = "auto", prefill_chunk: int = model_lib.PREFILL_CHUNK) -> "CompressedKV":
     """KVzip online (see above): the context prefilled, scored and evicted chunk by chunk, never
     held whole. Returns the CompressedKV of round(ratio * L * Hkv * n_c) context pairs (prefix
     always kept), stored in `bits` (quantized once, at the end: the working caches stay in the
@@ -1496,7 +1497,8 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="ask each --query as raw text to complete (e.g. 'The "
                    "pass key for the red door is'), not as a chat question")
     p.add_argument("--model", metavar="DIR_OR_NAME",
-                   help=f"Hugging Face folder or a model name: {', '.join(model_lib.MODEL_NAMES)} (default: embedded SmolLM2-135M-Instruct)")
+                   help=f"Hugging Face folder or a model name: {', '.join(model_lib.MODEL_NAMES)} "
+                        "(default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="the longest answer, in tokens (default 32)")
     p.add_argument("--save", metavar="FILE", help="compress the context and write the cache to FILE")
