@@ -798,7 +798,8 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
 #
 # One safetensors file: per layer l the tensors "k.{l}", "v.{l}" (the packed rows in the model's
 # dtype) or, for an int8/int4 cache, "k.{l}.codes", "k.{l}.scale", "k.{l}.zero" (likewise v), and
-# "offsets.{l}"; then "prefix_ids" and "context_ids". Its metadata (strings) says what the file
+# "offsets.{l}"; a hybrid model's sliding layer l instead holds its window, "window_k.{l}" and
+# "window_v.{l}" (Hkv, n_w, D) in the model's dtype; then "prefix_ids" and "context_ids". Its metadata (strings) says what the file
 # is (FORMAT, FORMAT_VERSION), which model made it (model_identity), and how it was compressed
 # (ratio, bits, level, budget rule, chunk size, scorer). The file holds the packed bytes and
 # nothing else: the decode plans are rebuilt on loading, from the same rows.
@@ -818,19 +819,20 @@ def save_compressed(ckv: CompressedKV, path):
     if ckv.n_tail:
         raise ValueError(f"the cache holds {ckv.n_tail} query rows (keep=True): truncate it to its "
                          f"context ({ckv.base_len} positions) before saving")
-    if any(w is not None for w in ckv.windows):
-        raise InputError("saving the compressed cache of a hybrid sliding-window model (its windows) "
-                         "is not supported yet: the file format holds packed layers only")
     tensors = {"prefix_ids": torch.tensor(ckv.prefix_ids, dtype=torch.int64),
                "context_ids": torch.tensor(ckv.context_ids, dtype=torch.int64)}
     for l in range(len(ckv.k)):
+        if ckv.windows[l] is not None:  # a sliding layer: its window, the first n_window rows of its tail
+            n_w = ckv.n_window[l]
+            tensors.update({f"window_k.{l}": ckv.tail_k[l][:, :n_w], f"window_v.{l}": ckv.tail_v[l][:, :n_w]})
+            continue
         for name, x in ((f"k.{l}", ckv.k[l]), (f"v.{l}", ckv.v[l])):
             if isinstance(x, quant.Quantized):
                 tensors.update({f"{name}.codes": x.data, f"{name}.scale": x.scale, f"{name}.zero": x.zero})
             else:
                 tensors[name] = x
         tensors[f"offsets.{l}"] = ckv.offsets[l]
-    group = ckv.k[0].group if ckv.bits != 16 else 0
+    group = next((t.group for t in ckv.k if isinstance(t, quant.Quantized)), 0)
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION, **ckv.model_identity,
                 dtype=str(ckv.dtype).removeprefix("torch."), bits=str(ckv.bits), quant_group=str(group),
                 n_prefix=str(len(ckv.prefix_ids)), base_len=str(ckv.base_len),
@@ -863,18 +865,33 @@ def check_saved_model(path, meta: dict, m):
                              f"file, {ours!r} for this model")
 
 
-def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int) -> list[str]:
+def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int, windows=None,
+                      base_len: int = 0) -> list[str]:
     """The names the file must hold, each checked for dtype and row width against its header entry
-    (the row counts follow from the offsets, checked once they are read)."""
+    (the row counts follow from the offsets, checked once they are read; a sliding layer's window,
+    windows[l], must have the shape (Hkv, min(base_len, window - 1), D))."""
     bits = meta.get("bits")
     if bits not in ("16", "8", "4"):
         raise InputError(f"{path}: metadata field 'bits' is {bits!r}, expected 16, 8 or 4")
     want = {"prefix_ids": ("I64", None), "context_ids": ("I64", None)}
+    windows = windows or [None] * L
+    float_name = _DTYPE_NAMES.get(getattr(torch, meta.get("dtype", ""), None))
     for l in range(L):
+        if windows[l] is not None:
+            shape = [Hkv, min(base_len, windows[l] - 1), D]
+            for name in (f"window_k.{l}", f"window_v.{l}"):
+                e = header.get(name)
+                if e is None:
+                    raise InputError(f"{path}: tensor {name!r} is missing (layer {l} is a sliding layer)")
+                if e.get("dtype") != float_name or e.get("shape") != shape:
+                    raise InputError(f"{path}: tensor {name!r} is {e.get('dtype')} {e.get('shape')}, expected "
+                                     f"{float_name} {shape} (the last window - 1 positions)")
+                want[name] = (float_name, None)
+            continue
         want[f"offsets.{l}"] = ("I64", None)
         for kv in "kv":
             if bits == "16":
-                want[f"{kv}.{l}"] = (_DTYPE_NAMES.get(getattr(torch, meta.get("dtype", ""), None)), D)
+                want[f"{kv}.{l}"] = (float_name, D)
             else:
                 group = int(meta.get("quant_group") or 0) or 1
                 want.update({f"{kv}.{l}.codes": ("U8", D * int(bits) // 8),
@@ -884,6 +901,8 @@ def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int) 
         if e is None:
             raise InputError(f"{path}: tensor {name!r} is missing")
         shape = e.get("shape") or [0]
+        if name.startswith("window_"):
+            continue  # checked above
         if e.get("dtype") != dtype or (width is not None and (len(shape) != 2 or shape[1] != width)):
             raise InputError(f"{path}: tensor {name!r} is {e.get('dtype')} {shape}, expected {dtype} "
                              f"with rows of {width}")
@@ -909,12 +928,12 @@ def load_compressed(path, m, backend: str = "auto") -> CompressedKV:
     check_saved_model(path, meta, m)
     cfg = m.cfg
     L, Hkv, D = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
-    names = _expected_tensors(path, meta, header, L, Hkv, D)
     try:
         bits, n_prefix, base_len = int(meta["bits"]), int(meta["n_prefix"]), int(meta["base_len"])
         kept_ratio = float(meta["kept_ratio"])
     except (KeyError, ValueError) as e:
         raise InputError(f"{path}: metadata field {e} is missing or not a number") from None
+    names = _expected_tensors(path, meta, header, L, Hkv, D, cfg.windows, base_len)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             t = {name: f.get_tensor(name) for name in names}
@@ -923,8 +942,16 @@ def load_compressed(path, m, backend: str = "auto") -> CompressedKV:
     if len(t["prefix_ids"]) != n_prefix or n_prefix + len(t["context_ids"]) != base_len:
         raise InputError(f"{path}: prefix_ids and context_ids ({len(t['prefix_ids'])} + "
                          f"{len(t['context_ids'])}) disagree with base_len {base_len}")
-    ks, vs, offs = [], [], []
+    ks, vs, offs, window_kv = [], [], [], []
     for l in range(L):
+        if cfg.windows[l] is not None:  # a sliding layer: no packed rows, its window
+            empty = torch.empty((0, D), dtype=m.dtype, device=m.device)
+            ks.append(empty)
+            vs.append(empty)
+            offs.append(torch.zeros(Hkv + 1, dtype=torch.int64, device=m.device))
+            window_kv.append(tuple(t[f"window_{kv}.{l}"].to(device=m.device, dtype=m.dtype) for kv in "kv"))
+            continue
+        window_kv.append(None)
         o = t[f"offsets.{l}"]
         lengths = o.diff()
         rows = header[f"k.{l}" if bits == 16 else f"k.{l}.codes"]["shape"][0]
@@ -943,7 +970,7 @@ def load_compressed(path, m, backend: str = "auto") -> CompressedKV:
                 out.append(quant.Quantized(t[f"{kv}.{l}.codes"].to(m.device), t[f"{kv}.{l}.scale"].to(m.device),
                                            t[f"{kv}.{l}.zero"].to(m.device), bits, int(meta["quant_group"]),
                                            m.dtype))
-    ckv = CompressedKV(ks, vs, offs, base_len=base_len, backend=backend)
+    ckv = CompressedKV(ks, vs, offs, base_len=base_len, backend=backend, windows=cfg.windows, window_kv=window_kv)
     ckv.kept_ratio = kept_ratio
     ckv.prefix_ids, ckv.context_ids = t["prefix_ids"].tolist(), t["context_ids"].tolist()
     ckv.model_identity = {k: meta[k] for k in model_identity(m)}

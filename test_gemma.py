@@ -539,12 +539,34 @@ def test_the_demo_on_a_hybrid_model(tmp_path, capsys):
     assert re.search(r"^  -> (the same answer|the answers part at word \d+: full )", out, flags=re.M)
 
 
-def test_hybrid_refusals_and_a_gemma_without_sliding_layers(gemma, gemma_kv, tmp_path):
-    """Not supported yet, said by name: saving a hybrid compressed cache, KVzip online on a hybrid
-    model. A Gemma 3 without sliding layers is an ordinary model to KVzip: every layer scored."""
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_hybrid_compressed_cache_saved_and_loaded(gemma, gemma_kv, tmp_path, bits):
+    """The file holds the sliding layers' windows beside the global layer's packed rows: loaded,
+    the cache holds the same bytes and windows and gives the same logits. A window of the wrong
+    shape is named."""
+    from safetensors.torch import load_file, save_file
     m, tok, _, _ = gemma
-    with pytest.raises(InputError, match="hybrid sliding-window model"):
-        gemma_kv.prune(0.3).save(tmp_path / "c.safetensors")
+    ckv = gemma_kv.prune(0.3, bits=bits)
+    path = tmp_path / "c.kvz"
+    ckv.save(path)
+    got = kvzip.load_compressed(path, m)
+    assert got.nbytes == ckv.nbytes and got.n_window == ckv.n_window and got.windows == ckv.windows
+    for layer in (0, 1):
+        assert torch.equal(got.tail_k[layer], ckv.tail_k[layer]) and torch.equal(got.tail_v[layer], ckv.tail_v[layer])
+    ids = torch.tensor(kvzip.query_ids(tok, "Where did the train go?"))
+    with model.rollback(ckv), model.rollback(got):
+        assert torch.equal(m(ids, got), m(ids, ckv))
+    tensors, meta = load_file(str(path)), kvzip.read_saved_header(path)[0]
+    tensors["window_k.1"] = tensors["window_k.1"][:, 1:].contiguous()
+    save_file(tensors, str(tmp_path / "bad.kvz"), metadata=meta)
+    with pytest.raises(InputError, match=r"'window_k.1' is F32 \[2, 4, 16\], expected F32 \[2, 5, 16\]"):
+        kvzip.load_compressed(tmp_path / "bad.kvz", m)
+
+
+def test_hybrid_refusals_and_a_gemma_without_sliding_layers(gemma, gemma_kv, tmp_path):
+    """Not supported yet, said by name: KVzip online on a hybrid model. A Gemma 3 without sliding
+    layers is an ordinary model to KVzip: every layer scored."""
+    m, tok, _, _ = gemma
     with pytest.raises(InputError, match="KVzip online on hybrid sliding-window models is not supported yet"):
         kvzip.prefill_online(m, tok, CONTEXT, 0.3, chunk_size=64)
     write_tiny_gemma(tmp_path / "full", sliding_window_pattern=1)  # every layer full

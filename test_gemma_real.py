@@ -250,13 +250,18 @@ def test_plain_template_answers_from_the_context(gemma):
     assert out.startswith("The village of Lindenfeld"), out
 
 
-def test_kvzip_on_the_real_model(gemma):
-    """KVzip scores the three global layers (5, 11, 17) only, and the pass key survives at 0.5."""
+def test_kvzip_on_the_real_model(gemma, tmp_path):
+    """KVzip scores the three global layers (5, 11, 17) only, and the pass key survives at 0.5,
+    also from the compressed cache saved to a file and loaded again."""
     m, tok = gemma
     kv = kvzip.prefill(m, tok, PASS_KEY_CONTEXT)
     assert kv.layers == [5, 11, 17] and kv.scores.shape == (3, 1, kv.n_context)
     assert "71942" in kvzip.generate(m, tok, "What is the pass key?", kv, max_new_tokens=16)
-    assert "71942" in kvzip.generate(m, tok, "What is the pass key?", kv.prune(0.5), max_new_tokens=16)
+    ckv = kv.prune(0.5)
+    answer = kvzip.generate(m, tok, "What is the pass key?", ckv, max_new_tokens=16)
+    assert "71942" in answer
+    ckv.save(tmp_path / "c.kvz")
+    assert kvzip.generate(m, tok, "What is the pass key?", kvzip.load_compressed(tmp_path / "c.kvz", m), 16) == answer
 
 
 # -----------------------------------------------------------------------------
