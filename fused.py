@@ -39,6 +39,8 @@ the bytes, sets what remains above the memory-bound time.
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import math
 
 import torch
@@ -343,58 +345,112 @@ def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
 
 # One new token over an int8/int4 cache (quant.Quantized blocks): the CPU's decode step.
 #
-# packed_attention_fused dequantizes each head's rows into new float tensors (quant.packed_rows),
-# and those fresh, head-sized tensors cost most of the step (measured on bench's layer, Llama-3.1-8B
-# geometry at 124K, ratio 0.3: 7.3x the 16-bit step at int8, 8.5x at int4). Here each head's rows
-# are dequantized QUANT_BLOCK rows at a time into one buffer allocated once per step (a block of
-# 16,384 rows of D = 128 is 8 MiB of float32, never a whole layer), each block is attended by one
-# fused call cut into pieces for the threads, and every block's (out, lse) is merged at the end.
+# Each head's rows are taken QUANT_BLOCK rows at a time. A block's codes times their scales go into
+# two float32 buffers of (block, D) that stay in cache (quant.scaled_codes_into: one conversion and
+# one multiply per value), and the block is attended with plain matrix products, which let the
+# groups' zeros in without a pass over the block:
+#     logit[i, n] = q_i . (s * c)_n + sum over groups g of zk[n, g] * sum(q_i over g's columns)
+#     out[i]      = sum_n p[i, n] (s * c)_n  +  (sum_n p[i, n] zv[n, g]) on every column of group g
+# (p = exp(logit - max): the softmax's numerator; each block's (out, lse) is merged at the end).
+#
+# Why not torch's fused attention over dequantized blocks (the previous version of this function):
+# adding the zero was a third pass over every value, and each of its several torch calls per
+# block ran on all threads, each paying the threads' wake-up (OMP_WAIT_POLICY=PASSIVE, see the top
+# of this file), a few dozen calls per layer. Here the blocks are shared out to torch.get_num_threads()
+# Python threads instead, each running torch on one thread (torch releases the GIL inside its
+# ops): no op wakes another thread, and each thread's buffers stay in its own cache.
 
-QUANT_BLOCK = 16_384  # rows per dequantized block: the fastest of 4,096 / 16,384 measured (fewer calls)
+QUANT_BLOCK = 4096  # rows per block: its K and V buffers (2 MiB each at D = 128) stay in cache
+_pool = None  # the decode's worker threads (concurrent.futures), made on first use
 
 
-def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int = QUANT_BLOCK):
+def _decode_pool(workers: int):
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantized_decode")
+    return _pool
+
+
+def run_on_threads(fn, workers: int):
+    """fn() on `workers` threads at once (this one and workers - 1 from a pool), each running torch
+    on one thread; returns when all are done. torch.set_num_threads is per thread for OpenMP but
+    also sets a process-wide count (MKL's, and the one new threads start with): it is put back
+    before returning, whatever happens."""
+    before = torch.get_num_threads()
+
+    def one_thread():
+        torch.set_num_threads(1)
+        fn()
+
+    try:
+        others = [_decode_pool(workers).submit(one_thread) for _ in range(workers - 1)]
+        one_thread()
+        for f in others:
+            f.result()  # re-raises a worker's exception
+    finally:
+        torch.set_num_threads(before)
+
+
+def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int = QUANT_BLOCK,
+                     workers: int | None = None):
     """kvzip.packed_attention for one new token (T == 1) over quant.Quantized k_packed, v_packed
     (N rows, head h in rows bounds[h] .. bounds[h+1] - 1): same arguments, same result.
 
-    Each block of up to `block` rows of one head is dequantized (quant.dequantize_into) into the
-    buffers kb, vb (block + pieces, D), and cut into P <= pieces equal pieces of s rows, each a "head" of one
-    fused call over the group's G query rows. P * s may exceed the block's n rows by less than s:
-    those rows of the last piece are hidden by -inf in a mask, and zeroed first (a masked row's
-    stale value would still enter the sum if it were inf or nan). Returns (Hkv, G, 1, D).
+    Each head's rows are cut into blocks of at most `block` rows (of near-equal size); the blocks go to
+    `workers` threads (default torch.get_num_threads()), each with its own two (block, D) float32
+    buffers. q (Hkv, G, 1, D); tail_k, tail_v (Hkv, n_tail, D). Returns (Hkv, G, 1, D) in q's dtype;
+    the arithmetic is float32.
     """
     Hkv, G, _, D = q.shape
-    qs = q.view(Hkv, G, D) / math.sqrt(D)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    pieces = 2 * torch.get_num_threads()  # two per thread: a thread done early takes another
-    kb = torch.empty(min(block, longest) + pieces, D, dtype=q.dtype, device=q.device)  # P * s < n + pieces
-    vb = torch.empty_like(kb)
-    outs, lses, heads = [], [], []  # per block: (P, G, D), (P, G), (P,)
+    n_groups, g = k_packed.scale.shape[1], k_packed.group
+    if k_packed.bits == 4 and g % 2:  # an odd group does not split into the int4 halves (never by default)
+        return packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v)
+    qs = q.view(Hkv, G, D).float() / math.sqrt(D)  # (Hkv, G, D)
+    q_zero = qs.view(Hkv, G, n_groups, g).sum(-1)  # (Hkv, G, n_groups): what each key zero adds per unit
+    q_codes = qs[..., quant.int4_split_order(D)] if k_packed.bits == 4 else qs  # the buffers' column order
+    todo = []  # (head, first row, rows) of every block
     for h in range(Hkv):
-        for a in range(bounds[h], bounds[h + 1], block):
-            n = min(block, bounds[h + 1] - a)
-            quant.dequantize_into(kb[:n], k_packed, a, a + n)
-            quant.dequantize_into(vb[:n], v_packed, a, a + n)
-            s = -(-n // pieces)  # rows per piece
-            P = -(-n // s)  # pieces: the last one holds 1 .. s rows
-            mask = None
-            if P * s > n:  # the last piece's rows past n: zeroed, and hidden
-                kb[n:P * s].zero_()
-                vb[n:P * s].zero_()
-                mask = torch.zeros(P * s, dtype=q.dtype, device=q.device)
-                mask[n:] = -math.inf
-                mask = mask.view(P, 1, 1, s)
-            o, l = attention_lse(qs[h].view(1, 1, G, D).expand(P, 1, G, D), kb[:P * s].view(P, s, D),
-                                 vb[:P * s].view(P, s, D), mask=mask)  # (P, 1, G, D), (P, 1, G)
-            outs.append(o[:, 0])
-            lses.append(l[:, 0])
-            heads.append(torch.full((P,), h, dtype=torch.int64, device=q.device))
+        a, b = bounds[h], bounds[h + 1]
+        if b > a:
+            size = -(-(b - a) // -(-(b - a) // block))  # near-equal blocks of at most `block` rows
+            todo += [(h, r, min(size, b - r)) for r in range(a, b, size)]
+    outs = torch.empty(len(todo), G, D)  # each block's attention output (natural column order)
+    lses = torch.empty(len(todo), G)
+    queue = collections.deque(range(len(todo)))  # the next block to take; popleft is atomic
+    rows = max((n for _, _, n in todo), default=0)
+
+    def work():
+        kb, vb = torch.empty(rows, D), torch.empty(rows, D)  # this thread's buffers
+        while queue:
+            try:
+                i = queue.popleft()
+            except IndexError:  # another thread took the last block
+                return
+            h, a, n = todo[i]
+            k = quant.scaled_codes_into(kb[:n], k_packed, a, a + n)  # (n, D)
+            logit = torch.addmm(q_zero[h] @ k_packed.zero[a:a + n].float().T, q_codes[h], k.T)  # (G, n)
+            top = logit.amax(dim=1, keepdim=True)  # (G, 1)
+            p = logit.sub_(top).exp_()  # (G, n)
+            total = p.sum(dim=1)  # (G,)
+            v = quant.scaled_codes_into(vb[:n], v_packed, a, a + n)  # (n, D)
+            o = p @ v  # (G, D), in the buffer's column order
+            if v_packed.bits == 4:  # back to the natural order: column 2j is o[j], 2j + 1 is o[D/2 + j]
+                o = o.view(G, 2, D // 2).transpose(1, 2).reshape(G, D)
+            o = o.view(G, n_groups, g) + (p @ v_packed.zero[a:a + n].float())[:, :, None]  # the zeros
+            torch.div(o.view(G, D), total[:, None], out=outs[i])
+            torch.add(top[:, 0], total.log(), out=lses[i])
+
+    threads = min(workers or torch.get_num_threads(), len(todo))
+    if threads > 1:
+        run_on_threads(work, threads)
+    else:
+        work()
+    heads = torch.tensor([h for h, _, _ in todo], dtype=torch.int64)
+    parts = [(outs, lses, heads)]  # (M, G, D), (M, G), (M,)
     if tail_k.shape[1]:
-        o, l = attention_lse(qs[:, None], tail_k, tail_v)  # (Hkv, 1, G, D), (Hkv, 1, G)
-        outs.append(o[:, 0])
-        lses.append(l[:, 0])
-        heads.append(torch.arange(Hkv, device=q.device))
-    out = merge_by_head(torch.cat(outs), torch.cat(lses), torch.cat(heads), Hkv)  # (Hkv, G, D)
+        o, l = attention_lse(qs[:, None], tail_k.float(), tail_v.float())  # (Hkv, 1, G, D), (Hkv, 1, G)
+        parts.append((o[:, 0], l[:, 0], torch.arange(Hkv)))
+    out = merge_by_head(*(torch.cat(x) for x in zip(*parts)), Hkv)  # (Hkv, G, D)
     return out.to(q.dtype).view(Hkv, G, 1, D)
 
 
