@@ -407,36 +407,41 @@ def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int =
         return packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v)
     qs = q.view(Hkv, G, D).float() / math.sqrt(D)  # (Hkv, G, D)
     q_zero = qs.view(Hkv, G, n_groups, g).sum(-1)  # (Hkv, G, n_groups): what each key zero adds per unit
-    q_codes = qs[..., quant.int4_split_order(D)] if k_packed.bits == 4 else qs  # the buffers' column order
+    int4 = k_packed.bits == 4
+    # the query in the buffers' column parts: int8 one part (all D columns); int4 two, the even
+    # columns and the odd ones (quant.scaled_codes_into)
+    q_parts = [qs[..., 0::2].contiguous(), qs[..., 1::2].contiguous()] if int4 else [qs]
+    shape = (lambda n: (2, n, D // 2)) if int4 else (lambda n: (n, D))  # a block's buffer
     todo = []  # (head, first row, rows) of every block
     for h in range(Hkv):
         a, b = bounds[h], bounds[h + 1]
         if b > a:
             size = -(-(b - a) // -(-(b - a) // block))  # near-equal blocks of at most `block` rows
             todo += [(h, r, min(size, b - r)) for r in range(a, b, size)]
-    outs = torch.empty(len(todo), G, D)  # each block's attention output (natural column order)
+    outs = torch.empty(len(todo), G, D)  # each block's attention output
     lses = torch.empty(len(todo), G)
     queue = collections.deque(range(len(todo)))  # the next block to take; popleft is atomic
     rows = max((n for _, _, n in todo), default=0)
 
     def work():
-        kb, vb = torch.empty(rows, D), torch.empty(rows, D)  # this thread's buffers
+        kb, vb = torch.empty(rows * D), torch.empty(rows * D)  # this thread's buffers
         while queue:
             try:
                 i = queue.popleft()
             except IndexError:  # another thread took the last block
                 return
             h, a, n = todo[i]
-            k = quant.scaled_codes_into(kb[:n], k_packed, a, a + n)  # (n, D)
-            logit = torch.addmm(q_zero[h] @ k_packed.zero[a:a + n].float().T, q_codes[h], k.T)  # (G, n)
+            k = quant.scaled_codes_into(kb[:n * D].view(shape(n)), k_packed, a, a + n)  # (n, D) or (2, n, D/2)
+            logit = q_zero[h] @ k_packed.zero[a:a + n].float().T  # (G, n): the key zeros' share
+            for qp, kp in zip(q_parts, k if int4 else [k]):
+                logit.addmm_(qp[h], kp.T)  # + q . (code * scale), part by part
             top = logit.amax(dim=1, keepdim=True)  # (G, 1)
             p = logit.sub_(top).exp_()  # (G, n)
             total = p.sum(dim=1)  # (G,)
-            v = quant.scaled_codes_into(vb[:n], v_packed, a, a + n)  # (n, D)
-            o = p @ v  # (G, D), in the buffer's column order
-            if v_packed.bits == 4:  # back to the natural order: column 2j is o[j], 2j + 1 is o[D/2 + j]
-                o = o.view(G, 2, D // 2).transpose(1, 2).reshape(G, D)
-            o = o.view(G, n_groups, g) + (p @ v_packed.zero[a:a + n].float())[:, :, None]  # the zeros
+            v = quant.scaled_codes_into(vb[:n * D].view(shape(n)), v_packed, a, a + n)
+            # (G, D); int4: the parts' outputs interleaved back, column 2j from v[0], 2j + 1 from v[1]
+            o = torch.stack([p @ v[0], p @ v[1]], dim=-1).view(G, D) if int4 else p @ v
+            o = o.view(G, n_groups, g) + (p @ v_packed.zero[a:a + n].float())[:, :, None]  # + the value zeros
             torch.div(o.view(G, D), total[:, None], out=outs[i])
             torch.add(top[:, 0], total.log(), out=lses[i])
 

@@ -6,7 +6,8 @@ Map of this file:
   2. quantize                  - group-wise asymmetric min-max along the head dimension -> Quantized
   3. dequantize, dequantize_rows - back to floats: the whole block, or a row range (one KV head);
      scaled_codes_into            - code * scale of a row range (the zero left to the caller) in a
-                                    buffer the caller reuses (fused.quantized_decode)
+                                    buffer the caller reuses (fused.quantized_decode); int4 in two
+                                    parts, the even columns and the odd ones
   4. pack_int4, unpack_int4    - two 4-bit codes per byte, low nibble first
   5. packed_rows, nbytes       - a packed buffer (a tensor or a Quantized block) as its callers
                                  see it: a row range as floats, and the exact bytes it holds
@@ -187,42 +188,35 @@ def dequantize_rows(qx: Quantized, start: int, end: int, dtype: torch.dtype | No
     return dequantize(rows, dtype)
 
 
-def int4_split_order(D: int) -> torch.Tensor:
-    """The columns of a row in the order an int4 row stores them (pack_int4): the D / 2 even
-    columns (low nibbles), then the D / 2 odd ones (high nibbles). (D,) int64"""
-    return torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)])
-
-
 def scaled_codes_into(out: torch.Tensor, qx: Quantized, start: int, end: int) -> torch.Tensor:
-    """code * scale of rows start .. end - 1, written into out (end - start, D) float32, which the
-    caller reuses (fused.quantized_decode: a block of rows that stays in cache). This is
-    dequantize_rows(qx, start, end, torch.float32) less each group's zero, which the caller adds
-    where it costs a few numbers instead of a pass over the block (on the logits and on the
-    attention output). code * scale is exact in float32 (8 + 11 significant bits), so adding the
-    zero gives the spec's very number.
+    """code * scale of rows start .. end - 1, written into out (float32), which the caller reuses
+    (fused.quantized_decode: a block of rows that stays in cache). This is dequantize_rows(qx,
+    start, end, torch.float32) less each group's zero, which the caller adds where it costs a few
+    numbers instead of a pass over the block (on the logits and on the attention output). code *
+    scale is exact in float32 (8 + 11 significant bits), so adding the zero gives the spec's very
+    number.
 
-    Column order: int8 keeps the rows'. int4 writes the low nibbles, then the high ones
-    (int4_split_order: the even columns, then the odd ones), each half one run per row, twice as
-    fast as interleaving them; the caller permutes its query and output to match (D numbers each).
-    That keeps a group's columns together within each half only when the group is even."""
+    out: (n, D) for int8, n = end - start. int4: (2, n, D // 2), the even columns (the low nibbles)
+    in out[0] and the odd ones (the high nibbles) in out[1], as each byte holds them: each part is
+    one contiguous write, over twice as fast as interleaving them into rows (a stride-2 write); the
+    caller splits its query the same way and interleaves the output, D numbers each."""
     n, D = end - start, qx.shape[1]
-    if out.shape != (n, D) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 of shape {(n, D)}, got {out.dtype} {tuple(out.shape)}")
+    shape = (n, D) if qx.bits == 8 else (2, n, D // 2)
+    if out.shape != shape or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {tuple(out.shape)}")
     n_groups = qx.scale.shape[1]
-    scale = qx.scale[start:end].float()  # (n, n_groups): a float32 scale multiplies 3x faster than fp16
+    scale = qx.scale[start:end].float()[:, :, None]  # (n, n_groups, 1): float32 multiplies 3x faster than fp16
     if qx.bits == 8:
         out.copy_(qx.data[start:end])  # uint8 -> float32, exact
-        out.view(n, n_groups, qx.group).mul_(scale[:, :, None])
-    else:
-        if qx.group % 2:
-            raise ValueError(f"int4 rows in split order need an even group, got {qx.group}")
-        data = qx.data[start:end]  # (n, D // 2): byte i holds columns 2i (low) and 2i + 1 (high)
-        halves = out.view(n, 2, D // 2)
-        halves[:, 0].copy_(data & 0x0F)
-        halves[:, 1].copy_(data >> 4)
-        # each half holds every group's g / 2 columns in a run: (n, 2 * n_groups, g / 2), the scales
-        # twice (stack: 5x faster than repeat on these narrow rows)
-        out.view(n, 2 * n_groups, qx.group // 2).mul_(torch.stack([scale, scale], 1).view(n, 2 * n_groups, 1))
+        out.view(n, n_groups, qx.group).mul_(scale)
+        return out
+    if qx.group % 2:
+        raise ValueError(f"int4 rows in two parts need an even group, got {qx.group}")
+    data = qx.data[start:end]  # (n, D // 2): byte i holds columns 2i (low nibble) and 2i + 1 (high)
+    out[0].copy_(data & 0x0F)
+    out[1].copy_(data >> 4)
+    for part in out:  # each part holds g / 2 columns of every group: (n, n_groups, g / 2)
+        part.view(n, n_groups, qx.group // 2).mul_(scale)
     return out
 
 

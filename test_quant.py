@@ -236,28 +236,34 @@ def test_bad_tensors():
        seed=st.integers(0, 2 ** 16))
 def test_scaled_codes_plus_zero_are_dequantize_rows(N, D, group, bits, kind, cut, width, seed):
     """The buffer-filling half of dequantization (fused.quantized_decode's): code * scale written in
-    place into a reused buffer holding stale rows, in the int4 split column order; adding each
-    column's group zero gives dequantize_rows' very numbers, for a row range anywhere in the block."""
+    place into a reused buffer holding stale values, int4 as its even and its odd columns; adding
+    each column's group zero gives dequantize_rows' very numbers, for a row range anywhere."""
     x = make_rows(N, D, min(group, D), kind, torch.float32, seed)
     qx = quant.quantize(x, bits, group)
     start = min(int(cut * N), N - 1)
     end = start + 1 + int(width * (N - start - 1))
-    buf = torch.full((N + 3, D), float("nan"))
-    got = quant.scaled_codes_into(buf[:end - start], qx, start, end)
+    n = end - start
+    buf = torch.full(((N + 3) * D,), float("nan"))
+    got = quant.scaled_codes_into(buf[:n * D].view((n, D) if bits == 8 else (2, n, D // 2)), qx, start, end)
     assert got.data_ptr() == buf.data_ptr()  # written in place
-    order = quant.int4_split_order(D) if bits == 4 else torch.arange(D)
-    zero = qx.zero[start:end].float().repeat_interleave(qx.group, dim=1)[:, order]  # (n, D): each column's zero
-    assert torch.equal(got + zero, quant.dequantize_rows(qx, start, end, torch.float32)[:, order])
+    zero = qx.zero[start:end].float().repeat_interleave(qx.group, dim=1)  # (n, D): each column's zero
+    want = quant.dequantize_rows(qx, start, end, torch.float32)
+    if bits == 8:
+        assert torch.equal(got + zero, want)
+    else:
+        assert torch.equal(got[0] + zero[:, 0::2], want[:, 0::2])
+        assert torch.equal(got[1] + zero[:, 1::2], want[:, 1::2])
 
 
-def test_int4_split_order_and_bad_buffers():
-    """The split order is the packed byte's: the low nibbles (even columns), then the high ones."""
-    assert quant.int4_split_order(6).tolist() == [0, 2, 4, 1, 3, 5]
+def test_scaled_codes_into_refuses_bad_buffers():
     qx = quant.quantize(make_rows(4, 64, 32, "mixed", torch.float32, seed=11), 8)
     with pytest.raises(ValueError, match="out must be float32 of shape"):
         quant.scaled_codes_into(torch.empty(3, 64), qx, 0, 4)
     with pytest.raises(ValueError, match="out must be float32 of shape"):
         quant.scaled_codes_into(torch.empty(4, 64, dtype=torch.bfloat16), qx, 0, 4)
+    q4 = quant.quantize(make_rows(4, 64, 32, "mixed", torch.float32, seed=11), 4)
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        quant.scaled_codes_into(torch.empty(4, 64), q4, 0, 4)  # int4 wants (2, n, D // 2)
     odd = quant.quantize(make_rows(4, 6, 3, "mixed", torch.float32, seed=12), 4, group=3)
     with pytest.raises(ValueError, match="need an even group"):
-        quant.scaled_codes_into(torch.empty(4, 6), odd, 0, 4)
+        quant.scaled_codes_into(torch.empty(2, 4, 3), odd, 0, 4)
