@@ -39,7 +39,6 @@ the bytes, sets what remains above the memory-bound time.
 from __future__ import annotations
 
 import bisect
-import collections
 import concurrent.futures
 import math
 
@@ -346,45 +345,78 @@ def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
 # One new token over an int8/int4 cache (quant.Quantized blocks): the CPU's decode step.
 #
 # Each head's rows are taken QUANT_BLOCK rows at a time. A block's codes times their scales go into
-# two float32 buffers of (block, D) that stay in cache (quant.scaled_codes_into: one conversion and
-# one multiply per value), and the block is attended with plain matrix products, which let the
-# groups' zeros in without a pass over the block:
-#     logit[i, n] = q_i . (s * c)_n + sum over groups g of zk[n, g] * sum(q_i over g's columns)
+# two float32 buffers that stay in cache (quant.scaled_codes_into: one conversion and one multiply
+# per value), and the block is attended with plain matrix products, which let each group's zero in
+# without a pass over the block:
+#     logit[i, n] = q_i . (s * c)_n + sum over groups g of zk[n, g] * (sum of q_i over g's columns)
 #     out[i]      = sum_n p[i, n] (s * c)_n  +  (sum_n p[i, n] zv[n, g]) on every column of group g
-# (p = exp(logit - max): the softmax's numerator; each block's (out, lse) is merged at the end).
+# (p = exp(logit - max), the softmax's numerator; the blocks' parts are merged at the end).
 #
-# Why not torch's fused attention over dequantized blocks (the previous version of this function):
-# adding the zero was a third pass over every value, and each of its several torch calls per
-# block ran on all threads, each paying the threads' wake-up (OMP_WAIT_POLICY=PASSIVE, see the top
-# of this file), a few dozen calls per layer. Here the blocks are shared out to torch.get_num_threads()
-# Python threads instead, each running torch on one thread (torch releases the GIL inside its
-# ops): no op wakes another thread, and each thread's buffers stay in its own cache.
+# The blocks are shared out to torch.get_num_threads() Python threads, each running torch on one
+# thread, and each running its share in one TorchScript loop (attend_blocks), which holds no GIL.
+# Why not torch's own threads over each block's ops: every op then wakes the other threads
+# (0.05 ms each under OMP_WAIT_POLICY=PASSIVE, see the top of this file), and a layer is hundreds
+# of such ops. Why not plain Python threads: they take turns on the GIL between ops, and two were
+# no faster than one.
 
-QUANT_BLOCK = 4096  # rows per block: its K and V buffers (2 MiB each at D = 128) stay in cache
+QUANT_BLOCK = 4096  # rows per block: its float32 K and V (2 MiB each at D = 128) stay in cache
+
+
+def attend_blocks(blocks: list[int], first: int, step: int, q_parts: list[torch.Tensor], q_zero: torch.Tensor,
+                  k: list[torch.Tensor], v: list[torch.Tensor], bits: int, group: int, rows: int,
+                  outs: torch.Tensor, tops: torch.Tensor, totals: torch.Tensor):
+    """Blocks first, first + step, ... of `blocks` (head, first row, rows: three ints each), one
+    new token's G query rows over each; TorchScript (see above). q_parts: the scaled query
+    (Hkv, G, D), or for int4 its even and odd columns (Hkv, G, D/2) each; q_zero (Hkv, G, n_groups):
+    its sum over each group's columns; k, v: [codes, scale, zero] of the layer's packed rows.
+    Writes block i's unnormalized output into outs[i] (G, D), its max logit into tops[i] and its
+    sum of exp(logit - max) into totals[i] (G,)."""
+    G, D = outs.shape[1], outs.shape[2]
+    n_groups = D // group
+    shape = [2, 0, D // 2] if bits == 4 else [0, D]  # one block's buffer; 0: its rows
+    kb, vb = torch.empty(rows * D), torch.empty(rows * D)  # this thread's buffers
+    for i in range(first, len(blocks) // 3, step):
+        h, a, n = blocks[3 * i], blocks[3 * i + 1], blocks[3 * i + 2]
+        shape[-2] = n
+        kf = quant.scaled_codes_kernel(kb[:n * D].view(shape), k[0][a:a + n], k[1][a:a + n], bits, group)
+        logit = q_zero[h] @ k[2][a:a + n].float().t()  # (G, n): the key zeros' share
+        if bits == 4:  # + q . (code * scale), part by part
+            logit.addmm_(q_parts[0][h], kf[0].t()).addmm_(q_parts[1][h], kf[1].t())
+        else:
+            logit.addmm_(q_parts[0][h], kf.t())
+        top = logit.amax(dim=1, keepdim=True)  # (G, 1)
+        p = logit.sub_(top).exp_()  # (G, n)
+        tops[i] = top[:, 0]
+        totals[i] = p.sum(dim=1)
+        vf = quant.scaled_codes_kernel(vb[:n * D].view(shape), v[0][a:a + n], v[1][a:a + n], bits, group)
+        if bits == 4:  # the parts' outputs interleaved back: column 2j from part 0, 2j + 1 from part 1
+            o = torch.stack([p @ vf[0], p @ vf[1]], dim=-1).view(G, n_groups, group)
+        else:
+            o = (p @ vf).view(G, n_groups, group)
+        torch.add(o, (p @ v[2][a:a + n].float()).unsqueeze(2), out=outs[i].view(G, n_groups, group))  # + value zeros
+
+
+attend_blocks = quant.script(attend_blocks)
 _pool = None  # the decode's worker threads (concurrent.futures), made on first use
 
 
-def _decode_pool(workers: int):
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantized_decode")
-    return _pool
-
-
 def run_on_threads(fn, workers: int):
-    """fn() on `workers` threads at once (this one and workers - 1 from a pool), each running torch
-    on one thread; returns when all are done. torch.set_num_threads is per thread for OpenMP but
-    also sets a process-wide count (MKL's, and the one new threads start with): it is put back
-    before returning, whatever happens."""
+    """fn(0), ..., fn(workers - 1) at once, on this thread and workers - 1 from a pool, each running
+    torch on one thread; returns when all are done. torch.set_num_threads is per thread for OpenMP,
+    but it also sets a process-wide count (MKL's, and the one new threads start with): that is put
+    back before returning, whatever happens."""
+    global _pool
+    if _pool is None or _pool._max_workers < workers - 1:
+        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="decode")
     before = torch.get_num_threads()
 
-    def one_thread():
+    def one_thread(w):
         torch.set_num_threads(1)
-        fn()
+        fn(w)
 
     try:
-        others = [_decode_pool(workers).submit(one_thread) for _ in range(workers - 1)]
-        one_thread()
+        others = [_pool.submit(one_thread, w) for w in range(1, workers)]
+        one_thread(0)
         for f in others:
             f.result()  # re-raises a worker's exception
     finally:
@@ -396,62 +428,35 @@ def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int =
     """kvzip.packed_attention for one new token (T == 1) over quant.Quantized k_packed, v_packed
     (N rows, head h in rows bounds[h] .. bounds[h+1] - 1): same arguments, same result.
 
-    Each head's rows are cut into blocks of at most `block` rows (of near-equal size); the blocks go to
-    `workers` threads (default torch.get_num_threads()), each with its own two (block, D) float32
-    buffers. q (Hkv, G, 1, D); tail_k, tail_v (Hkv, n_tail, D). Returns (Hkv, G, 1, D) in q's dtype;
-    the arithmetic is float32.
+    Each head's rows are cut into near-equal blocks of at most `block` rows, block i going to thread
+    i % workers (default torch.get_num_threads()), which holds two float32 buffers of one block.
+    q (Hkv, G, 1, D); tail_k, tail_v (Hkv, n_tail, D). Returns (Hkv, G, 1, D) in q's dtype; the
+    arithmetic is float32.
     """
     Hkv, G, _, D = q.shape
-    n_groups, g = k_packed.scale.shape[1], k_packed.group
-    if k_packed.bits == 4 and g % 2:  # an odd group does not split into the int4 halves (never by default)
+    g = k_packed.group
+    if k_packed.bits == 4 and g % 2:  # an odd group does not split into the int4 parts (never by default)
         return packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v)
     qs = q.view(Hkv, G, D).float() / math.sqrt(D)  # (Hkv, G, D)
-    q_zero = qs.view(Hkv, G, n_groups, g).sum(-1)  # (Hkv, G, n_groups): what each key zero adds per unit
-    int4 = k_packed.bits == 4
-    # the query in the buffers' column parts: int8 one part (all D columns); int4 two, the even
-    # columns and the odd ones (quant.scaled_codes_into)
-    q_parts = [qs[..., 0::2].contiguous(), qs[..., 1::2].contiguous()] if int4 else [qs]
-    shape = (lambda n: (2, n, D // 2)) if int4 else (lambda n: (n, D))  # a block's buffer
-    todo = []  # (head, first row, rows) of every block
+    q_zero = qs.view(Hkv, G, D // g, g).sum(-1)  # (Hkv, G, n_groups): what each key zero adds per unit
+    # the query in the buffers' column parts (quant.scaled_codes_into): int8 one, int4 two
+    q_parts = [qs[..., 0::2].contiguous(), qs[..., 1::2].contiguous()] if k_packed.bits == 4 else [qs]
+    blocks = []  # (head, first row, rows) of every block
     for h in range(Hkv):
         a, b = bounds[h], bounds[h + 1]
         if b > a:
             size = -(-(b - a) // -(-(b - a) // block))  # near-equal blocks of at most `block` rows
-            todo += [(h, r, min(size, b - r)) for r in range(a, b, size)]
-    outs = torch.empty(len(todo), G, D)  # each block's attention output
-    lses = torch.empty(len(todo), G)
-    queue = collections.deque(range(len(todo)))  # the next block to take; popleft is atomic
-    rows = max((n for _, _, n in todo), default=0)
-
-    def work():
-        kb, vb = torch.empty(rows * D), torch.empty(rows * D)  # this thread's buffers
-        while queue:
-            try:
-                i = queue.popleft()
-            except IndexError:  # another thread took the last block
-                return
-            h, a, n = todo[i]
-            k = quant.scaled_codes_into(kb[:n * D].view(shape(n)), k_packed, a, a + n)  # (n, D) or (2, n, D/2)
-            logit = q_zero[h] @ k_packed.zero[a:a + n].float().T  # (G, n): the key zeros' share
-            for qp, kp in zip(q_parts, k if int4 else [k]):
-                logit.addmm_(qp[h], kp.T)  # + q . (code * scale), part by part
-            top = logit.amax(dim=1, keepdim=True)  # (G, 1)
-            p = logit.sub_(top).exp_()  # (G, n)
-            total = p.sum(dim=1)  # (G,)
-            v = quant.scaled_codes_into(vb[:n * D].view(shape(n)), v_packed, a, a + n)
-            # (G, D); int4: the parts' outputs interleaved back, column 2j from v[0], 2j + 1 from v[1]
-            o = torch.stack([p @ v[0], p @ v[1]], dim=-1).view(G, D) if int4 else p @ v
-            o = o.view(G, n_groups, g) + (p @ v_packed.zero[a:a + n].float())[:, :, None]  # + the value zeros
-            torch.div(o.view(G, D), total[:, None], out=outs[i])
-            torch.add(top[:, 0], total.log(), out=lses[i])
-
-    threads = min(workers or torch.get_num_threads(), len(todo))
+            blocks += [(h, r, min(size, b - r)) for r in range(a, b, size)]
+    M = len(blocks)
+    outs, tops, totals = torch.empty(M, G, D), torch.empty(M, G), torch.empty(M, G)
+    args = ([x for blk in blocks for x in blk], q_parts, q_zero, [k_packed.data, k_packed.scale, k_packed.zero],
+            [v_packed.data, v_packed.scale, v_packed.zero], k_packed.bits, g, max((n for *_, n in blocks), default=0))
+    threads = min(workers or torch.get_num_threads(), M)
     if threads > 1:
-        run_on_threads(work, threads)
-    else:
-        work()
-    heads = torch.tensor([h for h, _, _ in todo], dtype=torch.int64)
-    parts = [(outs, lses, heads)]  # (M, G, D), (M, G), (M,)
+        run_on_threads(lambda w: attend_blocks(args[0], w, threads, *args[1:], outs, tops, totals), threads)
+    elif M:
+        attend_blocks(args[0], 0, 1, *args[1:], outs, tops, totals)
+    parts = [(outs / totals[..., None], tops + totals.log(), torch.tensor([h for h, *_ in blocks], dtype=torch.int64))]
     if tail_k.shape[1]:
         o, l = attention_lse(qs[:, None], tail_k.float(), tail_v.float())  # (Hkv, 1, G, D), (Hkv, 1, G)
         parts.append((o[:, 0], l[:, 0], torch.arange(Hkv)))

@@ -159,7 +159,9 @@ def test_quantized_decode_equals_dequantize_then_attend(Hkv, G, lengths, n_tail,
 
 def test_quantized_decode_odd_int4_group_and_a_failing_thread(monkeypatch):
     """An int4 group of odd size (no split halves) takes the per-head path, with the same result;
-    an error on a worker thread reaches the caller, and the thread count is put back."""
+    an error on a worker thread reaches the caller, and the thread count is put back. The block
+    loop is TorchScript on this torch (plain Python would take turns on the GIL)."""
+    assert isinstance(fused.attend_blocks, torch.jit.ScriptFunction)
     g = torch.Generator().manual_seed(0)
     bounds = [0, 5, 9]
     kp, vp = (quant.quantize(torch.randn(9, 6, generator=g), 4, group=3) for _ in range(2))
@@ -169,10 +171,14 @@ def test_quantized_decode_odd_int4_group_and_a_failing_thread(monkeypatch):
     kp, vp = (quant.quantize(torch.randn(9, 8, generator=g), 8) for _ in range(2))
     q, tk, tv = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
 
-    def fail(*args):
-        raise RuntimeError("worker failed")
+    real = fused.attend_blocks
 
-    monkeypatch.setattr(quant, "scaled_codes_into", fail)
+    def fail_on_thread_1(blocks, first, *args):  # thread 0 (the caller's) runs, thread 1 fails
+        if first == 1:
+            raise RuntimeError("worker failed")
+        real(blocks, first, *args)
+
+    monkeypatch.setattr(fused, "attend_blocks", fail_on_thread_1)
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="worker failed"):
         fused.quantized_decode(q, kp, vp, bounds, tk, tv, block=2, workers=3)
