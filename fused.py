@@ -20,7 +20,8 @@ Map of this file:
                                       tokens, int8/int4 caches); DecodePlan and packed_decode: one
                                       new token over all heads in one call (spec: kvzip.packed_attention);
                                       quantized_decode: one new token over an int8/int4 cache, in
-                                      blocks of rows dequantized into a reused buffer
+                                      blocks of code * scale with the zeros folded into the
+                                      products, on several threads (a TorchScript loop each)
   4. several queries at once        - shared_attention_fused: the rows of several queries over one
                                       shared cache and their own tails (spec: kvzip.shared_attention)
 
