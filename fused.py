@@ -356,8 +356,7 @@ def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
 # The blocks are shared out to torch.get_num_threads() Python threads, each running torch on one
 # thread, and each running its share in one TorchScript loop (attend_blocks), which holds no GIL.
 # Why not torch's own threads over each block's ops: every op then wakes the other threads
-# (0.05 ms each under OMP_WAIT_POLICY=PASSIVE, see the top of this file), and a layer is hundreds
-# of such ops. Why not plain Python threads: they take turns on the GIL between ops, and two were
+# (OMP_WAIT_POLICY=PASSIVE, see the top of this file), and a layer is hundreds of such ops. Why not plain Python threads: they take turns on the GIL between ops, and two were
 # no faster than one.
 
 QUANT_BLOCK = 4096  # rows per block: its float32 K and V (2 MiB each at D = 128) stay in cache
@@ -398,7 +397,7 @@ def attend_blocks(blocks: list[int], first: int, step: int, q_parts: list[torch.
 
 
 attend_blocks = quant.script(attend_blocks)
-_pool = None  # the decode's worker threads (concurrent.futures), made on first use
+_pool, _pool_size = None, 0  # the decode's worker threads (concurrent.futures), made on first use
 
 
 def run_on_threads(fn, workers: int):
@@ -406,9 +405,9 @@ def run_on_threads(fn, workers: int):
     torch on one thread; returns when all are done. torch.set_num_threads is per thread for OpenMP,
     but it also sets a process-wide count (MKL's, and the one new threads start with): that is put
     back before returning, whatever happens."""
-    global _pool
-    if _pool is None or _pool._max_workers < workers - 1:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="decode")
+    global _pool, _pool_size
+    if _pool_size < workers - 1:
+        _pool, _pool_size = concurrent.futures.ThreadPoolExecutor(workers - 1, thread_name_prefix="decode"), workers - 1
     before = torch.get_num_threads()
 
     def one_thread(w):
@@ -435,13 +434,15 @@ def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int =
     arithmetic is float32.
     """
     Hkv, G, _, D = q.shape
-    g = k_packed.group
-    if k_packed.bits == 4 and g % 2:  # an odd group does not split into the int4 parts (never by default)
+    bits, g = k_packed.bits, k_packed.group
+    if (bits == 4 and g % 2) or (v_packed.bits, v_packed.group) != (bits, g):
+        # an odd group does not split into the int4 parts; K and V quantized alike (as CompressedKV
+        # does) share one loop. Neither happens by default: the per-head path, same result
         return packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v)
     qs = q.view(Hkv, G, D).float() / math.sqrt(D)  # (Hkv, G, D)
     q_zero = qs.view(Hkv, G, D // g, g).sum(-1)  # (Hkv, G, n_groups): what each key zero adds per unit
     # the query in the buffers' column parts (quant.scaled_codes_into): int8 one, int4 two
-    q_parts = [qs[..., 0::2].contiguous(), qs[..., 1::2].contiguous()] if k_packed.bits == 4 else [qs]
+    q_parts = [qs[..., 0::2].contiguous(), qs[..., 1::2].contiguous()] if bits == 4 else [qs]
     blocks = []  # (head, first row, rows) of every block
     for h in range(Hkv):
         a, b = bounds[h], bounds[h + 1]
@@ -449,15 +450,21 @@ def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int =
             size = -(-(b - a) // -(-(b - a) // block))  # near-equal blocks of at most `block` rows
             blocks += [(h, r, min(size, b - r)) for r in range(a, b, size)]
     M = len(blocks)
-    outs, tops, totals = torch.empty(M, G, D), torch.empty(M, G), torch.empty(M, G)
-    args = ([x for blk in blocks for x in blk], q_parts, q_zero, [k_packed.data, k_packed.scale, k_packed.zero],
-            [v_packed.data, v_packed.scale, v_packed.zero], k_packed.bits, g, max((n for *_, n in blocks), default=0))
+    outs, tops, totals = torch.empty(M, G, D), torch.empty(M, G), torch.empty(M, G)  # per block
+    flat = [x for blk in blocks for x in blk]
+    k, v = [k_packed.data, k_packed.scale, k_packed.zero], [v_packed.data, v_packed.scale, v_packed.zero]
+    rows = max((n for _, _, n in blocks), default=0)
     threads = min(workers or torch.get_num_threads(), M)
+
+    def share(first: int):  # blocks first, first + threads, ...
+        attend_blocks(flat, first, threads, q_parts, q_zero, k, v, bits, g, rows, outs, tops, totals)
+
     if threads > 1:
-        run_on_threads(lambda w: attend_blocks(args[0], w, threads, *args[1:], outs, tops, totals), threads)
+        run_on_threads(share, threads)
     elif M:
-        attend_blocks(args[0], 0, 1, *args[1:], outs, tops, totals)
-    parts = [(outs / totals[..., None], tops + totals.log(), torch.tensor([h for h, *_ in blocks], dtype=torch.int64))]
+        share(0)
+    heads = torch.tensor([h for h, _, _ in blocks], dtype=torch.int64)  # (M,)
+    parts = [(outs / totals[..., None], tops + totals.log(), heads)]  # (M, G, D), (M, G): each block's attention
     if tail_k.shape[1]:
         o, l = attention_lse(qs[:, None], tail_k.float(), tail_v.float())  # (Hkv, 1, G, D), (Hkv, 1, G)
         parts.append((o[:, 0], l[:, 0], torch.arange(Hkv)))

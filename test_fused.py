@@ -158,8 +158,8 @@ def test_quantized_decode_equals_dequantize_then_attend(Hkv, G, lengths, n_tail,
 
 
 def test_quantized_decode_odd_int4_group_and_a_failing_thread(monkeypatch):
-    """An int4 group of odd size (no split halves) takes the per-head path, with the same result;
-    an error on a worker thread reaches the caller, and the thread count is put back. The block
+    """An int4 group of odd size (no split halves), or K and V quantized unalike, take the per-head
+    path, with the same result; an error on a worker thread reaches the caller, and the thread count is put back. The block
     loop is TorchScript on this torch (plain Python would take turns on the GIL)."""
     assert isinstance(fused.attend_blocks, torch.jit.ScriptFunction)
     g = torch.Generator().manual_seed(0)
@@ -167,6 +167,9 @@ def test_quantized_decode_odd_int4_group_and_a_failing_thread(monkeypatch):
     kp, vp = (quant.quantize(torch.randn(9, 6, generator=g), 4, group=3) for _ in range(2))
     q, tk, tv = torch.randn(2, 2, 1, 6, generator=g), torch.randn(2, 1, 6, generator=g), torch.randn(2, 1, 6, generator=g)
     torch.testing.assert_close(fused.quantized_decode(q, kp, vp, bounds, tk, tv),
+                               kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
+    kp, vp = quant.quantize(torch.randn(9, 6, generator=g), 8, group=2), quant.quantize(torch.randn(9, 6, generator=g), 4)
+    torch.testing.assert_close(fused.quantized_decode(q, kp, vp, bounds, tk, tv),  # K and V quantized unalike
                                kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
     kp, vp = (quant.quantize(torch.randn(9, 8, generator=g), 8) for _ in range(2))
     q, tk, tv = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
