@@ -397,6 +397,7 @@ def attend_blocks(blocks: list[int], first: int, step: int, q_parts: list[torch.
 
 
 attend_blocks = quant.script(attend_blocks)
+SCRIPTED = isinstance(attend_blocks, torch.jit.ScriptFunction)  # else one thread: plain Python would wait on the GIL
 _pool, _pool_size = None, 0  # the decode's worker threads (concurrent.futures), made on first use
 
 
@@ -454,7 +455,7 @@ def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int =
     flat = [x for blk in blocks for x in blk]
     k, v = [k_packed.data, k_packed.scale, k_packed.zero], [v_packed.data, v_packed.scale, v_packed.zero]
     rows = max((n for _, _, n in blocks), default=0)
-    threads = min(workers or torch.get_num_threads(), M)
+    threads = min(workers or (torch.get_num_threads() if SCRIPTED else 1), M)
 
     def share(first: int):  # blocks first, first + threads, ...
         attend_blocks(flat, first, threads, q_parts, q_zero, k, v, bits, g, rows, outs, tops, totals)

@@ -7,7 +7,7 @@ Map of this file:
   3. dequantize, dequantize_rows - back to floats: the whole block, or a row range (one KV head);
      scaled_codes_into            - code * scale of a row range (the zero left to the caller) in a
                                     buffer the caller reuses (fused.quantized_decode); int4 in two
-                                    parts, the even columns and the odd ones
+                                    parts, the even columns and the odd ones; script: TorchScript
   4. pack_int4, unpack_int4    - two 4-bit codes per byte, low nibble first
   5. packed_rows, nbytes       - a packed buffer (a tensor or a Quantized block) as its callers
                                  see it: a row range as floats, and the exact bytes it holds
@@ -238,7 +238,7 @@ def script(fn):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.script(fn)
-    except Exception:  # a torch without TorchScript: the plain function (slower on several threads)
+    except Exception:  # a torch without TorchScript: the plain function (fused then runs it on one thread)
         return fn
 
 
