@@ -620,18 +620,17 @@ def measure_quantized(geo, *, n_p, n_c, counts, ratio, full_bytes, comp_bytes, d
     if at_ratio_16 != comp_bytes:
         raise RuntimeError(f"bits-16 bytes per pair times kept pairs, {at_ratio_16:,}, differ from the "
                            f"layer-by-layer count {comp_bytes:,}")
-    # A third of the rounds (at least 3): on a CPU an int8/int4 step still costs several times a
-    # bits-16 one (it dequantizes what it reads, block by block), and this table must not double the
-    # main command's minute.
-    rounds = max(3, reps // 3)
+    # As many rounds as the decode row: an int8/int4 step now costs about what a bits-16 one does
+    # (on a CPU too, fused.quantized_decode), so 15 rounds of the three add about a second.
+    rounds = reps
     errors.progress(f"quantized cache: timing one layer's decode at bits {QUANT_BITS} side by side, {rounds} rounds")
     for fn in fns.values():
         fn()  # warm-up
     med = time_interleaved({str(b): fn for b, fn in fns.items()}, device, rounds, _inner(device))
     path = "CompressedKV.attend: " + ("kernels.varlen_decode_attention" if kern is not None else
                                       "fused.packed_decode at bits 16, fused.quantized_decode at 8 and 4")
-    decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds)
-              for b in fns]
+    decode = [dict(bits=b, ratio=ratio, ms_per_layer=med[str(b)] * 1e3, layer=layer, path=path, rounds=rounds,
+                   threads=torch.get_num_threads()) for b in fns]
     return sorted(memory, key=lambda row: (-row["ratio"], -row["bits"])), decode
 
 
@@ -931,10 +930,12 @@ def format_quantized(res: dict) -> list[str]:
                      f"{timed_ms:>14}{cited:>28}".rstrip())
     path = (res.get("quantized_decode") or [{}])[0].get("path", "")
     rounds = (res.get("quantized_decode") or [{}])[0].get("rounds", "")
+    threads = (res.get("quantized_decode") or [{}])[0].get("threads", "")
     lines.append(f"decode/layer: one new token over the layer nearest the mean at ratio {r}, bits 16 / 8 / 4 "
                  f"timed side by side, median of {rounds} ({path}; int8/int4 dequantized "
                  + ("inside the kernel's tile loads)." if "kernels" in path else
-                    f"in blocks of {fused.QUANT_BLOCK:,} rows into a reused buffer)."))
+                    f"as code * scale in blocks of {fused.QUANT_BLOCK:,} rows, the zeros folded into the "
+                    f"products, on {threads} threads)."))
     if 16 in ms:
         for bits in (8, 4):
             if bits in ms:

@@ -20,7 +20,8 @@ Map of this file:
                                       tokens, int8/int4 caches); DecodePlan and packed_decode: one
                                       new token over all heads in one call (spec: kvzip.packed_attention);
                                       quantized_decode: one new token over an int8/int4 cache, in
-                                      blocks of rows dequantized into a reused buffer
+                                      blocks of code * scale with the zeros folded into the
+                                      products, on several threads (a TorchScript loop each)
   4. several queries at once        - shared_attention_fused: the rows of several queries over one
                                       shared cache and their own tails (spec: kvzip.shared_attention)
 
@@ -39,6 +40,7 @@ the bytes, sets what remains above the memory-bound time.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import math
 
 import torch
@@ -343,58 +345,131 @@ def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
 
 # One new token over an int8/int4 cache (quant.Quantized blocks): the CPU's decode step.
 #
-# packed_attention_fused dequantizes each head's rows into new float tensors (quant.packed_rows),
-# and those fresh, head-sized tensors cost most of the step (measured on bench's layer, Llama-3.1-8B
-# geometry at 124K, ratio 0.3: 7.3x the 16-bit step at int8, 8.5x at int4). Here each head's rows
-# are dequantized QUANT_BLOCK rows at a time into one buffer allocated once per step (a block of
-# 16,384 rows of D = 128 is 8 MiB of float32, never a whole layer), each block is attended by one
-# fused call cut into pieces for the threads, and every block's (out, lse) is merged at the end.
+# Each head's rows are taken QUANT_BLOCK rows at a time. A block's codes times their scales go into
+# two float32 buffers that stay in cache (quant.scaled_codes_into: one conversion and one multiply
+# per value), and the block is attended with plain matrix products, which let each group's zero in
+# without a pass over the block:
+#     logit[i, n] = q_i . (s * c)_n + sum over groups g of zk[n, g] * (sum of q_i over g's columns)
+#     out[i]      = sum_n p[i, n] (s * c)_n  +  (sum_n p[i, n] zv[n, g]) on every column of group g
+# (p = exp(logit - max), the softmax's numerator; the blocks' parts are merged at the end).
+#
+# The blocks are shared out to torch.get_num_threads() Python threads, each running torch on one
+# thread, and each running its share in one TorchScript loop (attend_blocks), which holds no GIL.
+# Why not torch's own threads over each block's ops: every op then wakes the other threads
+# (OMP_WAIT_POLICY=PASSIVE, see the top of this file), and a layer is hundreds of such ops. Why not plain Python threads: they take turns on the GIL between ops, and two were
+# no faster than one.
 
-QUANT_BLOCK = 16_384  # rows per dequantized block: the fastest of 4,096 / 16,384 measured (fewer calls)
+QUANT_BLOCK = 4096  # rows per block: its float32 K and V (2 MiB each at D = 128) stay in cache
 
 
-def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int = QUANT_BLOCK):
+def attend_blocks(blocks: list[int], first: int, step: int, q_parts: list[torch.Tensor], q_zero: torch.Tensor,
+                  k: list[torch.Tensor], v: list[torch.Tensor], bits: int, group: int, rows: int,
+                  outs: torch.Tensor, tops: torch.Tensor, totals: torch.Tensor):
+    """Blocks first, first + step, ... of `blocks` (head, first row, rows: three ints each), one
+    new token's G query rows over each; TorchScript (see above). q_parts: the scaled query
+    (Hkv, G, D), or for int4 its even and odd columns (Hkv, G, D/2) each; q_zero (Hkv, G, n_groups):
+    its sum over each group's columns; k, v: [codes, scale, zero] of the layer's packed rows.
+    Writes block i's unnormalized output into outs[i] (G, D), its max logit into tops[i] and its
+    sum of exp(logit - max) into totals[i] (G,)."""
+    G, D = outs.shape[1], outs.shape[2]
+    n_groups = D // group
+    shape = [2, 0, D // 2] if bits == 4 else [0, D]  # one block's buffer; 0: its rows
+    kb, vb = torch.empty(rows * D), torch.empty(rows * D)  # this thread's buffers
+    for i in range(first, len(blocks) // 3, step):
+        h, a, n = blocks[3 * i], blocks[3 * i + 1], blocks[3 * i + 2]
+        shape[-2] = n
+        kf = quant.scaled_codes_kernel(kb[:n * D].view(shape), k[0][a:a + n], k[1][a:a + n], bits, group)
+        logit = q_zero[h] @ k[2][a:a + n].float().t()  # (G, n): the key zeros' share
+        if bits == 4:  # + q . (code * scale), part by part
+            logit.addmm_(q_parts[0][h], kf[0].t()).addmm_(q_parts[1][h], kf[1].t())
+        else:
+            logit.addmm_(q_parts[0][h], kf.t())
+        top = logit.amax(dim=1, keepdim=True)  # (G, 1)
+        p = logit.sub_(top).exp_()  # (G, n)
+        tops[i] = top[:, 0]
+        totals[i] = p.sum(dim=1)
+        vf = quant.scaled_codes_kernel(vb[:n * D].view(shape), v[0][a:a + n], v[1][a:a + n], bits, group)
+        if bits == 4:  # the parts' outputs interleaved back: column 2j from part 0, 2j + 1 from part 1
+            o = torch.stack([p @ vf[0], p @ vf[1]], dim=-1).view(G, n_groups, group)
+        else:
+            o = (p @ vf).view(G, n_groups, group)
+        torch.add(o, (p @ v[2][a:a + n].float()).unsqueeze(2), out=outs[i].view(G, n_groups, group))  # + value zeros
+
+
+attend_blocks = quant.script(attend_blocks)
+SCRIPTED = isinstance(attend_blocks, torch.jit.ScriptFunction)  # else one thread: plain Python would wait on the GIL
+_pool, _pool_size = None, 0  # the decode's worker threads (concurrent.futures), made on first use
+
+
+def run_on_threads(fn, workers: int):
+    """fn(0), ..., fn(workers - 1) at once, on this thread and workers - 1 from a pool, each running
+    torch on one thread; returns when all are done. torch.set_num_threads is per thread for OpenMP,
+    but it also sets a process-wide count (MKL's, and the one new threads start with): that is put
+    back before returning, whatever happens."""
+    global _pool, _pool_size
+    if _pool_size < workers - 1:
+        _pool, _pool_size = concurrent.futures.ThreadPoolExecutor(workers - 1, thread_name_prefix="decode"), workers - 1
+    before = torch.get_num_threads()
+
+    def one_thread(w):
+        torch.set_num_threads(1)
+        fn(w)
+
+    try:
+        others = [_pool.submit(one_thread, w) for w in range(1, workers)]
+        one_thread(0)
+        for f in others:
+            f.result()  # re-raises a worker's exception
+    finally:
+        torch.set_num_threads(before)
+
+
+def quantized_decode(q, k_packed, v_packed, bounds, tail_k, tail_v, block: int = QUANT_BLOCK,
+                     workers: int | None = None):
     """kvzip.packed_attention for one new token (T == 1) over quant.Quantized k_packed, v_packed
     (N rows, head h in rows bounds[h] .. bounds[h+1] - 1): same arguments, same result.
 
-    Each block of up to `block` rows of one head is dequantized (quant.dequantize_into) into the
-    buffers kb, vb (block + pieces, D), and cut into P <= pieces equal pieces of s rows, each a "head" of one
-    fused call over the group's G query rows. P * s may exceed the block's n rows by less than s:
-    those rows of the last piece are hidden by -inf in a mask, and zeroed first (a masked row's
-    stale value would still enter the sum if it were inf or nan). Returns (Hkv, G, 1, D).
+    Each head's rows are cut into near-equal blocks of at most `block` rows, block i going to thread
+    i % workers (default torch.get_num_threads()), which holds two float32 buffers of one block.
+    q (Hkv, G, 1, D); tail_k, tail_v (Hkv, n_tail, D). Returns (Hkv, G, 1, D) in q's dtype; the
+    arithmetic is float32.
     """
     Hkv, G, _, D = q.shape
-    qs = q.view(Hkv, G, D) / math.sqrt(D)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    pieces = 2 * torch.get_num_threads()  # two per thread: a thread done early takes another
-    kb = torch.empty(min(block, longest) + pieces, D, dtype=q.dtype, device=q.device)  # P * s < n + pieces
-    vb = torch.empty_like(kb)
-    outs, lses, heads = [], [], []  # per block: (P, G, D), (P, G), (P,)
+    bits, g = k_packed.bits, k_packed.group
+    if (bits == 4 and g % 2) or (v_packed.bits, v_packed.group) != (bits, g):
+        # an odd group does not split into the int4 parts; K and V quantized alike (as CompressedKV
+        # does) share one loop. Neither happens by default: the per-head path, same result
+        return packed_attention_fused(q, k_packed, v_packed, bounds, tail_k, tail_v)
+    qs = q.view(Hkv, G, D).float() / math.sqrt(D)  # (Hkv, G, D)
+    q_zero = qs.view(Hkv, G, D // g, g).sum(-1)  # (Hkv, G, n_groups): what each key zero adds per unit
+    # the query in the buffers' column parts (quant.scaled_codes_into): int8 one, int4 two
+    q_parts = [qs[..., 0::2].contiguous(), qs[..., 1::2].contiguous()] if bits == 4 else [qs]
+    blocks = []  # (head, first row, rows) of every block
     for h in range(Hkv):
-        for a in range(bounds[h], bounds[h + 1], block):
-            n = min(block, bounds[h + 1] - a)
-            quant.dequantize_into(kb[:n], k_packed, a, a + n)
-            quant.dequantize_into(vb[:n], v_packed, a, a + n)
-            s = -(-n // pieces)  # rows per piece
-            P = -(-n // s)  # pieces: the last one holds 1 .. s rows
-            mask = None
-            if P * s > n:  # the last piece's rows past n: zeroed, and hidden
-                kb[n:P * s].zero_()
-                vb[n:P * s].zero_()
-                mask = torch.zeros(P * s, dtype=q.dtype, device=q.device)
-                mask[n:] = -math.inf
-                mask = mask.view(P, 1, 1, s)
-            o, l = attention_lse(qs[h].view(1, 1, G, D).expand(P, 1, G, D), kb[:P * s].view(P, s, D),
-                                 vb[:P * s].view(P, s, D), mask=mask)  # (P, 1, G, D), (P, 1, G)
-            outs.append(o[:, 0])
-            lses.append(l[:, 0])
-            heads.append(torch.full((P,), h, dtype=torch.int64, device=q.device))
+        a, b = bounds[h], bounds[h + 1]
+        if b > a:
+            size = -(-(b - a) // -(-(b - a) // block))  # near-equal blocks of at most `block` rows
+            blocks += [(h, r, min(size, b - r)) for r in range(a, b, size)]
+    M = len(blocks)
+    outs, tops, totals = torch.empty(M, G, D), torch.empty(M, G), torch.empty(M, G)  # per block
+    flat = [x for blk in blocks for x in blk]
+    k, v = [k_packed.data, k_packed.scale, k_packed.zero], [v_packed.data, v_packed.scale, v_packed.zero]
+    rows = max((n for _, _, n in blocks), default=0)
+    threads = min(workers or (torch.get_num_threads() if SCRIPTED else 1), M)
+
+    def share(first: int):  # blocks first, first + threads, ...
+        attend_blocks(flat, first, threads, q_parts, q_zero, k, v, bits, g, rows, outs, tops, totals)
+
+    if threads > 1:
+        run_on_threads(share, threads)
+    elif M:
+        share(0)
+    heads = torch.tensor([h for h, _, _ in blocks], dtype=torch.int64)  # (M,)
+    parts = [(outs / totals[..., None], tops + totals.log(), heads)]  # (M, G, D), (M, G): each block's attention
     if tail_k.shape[1]:
-        o, l = attention_lse(qs[:, None], tail_k, tail_v)  # (Hkv, 1, G, D), (Hkv, 1, G)
-        outs.append(o[:, 0])
-        lses.append(l[:, 0])
-        heads.append(torch.arange(Hkv, device=q.device))
-    out = merge_by_head(torch.cat(outs), torch.cat(lses), torch.cat(heads), Hkv)  # (Hkv, G, D)
+        o, l = attention_lse(qs[:, None], tail_k.float(), tail_v.float())  # (Hkv, 1, G, D), (Hkv, 1, G)
+        parts.append((o[:, 0], l[:, 0], torch.arange(Hkv)))
+    out = merge_by_head(*(torch.cat(x) for x in zip(*parts)), Hkv)  # (Hkv, G, D)
     return out.to(q.dtype).view(Hkv, G, 1, D)
 
 

@@ -4,6 +4,7 @@ forward's attention, the per-head fused decode (several tokens, quantized caches
 over a DecodePlan; and the fused scores against the reference path on the default model."""
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -124,33 +125,67 @@ def test_decode_plan_equals_packed_attention(Hkv, G, lengths, n_tail, n_pieces, 
     torch.testing.assert_close(got, kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(Hkv=st.integers(1, 4), G=st.sampled_from([1, 2, 4]),
        lengths=st.lists(st.sampled_from([0, 1, 2, 5, 30, 70]), min_size=4, max_size=4),
-       n_tail=st.integers(0, 3), bits=st.sampled_from([8, 4]), block=st.sampled_from([1, 3, 16, 64, 1000]),
-       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
-def test_quantized_decode_equals_dequantize_then_attend(Hkv, G, lengths, n_tail, bits, block, threads, seed):
-    """One token over an int8/int4 cache in blocks of rows dequantized into a reused buffer (the
-    last piece of a block masked) against the readable packed_attention, which dequantizes each
-    head: heads of any length, empty ones, blocks shorter and longer than a head, with and without
-    a tail, several thread counts."""
+       n_tail=st.integers(0, 3), bits=st.sampled_from([8, 4]), D=st.sampled_from([16, 32, 64]),
+       group=st.sampled_from([4, 8, 32]), block=st.sampled_from([1, 3, 16, 64, 1000]),
+       threads=st.sampled_from([1, 2, 3]), std=st.sampled_from([1.0, 4.0]), seed=st.integers(0, 2**16))
+def test_quantized_decode_equals_dequantize_then_attend(Hkv, G, lengths, n_tail, bits, D, group, block,
+                                                        threads, std, seed):
+    """One token over an int8/int4 cache, block by block on several threads with the scales and
+    zeros folded into the products, against the readable packed_attention, which dequantizes each
+    head: heads of any length, empty ones, blocks shorter and longer than a head, one to several
+    groups per row, with and without a tail, 1-3 threads (the thread count is put back)."""
     lengths = lengths[:Hkv]
     if n_tail == 0:
         lengths = [max(1, n) for n in lengths]  # every head needs a row to attend to
     g = torch.Generator().manual_seed(seed)
-    D = 32
     bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
-    kp = quant.quantize(torch.randn(bounds[-1], D, generator=g) * 2, bits)
-    vp = quant.quantize(torch.randn(bounds[-1], D, generator=g), bits)
+    offset = torch.randn(1, D, generator=g) * std  # zeros far from 0: what the folded zero terms carry
+    kp = quant.quantize(torch.randn(bounds[-1], D, generator=g) * std + offset, bits, group)
+    vp = quant.quantize(torch.randn(bounds[-1], D, generator=g) + offset, bits, group)
     tk, tv = torch.randn(Hkv, n_tail, D, generator=g), torch.randn(Hkv, n_tail, D, generator=g)
-    q = torch.randn(Hkv, G, 1, D, generator=g) * 2
+    q = torch.randn(Hkv, G, 1, D, generator=g) * 2 / std
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         got = fused.quantized_decode(q, kp, vp, bounds, tk, tv, block=block)
+        assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_decode_odd_int4_group_and_a_failing_thread(monkeypatch):
+    """An int4 group of odd size (no split halves), or K and V quantized unalike, take the per-head
+    path, with the same result; an error on a worker thread reaches the caller, and the thread count is put back. The block
+    loop is TorchScript on this torch (plain Python would take turns on the GIL)."""
+    assert isinstance(fused.attend_blocks, torch.jit.ScriptFunction)
+    g = torch.Generator().manual_seed(0)
+    bounds = [0, 5, 9]
+    kp, vp = (quant.quantize(torch.randn(9, 6, generator=g), 4, group=3) for _ in range(2))
+    q, tk, tv = torch.randn(2, 2, 1, 6, generator=g), torch.randn(2, 1, 6, generator=g), torch.randn(2, 1, 6, generator=g)
+    torch.testing.assert_close(fused.quantized_decode(q, kp, vp, bounds, tk, tv),
+                               kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
+    kp, vp = quant.quantize(torch.randn(9, 6, generator=g), 8, group=2), quant.quantize(torch.randn(9, 6, generator=g), 4)
+    torch.testing.assert_close(fused.quantized_decode(q, kp, vp, bounds, tk, tv),  # K and V quantized unalike
+                               kvzip.packed_attention(q, kp, vp, bounds, tk, tv), atol=1e-5, rtol=1e-5)
+    kp, vp = (quant.quantize(torch.randn(9, 8, generator=g), 8) for _ in range(2))
+    q, tk, tv = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+
+    real = fused.attend_blocks
+
+    def fail_on_thread_1(blocks, first, *args):  # thread 0 (the caller's) runs, thread 1 fails
+        if first == 1:
+            raise RuntimeError("worker failed")
+        real(blocks, first, *args)
+
+    monkeypatch.setattr(fused, "attend_blocks", fail_on_thread_1)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="worker failed"):
+        fused.quantized_decode(q, kp, vp, bounds, tk, tv, block=2, workers=3)
+    assert torch.get_num_threads() == before
 
 
 def test_quantized_caches_generate_the_same_answers_with_either_backend(tiny, monkeypatch):

@@ -230,17 +230,40 @@ def test_bad_tensors():
             quant.quantize(x, 8)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_into_equals_dequantize_rows(bits, dtype):
-    """The buffer-filling dequantization (fused.quantized_decode's) gives the very numbers of
-    dequantize_rows, for a row range anywhere in the block, in a reused buffer holding stale rows."""
-    x = make_rows(40, 64, 32, "mixed", torch.float32, seed=11)
-    qx = quant.quantize(x, bits)
-    buf = torch.full((30, 64), float("nan"), dtype=dtype)
-    for start, end in ((0, 40 - 10), (7, 19), (39, 40), (5, 5)):
-        got = quant.dequantize_into(buf[:end - start], qx, start, end)
-        assert got.data_ptr() == buf.data_ptr() or end == start  # written in place (an empty view has none)
-        assert torch.equal(got, quant.dequantize_rows(qx, start, end, dtype))
-    with pytest.raises(ValueError, match="out must have shape"):
-        quant.dequantize_into(buf[:3], qx, 0, 4)
+@settings(max_examples=80, deadline=None)
+@given(N=st.integers(1, 40), D=st.sampled_from([8, 32, 64, 128]), group=st.sampled_from([2, 4, 16, 32, 128]),
+       bits=st.sampled_from([8, 4]), kind=st.sampled_from(KINDS), cut=st.floats(0, 1), width=st.floats(0, 1),
+       seed=st.integers(0, 2 ** 16))
+def test_scaled_codes_plus_zero_are_dequantize_rows(N, D, group, bits, kind, cut, width, seed):
+    """The buffer-filling half of dequantization (fused.quantized_decode's): code * scale written in
+    place into a reused buffer holding stale values, int4 as its even and its odd columns; adding
+    each column's group zero gives dequantize_rows' very numbers, for a row range anywhere."""
+    x = make_rows(N, D, min(group, D), kind, torch.float32, seed)
+    qx = quant.quantize(x, bits, group)
+    start = min(int(cut * N), N - 1)
+    end = start + 1 + int(width * (N - start - 1))
+    n = end - start
+    buf = torch.full(((N + 3) * D,), float("nan"))
+    got = quant.scaled_codes_into(buf[:n * D].view((n, D) if bits == 8 else (2, n, D // 2)), qx, start, end)
+    assert got.data_ptr() == buf.data_ptr()  # written in place
+    zero = qx.zero[start:end].float().repeat_interleave(qx.group, dim=1)  # (n, D): each column's zero
+    want = quant.dequantize_rows(qx, start, end, torch.float32)
+    if bits == 8:
+        assert torch.equal(got + zero, want)
+    else:
+        assert torch.equal(got[0] + zero[:, 0::2], want[:, 0::2])
+        assert torch.equal(got[1] + zero[:, 1::2], want[:, 1::2])
+
+
+def test_scaled_codes_into_refuses_bad_buffers():
+    qx = quant.quantize(make_rows(4, 64, 32, "mixed", torch.float32, seed=11), 8)
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        quant.scaled_codes_into(torch.empty(3, 64), qx, 0, 4)
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        quant.scaled_codes_into(torch.empty(4, 64, dtype=torch.bfloat16), qx, 0, 4)
+    q4 = quant.quantize(make_rows(4, 64, 32, "mixed", torch.float32, seed=11), 4)
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        quant.scaled_codes_into(torch.empty(4, 64), q4, 0, 4)  # int4 wants (2, n, D // 2)
+    odd = quant.quantize(make_rows(4, 6, 3, "mixed", torch.float32, seed=12), 4, group=3)
+    with pytest.raises(ValueError, match="need an even group"):
+        quant.scaled_codes_into(torch.empty(2, 4, 3), odd, 0, 4)
