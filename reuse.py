@@ -2,7 +2,7 @@
 reuse.py: the reuse experiment. One compressed cache answers every query of its context:
 query-agnostic KVzip against query-aware baselines (Kim et al., NeurIPS 2025, Figures 2 and 10).
 
-    python reuse.py                        # the default run (~3 min on an idle 2-core CPU)
+    python reuse.py                        # the default run (~3-5 min on an idle 2-core CPU)
     python reuse.py --quick                # one needle and one fact context (~1 min)
     python reuse.py --json out.json --plot quality.png   # the figure: accuracy and NLL vs ratio
     python reuse.py --baseline-budget global --methods snapkv,h2o   # the baselines' other budget rule
