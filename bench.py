@@ -109,6 +109,7 @@ PAPER_FULL_GB, PAPER_INT4_RATIO_0_3_GB = 16.3, 1.2
 # -----------------------------------------------------------------------------
 # Geometries: the KV-cache shapes that the memory and decode rows are measured at
 
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """The shape of one model's KV cache: all that the memory and decode measurements need."""

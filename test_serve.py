@@ -1,7 +1,6 @@
 """Tests of compress once, answer many (kvzip.py sections 6b and 7b): a compressed cache saved to a
 file and loaded again, byte for byte, with every bad file refused in one InputError naming it; and
 several queries answered together over one shared cache, against one query at a time."""
-import json
 import math
 import struct
 
@@ -14,7 +13,7 @@ import kvzip
 import model
 import quant
 import tasks
-from conftest import TINY_CONTEXT, tiny_context, write_tiny_checkpoint
+from conftest import TINY_CONTEXT, write_tiny_checkpoint
 
 
 def parts(x):
