@@ -62,8 +62,8 @@ def attention_received(m, kv: kvzip.FullKV, new_ids: list[int], n_rows: int):
     base, end = n_p + n_c, n_p + n_c + len(new_ids)  # context ends at base; new ids end at end
     n_rows = min(n_rows, n_c + len(new_ids))
     first_row = end - n_rows  # position of the first observed row
-    hybrid = len(kv.layers) < cfg.n_layer
-    start = 0 if hybrid else min(first_row, base)  # re-run from here (new ids are not cached: always run)
+    # re-run from here (new ids are not cached: always run); a sliding layer holds only its window
+    start = 0 if kvzip.has_windows(kv) else min(first_row, base)
     work = m.new_cache(capacity=end)
     for l in range(cfg.n_layer if start else 0):  # copy the rows before `start`; kv.cache is only read
         work.k[l][:, :start] = kv.cache.k[l][:, :start]

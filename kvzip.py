@@ -229,6 +229,11 @@ def scored_layers(windows) -> list[int]:
     return [l for l, w in enumerate(windows) if w is None]
 
 
+def has_windows(kv) -> bool:
+    """Whether a FullKV or CompressedKV has sliding layers (a hybrid model's)."""
+    return any(w is not None for w in kv.windows)
+
+
 class FullKV:
     """The uncompressed cache of prefix + context, plus KVzip's scores of every context pair.
 
@@ -330,6 +335,15 @@ class FullKV:
 
     # --- the cache protocol, handed to the dense cache ---
     @property
+    def floor(self):
+        """A WindowKVCache's rollback floor (model.rollback sets it), None for a dense cache."""
+        return getattr(self.cache, "floor", None)
+
+    @floor.setter
+    def floor(self, value):
+        self.cache.floor = value
+
+    @property
     def seq_len(self) -> int:
         return self.cache.seq_len
 
@@ -424,8 +438,7 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
         raise InputError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     backend = kv.backend if backend is None else backend
     cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
-    hybrid = len(kv.layers) < cfg.n_layer
-    fast_cpu = backend == "auto" and m.device.type == "cpu" and scorer == "softmax" and not hybrid
+    fast_cpu = backend == "auto" and m.device.type == "cpu" and scorer == "softmax" and not has_windows(kv)
     row = {l: i for i, l in enumerate(kv.layers)}  # layer -> its row of scores
     scores = torch.zeros(len(kv.layers), cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
     for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
@@ -657,6 +670,12 @@ class CompressedKV:
         """Write this cache to one safetensors file (see save_compressed); load_compressed reads it."""
         save_compressed(self, path)
 
+    @staticmethod
+    def no_rows(Hkv: int, D: int, dtype, device):
+        """A sliding layer's packed part: (k, v, offsets) holding no rows ((0, D), (0, D), (Hkv + 1,) zeros)."""
+        empty = torch.empty((0, D), dtype=dtype, device=device)
+        return empty, empty, torch.zeros(Hkv + 1, dtype=torch.int64, device=device)
+
     @classmethod
     def from_full(cls, cache, n_prefix: int, keep, backend: str = "auto", bits: int = 16):
         """Gather the kept rows of a dense cache, stored in its dtype (bits=16) or quantized
@@ -673,13 +692,11 @@ class CompressedKV:
         row = {l: i for i, l in enumerate(layers)}  # layer -> its row of keep
         for l, w in enumerate(cache.windows):
             if w is not None:  # a sliding layer: no packed pairs; its window, copied
-                held = cache.keys(l).shape[1]  # a dense KVCache holds every position, a WindowKVCache the window
-                a = held - min(base_len, w - 1)  # the first of the window - 1 last positions
-                window_kv.append((cache.keys(l)[:, a:].clone(), cache.values(l)[:, a:].clone()))
-                k = cache.keys(l).new_empty((0, cache.keys(l).shape[2]))  # (0, D)
-                ks.append(k)
-                vs.append(k)
-                offs.append(torch.zeros(Hkv + 1, dtype=torch.int64, device=keep.device))
+                keys, values = cache.keys(l), cache.values(l)  # (Hkv, held, D)
+                a = keys.shape[1] - min(base_len, w - 1)  # the first of the window - 1 last positions
+                window_kv.append((keys[:, a:].clone(), values[:, a:].clone()))
+                for out, x in zip((ks, vs, offs), cls.no_rows(Hkv, keys.shape[2], keys.dtype, keys.device)):
+                    out.append(x)
                 continue
             window_kv.append(None)
             rows = torch.cat([prefix, keep[row[l]]], dim=1)  # (Hkv, n_p + n_c): the prefix is never evicted
@@ -799,10 +816,11 @@ def packed_attention(q, k_packed, v_packed, bounds, tail_k, tail_v):
 # One safetensors file: per layer l the tensors "k.{l}", "v.{l}" (the packed rows in the model's
 # dtype) or, for an int8/int4 cache, "k.{l}.codes", "k.{l}.scale", "k.{l}.zero" (likewise v), and
 # "offsets.{l}"; a hybrid model's sliding layer l instead holds its window, "window_k.{l}" and
-# "window_v.{l}" (Hkv, n_w, D) in the model's dtype; then "prefix_ids" and "context_ids". Its metadata (strings) says what the file
-# is (FORMAT, FORMAT_VERSION), which model made it (model_identity), and how it was compressed
-# (ratio, bits, level, budget rule, chunk size, scorer). The file holds the packed bytes and
-# nothing else: the decode plans are rebuilt on loading, from the same rows.
+# "window_v.{l}" (Hkv, n_w, D) in the model's dtype; then "prefix_ids" and "context_ids". Its
+# metadata (strings) says what the file is (FORMAT, FORMAT_VERSION), which model made it
+# (model_identity), and how it was compressed (ratio, bits, level, budget rule, chunk size,
+# scorer). The file holds the packed bytes and nothing else: the decode plans are rebuilt on
+# loading, from the same rows.
 
 FORMAT, FORMAT_VERSION = "kvzip-ref compressed cache", "1"
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
@@ -874,11 +892,11 @@ def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int, 
     if bits not in ("16", "8", "4"):
         raise InputError(f"{path}: metadata field 'bits' is {bits!r}, expected 16, 8 or 4")
     want = {"prefix_ids": ("I64", None), "context_ids": ("I64", None)}
-    windows = windows or [None] * L
+    window_names = []  # a sliding layer's window: its whole shape is known, checked here
     float_name = _DTYPE_NAMES.get(getattr(torch, meta.get("dtype", ""), None))
-    for l in range(L):
-        if windows[l] is not None:
-            shape = [Hkv, min(base_len, windows[l] - 1), D]
+    for l, w in enumerate(windows or [None] * L):
+        if w is not None:
+            shape = [Hkv, min(base_len, w - 1), D]
             for name in (f"window_k.{l}", f"window_v.{l}"):
                 e = header.get(name)
                 if e is None:
@@ -886,7 +904,7 @@ def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int, 
                 if e.get("dtype") != float_name or e.get("shape") != shape:
                     raise InputError(f"{path}: tensor {name!r} is {e.get('dtype')} {e.get('shape')}, expected "
                                      f"{float_name} {shape} (the last window - 1 positions)")
-                want[name] = (float_name, None)
+                window_names.append(name)
             continue
         want[f"offsets.{l}"] = ("I64", None)
         for kv in "kv":
@@ -901,14 +919,12 @@ def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int, 
         if e is None:
             raise InputError(f"{path}: tensor {name!r} is missing")
         shape = e.get("shape") or [0]
-        if name.startswith("window_"):
-            continue  # checked above
         if e.get("dtype") != dtype or (width is not None and (len(shape) != 2 or shape[1] != width)):
             raise InputError(f"{path}: tensor {name!r} is {e.get('dtype')} {shape}, expected {dtype} "
                              f"with rows of {width}")
         if name.startswith("offsets.") and shape != [Hkv + 1]:
             raise InputError(f"{path}: tensor {name!r} has shape {shape}, expected [{Hkv + 1}] (KV heads + 1)")
-    return list(want)
+    return list(want) + window_names
 
 
 @torch.no_grad()
@@ -945,10 +961,8 @@ def load_compressed(path, m, backend: str = "auto") -> CompressedKV:
     ks, vs, offs, window_kv = [], [], [], []
     for l in range(L):
         if cfg.windows[l] is not None:  # a sliding layer: no packed rows, its window
-            empty = torch.empty((0, D), dtype=m.dtype, device=m.device)
-            ks.append(empty)
-            vs.append(empty)
-            offs.append(torch.zeros(Hkv + 1, dtype=torch.int64, device=m.device))
+            for out, x in zip((ks, vs, offs), CompressedKV.no_rows(Hkv, D, m.dtype, m.device)):
+                out.append(x)
             window_kv.append(tuple(t[f"window_{kv}.{l}"].to(device=m.device, dtype=m.dtype) for kv in "kv"))
             continue
         window_kv.append(None)
@@ -1005,8 +1019,7 @@ def generate_ids(m, tok, ids: list[int], kv, max_new_tokens: int = 64, keep: boo
     kv.reserve(len(ids) + max_new_tokens)
     if keep:
         return model_lib.generate(m, ids, kv, max_new_tokens, tok.stop_ids)
-    # through a FullKV's own cache: a WindowKVCache then keeps the window it must return to
-    with model_lib.rollback(getattr(kv, "cache", kv)):
+    with model_lib.rollback(kv):
         return model_lib.generate(m, ids, kv, max_new_tokens, tok.stop_ids)
 
 
@@ -1127,11 +1140,6 @@ def shared_attention(q, ctx_k, ctx_v, tail_k, tail_v, visible):
     return out
 
 
-def has_windows(kv) -> bool:
-    """Whether a FullKV or CompressedKV has sliding layers (a hybrid model's)."""
-    return any(w is not None for w in kv.windows)
-
-
 def _first_rows(inputs: list[list[int]], start: int, device):
     """The rows of several inputs as one forward: ids, owners (the input of each row) and positions
     (each input from `start` on), all (T,) int64, T = the inputs' lengths summed."""
@@ -1151,7 +1159,7 @@ def forward_batched(m, inputs: list[list[int]], kv) -> list:
     if has_windows(kv):  # see generate_ids_batched: one input at a time
         out = []
         for x in inputs:
-            with model_lib.rollback(getattr(kv, "cache", kv)):
+            with model_lib.rollback(kv):
                 out.append(m(torch.tensor(x, device=m.device), kv))
         return out
     tails = BatchedTails(kv, sum(len(x) for x in inputs), m.cfg.n_layer)

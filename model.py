@@ -798,9 +798,8 @@ def grow(buffers: list, n_used: int, need: int, at_least: int = 0):
 # -----------------------------------------------------------------------------
 # 4. Prefill, greedy generation, rollback
 
-# Tokens per prefill forward: bounds a forward's activations. Longer chunks are no faster here: a
-# 2,021-token prefill through causal block skipping (attention_sdpa) took the same time, within
-# 3%, in one chunk of 2,048 as in two of 1,024.
+# Tokens per prefill forward: bounds a forward's activations (longer chunks were measured no
+# faster with causal block skipping: docs/results.md, "Prefill beside Hugging Face transformers").
 PREFILL_CHUNK = 1024
 
 

@@ -277,7 +277,7 @@ def _keep_mask(kv, method, ratio, scores, hs, budget):
     if method == ONLINE:
         if ratio < 1:
             raise ValueError("kvzip-online's kept pairs come from kvzip.prefill_online, not from offline scores")
-        return torch.ones(len(kv.cache.k), kv.cache.k[0].shape[0], kv.n_context, dtype=torch.bool,
+        return torch.ones(len(kv.layers), kv.cache.k[0].shape[0], kv.n_context, dtype=torch.bool,
                           device=kv.cache.k[0].device)
     if method == "kvzip-head":
         return kvzip.head_keep_mask(hs.to(kv.cache.k[0].device), ratio, kv.n_context)
@@ -429,7 +429,7 @@ def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, override
 
 def _runnable(m, methods) -> tuple[tuple, dict]:
     """(the methods that can run on model m, {method: why not} for the others): kvzip.prefill_online
-    refuses hybrid sliding-window models (check_context), so kvzip-online is left out on them."""
+    refuses hybrid sliding-window models, so kvzip-online is left out on them."""
     if ONLINE in methods and m.cfg.has_sliding_layers:
         why = (f"{m.cfg.architecture} has sliding-window layers, which kvzip.prefill_online does not "
                "support; the other methods still run")
