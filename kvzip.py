@@ -333,6 +333,12 @@ class FullKV:
         an ordinary model."""
         return sum(2 * k.shape[0] * k.shape[2] * k.element_size() for k in self.cache.k) * self.seq_len
 
+    def save(self, path):
+        """Not supported: the file format holds a compressed cache. (A user who tries this gets
+        the way to it, instead of an AttributeError.)"""
+        raise InputError(f"kv.save({path!r}): the full cache is not saved; save a compressed one, "
+                         "kv.prune(ratio).save(path) (ratio 1.0 keeps every pair)")
+
     # --- the cache protocol, handed to the dense cache ---
     @property
     def floor(self):
@@ -367,7 +373,7 @@ class FullKV:
 def check_context(m, tok, context: str, chunk_size: int = CHUNK_SIZE, score: bool = True,
                   prefill_chunk: int = model_lib.PREFILL_CHUNK):
     """(prefix ids, context ids) for prefill / prefill_online, or an InputError naming the problem."""
-    if context is None or (isinstance(context, str) and not context.strip()):
+    if isinstance(context, str) and not context.strip():
         raise InputError(f"empty context ({context!r}): nothing to prefill and compress")
     if not isinstance(context, str):
         hint = " (decode it first: data.decode('utf-8'))" if isinstance(context, (bytes, bytearray)) else ""
@@ -511,6 +517,9 @@ def save_head_scores(path, hs, m):
     if not torch.is_tensor(hs) or tuple(hs.shape) != want:
         raise ValueError(f"head scores must have shape (scored layers, n_kv_head) = {want}, got "
                          f"{tuple(hs.shape) if torch.is_tensor(hs) else type(hs).__name__}")
+    problem = errors.check_output(path, "head scores")
+    if problem:
+        raise InputError(problem)
     save_file({"head_scores": hs.detach().float().cpu().contiguous()}, str(path), metadata=ident)
 
 
@@ -837,6 +846,9 @@ def save_compressed(ckv: CompressedKV, path):
     if ckv.n_tail:
         raise ValueError(f"the cache holds {ckv.n_tail} query rows (keep=True): truncate it to its "
                          f"context ({ckv.base_len} positions) before saving")
+    problem = errors.check_output(path, "compressed cache")  # before the bytes are gathered
+    if problem:
+        raise InputError(problem)
     tensors = {"prefix_ids": torch.tensor(ckv.prefix_ids, dtype=torch.int64),
                "context_ids": torch.tensor(ckv.context_ids, dtype=torch.int64)}
     for l in range(len(ckv.k)):

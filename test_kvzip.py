@@ -216,9 +216,11 @@ def test_bad_kvzip_input_gives_clear_errors(tiny):
     for r in (0, -0.1, 1.5, float("nan"), "0.3"):
         with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
             kv.prune(r)
-    for ctx in ("", "   \n", None):
+    for ctx in ("", "   \n"):
         with pytest.raises(ValueError, match="empty context"):
             kvzip.prefill(m, tok, ctx)
+    with pytest.raises(ValueError, match="context must be a str, got NoneType"):
+        kvzip.prefill(m, tok, None)
     with pytest.raises(ValueError, match="context too long"):
         kvzip.prefill(m, tok, "the fox " * m.cfg.max_position_embeddings)
     with pytest.raises(ValueError, match="does not fit"):
@@ -549,6 +551,8 @@ def test_head_scores_file_round_trip_and_model_mismatch(tiny, tmp_path, tmp_path
     assert torch.equal(kvzip.load_head_scores(path, m), hs)
     with pytest.raises(ValueError, match="head scores must have shape"):
         kvzip.save_head_scores(tmp_path / "bad.safetensors", hs[:, :1], m)
+    with pytest.raises(kvzip.InputError, match="head scores .*folder .* does not exist"):
+        kvzip.save_head_scores(tmp_path / "no" / "hs.safetensors", hs, m)
     # another shape (3 layers), and the same shape with other weights: both refused, both named
     for folder, kwargs in [("three_layers", dict(n_layer=3)), ("other_weights", dict(seed=1))]:
         d = tmp_path_factory.mktemp(folder)

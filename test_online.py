@@ -169,9 +169,11 @@ def test_bad_online_input_gives_clear_errors(tiny):
     for r in (0, -0.1, 1.5, float("nan"), "0.3", True, torch.tensor(0.3)):
         with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
             kvzip.prefill_online(m, tok, "some words", r)
-    for ctx in ("", "   \n", None):
+    for ctx in ("", "   \n"):
         with pytest.raises(ValueError, match="empty context"):
             kvzip.prefill_online(m, tok, ctx, 0.3)
+    with pytest.raises(ValueError, match="context must be a str, got NoneType"):
+        kvzip.prefill_online(m, tok, None, 0.3)
     with pytest.raises(ValueError, match="context must be a str, got bytes"):
         kvzip.prefill_online(m, tok, b"hello", 0.3)
     with pytest.raises(ValueError, match="context too long"):

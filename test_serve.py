@@ -139,6 +139,13 @@ def test_save_refuses_a_cache_it_cannot_describe(tiny, tiny_kv, tmp_path):
     bare = kvzip.CompressedKV.from_full(tiny_kv.cache, tiny_kv.n_prefix, keep)
     with pytest.raises(ValueError, match="does not know its model"):
         bare.save(tmp_path / "y.kvz")
+    # a path that cannot be written is named before any bytes are gathered; the full cache has no file format
+    for path, words in ((tmp_path, "is a folder"), (tmp_path / "no" / "z.kvz", "does not exist")):
+        with pytest.raises(kvzip.InputError, match=f"compressed cache {path}: .*{words}"):
+            tiny_kv.prune(0.3).save(path)
+    with pytest.raises(kvzip.InputError, match=r"kv.prune\(ratio\).save\(path\)"):
+        tiny_kv.save(tmp_path / "full.kvz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # -----------------------------------------------------------------------------
