@@ -188,9 +188,6 @@ def smol():
     return model.load()
 
 
-
-
-
 @pytest.fixture(scope="session")
 def converted(smol):
     """The folder model.load() converted the embedded GGUF into."""
@@ -201,7 +198,6 @@ def converted(smol):
 def gguf_tok(converted):
     from tokenizers import Tokenizer
     return Tokenizer.from_file(str(converted / "tokenizer.json"))
-
 
 
 WORDS = ("the quick brown fox jumps over the lazy dog near the river bank at dawn while a small train "

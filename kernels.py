@@ -209,7 +209,6 @@ def _check_scoring_inputs(q, k, n_prefix, n_chunk):
     return n_kv_head, G, n_q, D
 
 
-
 def chunk_max_scores(q, k, n_prefix, n_chunk):
     """KVzip scores of one context chunk: max softmax probability each chunk key receives.
 

@@ -12,7 +12,6 @@ import tasks
 from conftest import TINY_CONTEXT, reference_forward
 
 
-
 def _cache_copy(kv):
     n = kv.cache.seq_len
     return n, [t[:, :n].clone() for t in kv.cache.k + kv.cache.v]

@@ -17,7 +17,6 @@ import tasks
 from conftest import HERE, TINY_CONTEXT, reference_forward, tiny_context
 
 
-
 def test_reconstruction_inputs_follow_the_prompts(tiny):
     _, tok, _ = tiny
     ids = list(range(100, 145))  # 45 context ids -> chunks [0, 20), [20, 40), [40, 45)
@@ -564,5 +563,3 @@ def test_head_scores_file_round_trip_and_model_mismatch(tiny, tmp_path, tmp_path
         ident, theirs = kvzip.model_identity(m), kvzip.model_identity(other)
         assert ident["weights_sha256"] in msg and theirs["weights_sha256"] in msg
         assert f"{ident['n_layer']} layers" in msg and f"{theirs['n_layer']} layers" in msg
-
-

@@ -12,6 +12,7 @@ from conftest import reference_forward, write_tiny_checkpoint
 # -----------------------------------------------------------------------------
 # model.py: loading, cache, generation, bad input
 
+
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2_bias_untied", "llama_sharded", "qwen3_tied",
                                   "qwen3_untied_wide_heads"])
 def test_tiny_checkpoints_match_independent_forward(tmp_path, kind):

@@ -214,7 +214,6 @@ def test_format_kinds_table():
     assert tasks.TOKEN_KINDS == ("digit", "punct", "word")
 
 
-
 def test_kvzip_variants_are_rows_with_their_ratios_kept_fractions_and_scoring_times(tiny):
     """The ablations run as methods: per-method ratios from the preset, head-level rows keep whole
     heads (kept_ratio a multiple of 1 / (L * Hkv)), and each method's scoring time is recorded."""
