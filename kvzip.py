@@ -1072,6 +1072,9 @@ class BatchedTails:
     the forward's T rows are. Row r then sees tail row s iff owner[s] == owner[r] and
     pos[s] <= pos[r]: its own query's earlier rows and itself (`visible`, (T, n_tail)). A finished
     query brings no more rows; its tail rows stay (hidden from the others) until the batch ends.
+    A hybrid model's sliding layer of window w narrows both sets by position: the row at position
+    p sees the shared rows and its own tail rows at positions j with p - w < j <= p (the shared
+    cache's sliding layers hold only their last positions, the window; see `window_rows`).
     """
 
     def __init__(self, base, capacity: int, n_layer: int):
@@ -1080,6 +1083,7 @@ class BatchedTails:
                              "turn kept with keep=True: truncate it first)")
         self.base = base
         self.seq_len = base.seq_len  # positions of the shared context; new rows bring their own
+        self.windows = base.windows  # per layer: a sliding layer's window, or None
         if isinstance(base, CompressedKV):
             Hkv, D, dtype, device = base.offsets[0].numel() - 1, base.k[0].shape[1], base.dtype, base.offsets[0].device
         else:
@@ -1091,6 +1095,8 @@ class BatchedTails:
         self.pos = torch.empty(capacity, dtype=torch.int64, device=device)
         self.n_tail = 0
         self.visible = None  # (T, n_tail + T) bool, built once per forward by set_rows
+        self.in_window = {}  # window -> (T, n_tail + T) bool: visible and inside the window
+        self.row_pos = None  # (T,) the positions of the forward's rows
 
     def set_rows(self, owners, positions):
         """owners, positions (T,) int64: the query and position of each row of the next forward."""
@@ -1100,6 +1106,9 @@ class BatchedTails:
         self.owner[self.n_tail:end], self.pos[self.n_tail:end] = owners, positions
         own, pos = self.owner[:end], self.pos[:end]
         self.visible = (own[None, :] == owners[:, None]) & (pos[None, :] <= positions[:, None])  # (T, end)
+        self.row_pos = positions
+        self.in_window = {w: self.visible & (pos[None, :] > positions[:, None] - w)
+                          for w in set(self.windows) if w is not None}
 
     def reserve(self, n: int):
         pass  # the capacity is set when the batch starts (its largest possible need)
@@ -1115,17 +1124,40 @@ class BatchedTails:
             return ks, vs
         return list(b.cache.keys(layer)), list(b.cache.values(layer))  # (S, D) per head
 
+    def window_rows(self, layer: int):
+        """A sliding layer's shared rows, the last positions of the context: k, v (Hkv, n, D) and
+        their positions (n,), seq_len - n .. seq_len - 1. Of a CompressedKV: its window, the first
+        rows of that layer's tail; of a FullKV: what its cache holds of the layer."""
+        b = self.base
+        if isinstance(b, CompressedKV):
+            n = b.n_window[layer]
+            k, v = b.tail_k[layer][:, :n], b.tail_v[layer][:, :n]
+        else:
+            k, v = b.cache.keys(layer), b.cache.values(layer)
+        n = k.shape[1]
+        return k, v, torch.arange(self.seq_len - n, self.seq_len, device=k.device)
+
     def attend(self, layer: int, q, k, v):
         """Store the rows' k, v (Hkv, T, D) in the tail; q (Hkv, G, T, D) attends over each head's
         shared rows and the visible tail rows. Returns (Hkv, G, T, D)."""
         end = self.n_tail + k.shape[1]
         self.tail_k[layer][:, self.n_tail:end] = k
         self.tail_v[layer][:, self.n_tail:end] = v
-        ctx_k, ctx_v = self.context(layer)
         tk, tv = self.tail_k[layer][:, :end], self.tail_v[layer][:, :end]
+        w = self.windows[layer]
+        if w is None:
+            ctx_k, ctx_v = self.context(layer)
+            visible = self.visible
+        else:
+            # The shared window is masked by position like the tail, so it joins the tail: one set
+            # of rows with one mask, and no context rows that every row sees. (Hkv, n_w + end, D)
+            wk, wv, wpos = self.window_rows(layer)
+            tk, tv = torch.cat([wk, tk], dim=1), torch.cat([wv, tv], dim=1)
+            visible = torch.cat([wpos[None, :] > self.row_pos[:, None] - w, self.in_window[w]], dim=1)
+            ctx_k = ctx_v = [tk.new_empty(0, tk.shape[2])] * tk.shape[0]
         if getattr(self.base, "backend", "auto") == "auto" and q.device.type == "cpu":
-            return fused.shared_attention_fused(q, ctx_k, ctx_v, tk, tv, self.visible)
-        return shared_attention(q, ctx_k, ctx_v, tk, tv, self.visible)
+            return fused.shared_attention_fused(q, ctx_k, ctx_v, tk, tv, visible)
+        return shared_attention(q, ctx_k, ctx_v, tk, tv, visible)
 
     def advance(self, n: int):
         self.n_tail += n
@@ -1168,12 +1200,6 @@ def forward_batched(m, inputs: list[list[int]], kv) -> list:
     m(input_i, kv) alone up to float rounding. kv is only read (unchanged afterwards)."""
     if not inputs or any(not x for x in inputs):
         raise InputError("no inputs, or an empty one: nothing to run")
-    if has_windows(kv):  # see generate_ids_batched: one input at a time
-        out = []
-        for x in inputs:
-            with model_lib.rollback(kv):
-                out.append(m(torch.tensor(x, device=m.device), kv))
-        return out
     tails = BatchedTails(kv, sum(len(x) for x in inputs), m.cfg.n_layer)
     ids, owners, positions = _first_rows(inputs, kv.seq_len, m.device)
     tails.set_rows(owners, positions)
@@ -1191,8 +1217,6 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
     max_new_tokens) and brings no rows to the next forward. max_new_tokens: one for all, or a list
     of one per query. Same answers as one query at a time (generate_ids), except where float
     rounding of the other kernels breaks a near-tie.
-    A hybrid model's cache (sliding layers) is answered one query at a time: BatchedTails masks
-    by query and position, not by a sliding window.
     """
     if not queries or any(not q for q in queries):
         raise InputError("no queries, or an empty one: nothing to answer")
@@ -1206,8 +1230,6 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
         if start + len(q) + n > limit:
             raise InputError(f"query of {len(q)} tokens plus {n} new tokens does not fit "
                              f"after the {start} cached positions (model limit {limit})")
-    if has_windows(kv):
-        return [generate_ids(m, tok, q, kv, n) for q, n in zip(queries, budgets)]
     dev = m.device
     tails = BatchedTails(kv, sum(len(q) for q in queries) + sum(budgets), m.cfg.n_layer)
     out = [[] for _ in queries]

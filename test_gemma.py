@@ -473,17 +473,27 @@ def test_compressed_at_ratio_one_answers_as_the_full_cache(gemma, backend):
     assert (evicted - part).abs().max() > 1e-3
 
 
-def test_batched_answers_on_a_hybrid_model_equal_one_at_a_time(gemma, gemma_kv):
+@pytest.mark.parametrize("which", ["full", "compressed", "compressed-int4", "reference"])
+def test_batched_answers_on_a_hybrid_model_equal_one_at_a_time(gemma, gemma_kv, which):
+    """Queries longer than the window, answers of twice the window: the sliding layers' shared
+    window and each query's own rows leave the window as the rows move on, in the batch as alone."""
     m, tok, c, _ = gemma
-    ckv = gemma_kv.prune(0.5)
-    queries = [kvzip.query_ids(tok, q) for q in ("Where did the train go?", "What does the fox do?")]
-    one = [kvzip.generate_ids(m, tok, q, ckv, 2 * c["sliding_window"]) for q in queries]
-    assert kvzip.generate_ids_batched(m, tok, queries, ckv, 2 * c["sliding_window"]) == one
-    outs = kvzip.forward_batched(m, queries, ckv)
+    W = c["sliding_window"]
+    kv = {"full": lambda: gemma_kv, "compressed": lambda: gemma_kv.prune(0.5),
+          "compressed-int4": lambda: gemma_kv.prune(0.5, bits=4),
+          "reference": lambda: kvzip.prefill(m, tok, CONTEXT, backend="reference").prune(0.5)}[which]()
+    queries = [kvzip.query_ids(tok, q) for q in ("Where did the train go?", "What does the fox do near the river bank?",
+                                                  "Who?")]
+    assert min(len(q) for q in queries[:2]) > W
+    before = kv.nbytes
+    one = [kvzip.generate_ids(m, tok, q, kv, 2 * W) for q in queries]
+    assert kvzip.generate_ids_batched(m, tok, queries, kv, 2 * W) == one
+    outs = kvzip.forward_batched(m, queries, kv)
     for q, out in zip(queries, outs):
-        with model.rollback(ckv):
-            torch.testing.assert_close(out, m(torch.tensor(q), ckv), atol=1e-6, rtol=0)
-    assert ckv.seq_len == ckv.base_len
+        with model.rollback(kv):
+            torch.testing.assert_close(out, m(torch.tensor(q), kv), atol=1e-5, rtol=1e-5)
+    assert kv.seq_len == kv.n_prefix + kv.n_context if which == "full" else kv.seq_len == kv.base_len
+    assert kv.nbytes == before
 
 
 def test_head_level_uniform_and_baselines_on_the_global_layers(gemma, gemma_kv, tmp_path):
