@@ -1273,6 +1273,8 @@ def generate_ids_batched(m, tok, queries: list[list[int]], kv, max_new_tokens=64
 #      packs the next working cache (_next_working_cache).
 # The cache held never exceeds the kept pairs plus one chunk's dense K/V plus its reconstruction
 # input's (and, while the next cache is packed, one layer's kept rows twice).
+# On a hybrid model (Gemma 3) the steps score and evict the global layers only, as offline; each
+# sliding layer's window moves on with every chunk (its last window - 1 positions).
 # What differs from offline, by construction: a chunk's prefill and reconstruction see only the
 # kept past, and its reconstruction runs right after the chunk, not after the whole context, so
 # hidden states and scores drift; and a pair once evicted cannot come back if later chunks score
@@ -1311,14 +1313,18 @@ def held_bytes(*caches) -> int:
 def _score_tail_chunk(m, ckv, ids, n_p: int, n_new: int, backend: str):
     """Eq. 2 for the chunk in the first n_new rows of ckv's tail: its reconstruction input `ids`
     runs on top of ckv, and each layer's `observe` scores the chunk against K' = [prefix ; chunk ;
-    input], as score_context does. The input's K/V are dropped again. Returns (L, Hkv, n_new) float32."""
-    scores = torch.zeros(m.cfg.n_layer, m.cfg.n_kv_head, n_new, dtype=torch.float32, device=m.device)
+    input], as score_context does, in the scored layers (scored_layers). The input's K/V are
+    dropped again. Returns (L', Hkv, n_new) float32."""
+    row = {l: i for i, l in enumerate(scored_layers(ckv.windows))}  # layer -> its row in the scores
+    scores = torch.zeros(len(row), m.cfg.n_kv_head, n_new, dtype=torch.float32, device=m.device)
 
     def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
+        if layer not in row:  # a sliding layer: its window is kept whole, never scored
+            return
         b = ckv._bounds[layer]  # every head's rows start with its n_p prefix rows
         prefix = torch.stack([ckv.k[layer][b[h]:b[h] + n_p] for h in range(len(b) - 1)])  # (Hkv, n_p, D)
         keys = torch.cat([prefix, ckv.tail_k[layer][:, :n_new], k], dim=1)  # (Hkv, |K'|, D)
-        scores[layer] = chunk_scores(q, keys, n_p, n_new, backend)
+        scores[row[layer]] = chunk_scores(q, keys, n_p, n_new, backend)
 
     with model_lib.rollback(ckv):
         m(torch.tensor(ids, device=m.device), ckv, last_only=True, observe=observe)
@@ -1329,30 +1335,44 @@ def _next_working_cache(ckv, rows_before, rows_after, bits: int, backend: str):
     """(the CompressedKV of the rows rows_after selects, the peak bytes held while building it),
     from ckv's packed rows (those rows_before selects) and its tail's first n_new rows (the chunk).
 
-    rows_before: bool (L, Hkv, n_p + n_prev); rows_after: bool (L, Hkv, n_p + n_prev + n_new),
-    over positions, prefix included; what rows_after keeps of the past lies within rows_before.
-    Per layer and KV head the rows stay in increasing position, head-major, as from_full packs them.
-    ckv is taken apart layer by layer, each old layer released once its new one exists, so no more
-    than one layer is ever held twice.
+    rows_before: bool (L', Hkv, n_p + n_prev); rows_after: bool (L', Hkv, n_p + n_prev + n_new),
+    over positions, prefix included, one row per scored layer; what rows_after keeps of the past
+    lies within rows_before. Per layer and KV head the rows stay in increasing position, head-major,
+    as from_full packs them. A sliding layer's window moves on: the last window - 1 positions of
+    its old window and the chunk (its tail's first rows). ckv is taken apart layer by layer, each
+    old layer released once its new one exists, so no more than one layer is ever held twice.
     """
-    n_old = rows_before.shape[-1]
-    ks, vs, offs, peak = [], [], [], 0
-    for l in range(len(ckv.k)):
-        past, chunk = rows_after[l, :, :n_old], rows_after[l, :, n_old:]  # (Hkv, n_old), (Hkv, n_new)
-        assert not (past & ~rows_before[l]).any(), "an evicted pair cannot come back"
-        still = past[rows_before[l]]  # (N_l,) over ckv's packed rows, in their (head-major) order
-        for buf, tail, out in ((ckv.k[l], ckv.tail_k[l], ks), (ckv.v[l], ckv.tail_v[l], vs)):
-            old = buf[still].split(past.sum(1).tolist())  # per head: the past's rows still kept
-            new = tail[:, :chunk.shape[1]][chunk].split(chunk.sum(1).tolist())  # per head: the chunk's kept
-            rows = torch.cat([x for pair in zip(old, new) for x in pair])  # (N'_l, D), head-major
-            out.append(rows if bits == 16 else quant.quantize(rows, bits))
-        counts = rows_after[l].sum(1)  # (Hkv,)
-        offs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
-        peak = max(peak, held_bytes(ckv) + sum(quant.nbytes(t) for t in ks + vs + offs))
+    n_old, base_len = rows_before.shape[-1], rows_after.shape[-1]
+    row = {l: i for i, l in enumerate(scored_layers(ckv.windows))}  # layer -> its row in the masks
+    ks, vs, offs, window_kv, peak = [], [], [], [], 0
+    for l, w in enumerate(ckv.windows):
+        if w is not None:  # a sliding layer: no packed pairs; its window, copied out of the tail
+            end = ckv.n_window[l] + base_len - n_old  # tail rows: the old window, then the chunk
+            a = end - min(base_len, w - 1)
+            window_kv.append((ckv.tail_k[l][:, a:end].clone(), ckv.tail_v[l][:, a:end].clone()))
+            for out, x in zip((ks, vs, offs), CompressedKV.no_rows(*ckv.tail_k[l].shape[::2], ckv.dtype,
+                                                                    ckv.tail_k[l].device)):
+                out.append(x)
+        else:
+            window_kv.append(None)
+            j = row[l]
+            past, chunk = rows_after[j, :, :n_old], rows_after[j, :, n_old:]  # (Hkv, n_old), (Hkv, n_new)
+            assert not (past & ~rows_before[j]).any(), "an evicted pair cannot come back"
+            still = past[rows_before[j]]  # (N_l,) over ckv's packed rows, in their (head-major) order
+            for buf, tail, out in ((ckv.k[l], ckv.tail_k[l], ks), (ckv.v[l], ckv.tail_v[l], vs)):
+                old = buf[still].split(past.sum(1).tolist())  # per head: the past's rows still kept
+                new = tail[:, :chunk.shape[1]][chunk].split(chunk.sum(1).tolist())  # per head: the chunk's kept
+                rows = torch.cat([x for pair in zip(old, new) for x in pair])  # (N'_l, D), head-major
+                out.append(rows if bits == 16 else quant.quantize(rows, bits))
+            counts = rows_after[j].sum(1)  # (Hkv,)
+            offs.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+        built = ks + vs + offs + [t for kv in window_kv if kv is not None for t in kv]
+        peak = max(peak, held_bytes(ckv) + sum(quant.nbytes(t) for t in built))
         ckv.k[l] = ckv.v[l] = ckv.tail_k[l] = ckv.tail_v[l] = None  # release the old layer
         if ckv.plans:
             ckv.plans[l] = None
-    return CompressedKV(ks, vs, offs, base_len=rows_after.shape[-1], backend=backend), peak
+    return CompressedKV(ks, vs, offs, base_len=base_len, backend=backend, windows=ckv.windows,
+                        window_kv=window_kv), peak
 
 
 @torch.no_grad()
@@ -1377,8 +1397,6 @@ def prefill_online(m, tok, context: str, ratio: float, chunk_size: int = CHUNK_S
     check_ratio(ratio)
     quant.check_bits(bits)
     model_lib.check_backend(backend)
-    if m.cfg.has_sliding_layers:  # its step packs every layer's past; a sliding layer holds a window
-        raise InputError(f"{m.cfg.architecture}: KVzip online on hybrid sliding-window models is not supported yet")
     p_ids, context_ids = check_context(m, tok, context, chunk_size, True, prefill_chunk)
     n_p, pieces = len(p_ids), reconstruction_inputs(tok, context_ids, chunk_size)
     # chunk 0: offline KVzip on the first chunk alone (the whole context if it is one chunk)

@@ -22,7 +22,7 @@ Map of this file: the methods and presets, the evaluation of one cache (_answers
 _reconstruction_nll, _full_reference, _evaluate), the contexts and KVzip's variants
 (_quality_contexts, _calibration_contexts, method_ratios, _score_kvzip_variants, _keep_mask),
 the intervals and _summarize (one row), run_quality (the experiment) and its steps (_settings,
-_runnable, _online_caches, _score_baselines, _evaluate_caches, _result), format_quality_table,
+_online_caches, _score_baselines, _evaluate_caches, _result), format_quality_table,
 format_kinds_table (what each method keeps of digits, punctuation and words), plot_quality (the
 figure), compare_online and format_online_table (KVzip online against offline, --online), main().
 Nothing imports this file.
@@ -349,10 +349,6 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
     methods, cfg, ratios_of, quantized = _settings(ratios=ratios, methods=methods, n_contexts=n_contexts,
                                                    quick=quick, budget=budget, quantized=quantized,
                                                    overrides=overrides)
-    methods, skipped = _runnable(m, methods)
-    ratios_of = {meth: ratios_of[meth] for meth in methods}
-    for meth, why in skipped.items():  # printed whatever `progress` says: a row the caller asked for is missing
-        errors.progress(f"skipping {meth}: {why}")
     say = errors.progress if progress else (lambda msg: None)
     t0 = time.perf_counter()
     head_seconds = 0.0
@@ -399,8 +395,7 @@ def run_quality(m, tok, ratios=None, methods=None, n_contexts=None, seed=0, quic
 
     return _result(counts, quantized_counts, per_context, kinds, methods=methods, ratios_of=ratios_of,
                    quantized=quantized, seed=seed, quick=quick, cfg=cfg, budget=budget,
-                   scoring_seconds=scoring_seconds, head_seconds=head_seconds, hs=head_scores, t0=t0,
-                   skipped=skipped)
+                   scoring_seconds=scoring_seconds, head_seconds=head_seconds, hs=head_scores, t0=t0)
 
 
 def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, overrides):
@@ -425,16 +420,6 @@ def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, override
         kvzip.check_ratio(r)
         quant.check_bits(bits)
     return methods, cfg, ratios_of, quantized
-
-
-def _runnable(m, methods) -> tuple[tuple, dict]:
-    """(the methods that can run on model m, {method: why not} for the others): kvzip.prefill_online
-    refuses hybrid sliding-window models, so kvzip-online is left out on them."""
-    if ONLINE in methods and m.cfg.has_sliding_layers:
-        why = (f"{m.cfg.architecture} has sliding-window layers, which kvzip.prefill_online does not "
-               "support; the other methods still run")
-        return tuple(x for x in methods if x != ONLINE), {ONLINE: why}
-    return methods, {}
 
 
 def _online_caches(m, tok, ctx, ratios, seconds) -> dict:
@@ -503,10 +488,10 @@ def _count(res, keep, ctx, full) -> dict:
 
 
 def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of, quantized, seed, quick, cfg,
-            budget, scoring_seconds, head_seconds, hs, t0, skipped=None) -> dict:
+            budget, scoring_seconds, head_seconds, hs, t0) -> dict:
     """run_quality's result: one row per (method, ratio) and per quantized (ratio, bits) from the
     per-context counts, the totals over contexts, the settings, the head scores hs (L, Hkv) of
-    kvzip-head, the methods skipped on this model ({method: why}) and the seconds (t0: the start)."""
+    kvzip-head and the seconds (t0: the start)."""
     rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed))
             for (meth, r), cs in counts.items()]
     rows += [dict(method="kvzip", ratio=r, bits=bits, **_summarize(cs, kinds, seed))
@@ -517,7 +502,7 @@ def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of,
         rows=rows, methods=list(methods), ratios=sorted({r for rs in ratios_of.values() for r in rs}),
         quantized=[list(rb) for rb in quantized],
         seed=seed, quick=quick, config=cfg, baseline_budget=budget,
-        online_chunk_size=ONLINE_CHUNK if ONLINE in methods else None, skipped=dict(skipped or {}),
+        online_chunk_size=ONLINE_CHUNK if ONLINE in methods else None,
         n_contexts=len(per_context), n_needle_contexts=len(needle), n_fact_contexts=len(fact),
         n_probes_asked=sum(c["n_queries"] for c in needle),
         n_probes=sum(c["full_right"] for c in needle),  # those the full cache gets right: the denominator
@@ -569,8 +554,6 @@ def format_quality_table(result) -> str:
                         if "kvzip-head" in result["methods"] else "")
                      + (f" ({ONLINE}: prefill_online at each of its ratios, chunks of {result['online_chunk_size']}, "
                         "its prefills included)" if ONLINE in result["methods"] else ""))
-    for meth, why in result.get("skipped", {}).items():
-        lines.append(f"skipped {meth}: {why}")
     return "\n".join(lines)
 
 

@@ -573,12 +573,54 @@ def test_a_hybrid_compressed_cache_saved_and_loaded(gemma, gemma_kv, tmp_path, b
         kvzip.load_compressed(tmp_path / "bad.kvz", m)
 
 
-def test_hybrid_refusals_and_a_gemma_without_sliding_layers(gemma, gemma_kv, tmp_path):
-    """Not supported yet, said by name: KVzip online on a hybrid model. A Gemma 3 without sliding
-    layers is an ordinary model to KVzip: every layer scored."""
-    m, tok, _, _ = gemma
-    with pytest.raises(InputError, match="KVzip online on hybrid sliding-window models is not supported yet"):
-        kvzip.prefill_online(m, tok, CONTEXT, 0.3, chunk_size=64)
+def windows_of(ckv):
+    """Each sliding layer's window: (k, v) (Hkv, n_w, D), the first rows of its tail; None for a global layer."""
+    return [None if w is None else (ckv.tail_k[l][:, :ckv.n_window[l]], ckv.tail_v[l][:, :ckv.n_window[l]])
+            for l, w in enumerate(ckv.windows)]
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_online_on_a_hybrid_model(gemma, gemma_kv, tmp_path, bits):
+    """KVzip online scores and evicts the global layers chunk by chunk while each sliding layer's
+    window moves on: one chunk is offline prefill + prune byte for byte; many chunks at ratio 1.0
+    equal it up to float rounding; at 0.3 the budget is the global layers' and layer 0's window
+    (its keys depend on token and position only) is offline's; the cache answers, batched too,
+    and saves."""
+    from test_kvzip import stored_tensors
+    m, tok, c, _ = gemma
+    W, L_, Hkv = c["sliding_window"], len(gemma_kv.layers), m.cfg.n_kv_head
+    one, offline = kvzip.prefill_online(m, tok, CONTEXT, 0.3, bits=bits), gemma_kv.prune(0.3, bits=bits)
+    assert len(one.trace) == 1 and one.nbytes == offline.nbytes
+    got, want = stored_tensors(one), stored_tensors(offline)
+    got += [t for kv in windows_of(one) if kv for t in kv]
+    want += [t for kv in windows_of(offline) if kv for t in kv]
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    n_c = gemma_kv.n_context
+    everything = kvzip.prefill_online(m, tok, CONTEXT, 1.0, chunk_size=20, bits=bits)
+    assert len(everything.trace) == math.ceil(n_c / 20) >= 6
+    assert everything.nbytes == gemma_kv.prune(1.0, bits=bits).nbytes
+    for a, b in zip(windows_of(everything), windows_of(gemma_kv.prune(1.0))):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a[0].shape == b[0].shape == (Hkv, W - 1, m.cfg.head_dim)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ckv = kvzip.prefill_online(m, tok, CONTEXT, 0.3, chunk_size=20, bits=bits)
+    for step in ckv.trace:
+        assert step["kept"] == round(0.3 * L_ * Hkv * step["end"])  # the global layers' budget
+    assert ckv.scores.shape == (L_, Hkv, n_c) and sum(s["evicted_past"] for s in ckv.trace) > 0
+    assert torch.equal(ckv.head_lengths()[gemma_kv.layers], gemma_kv.n_prefix + torch.isfinite(ckv.scores).sum(-1))
+    torch.testing.assert_close(windows_of(ckv)[0], windows_of(offline)[0], atol=1e-5, rtol=1e-5)
+    queries = [kvzip.query_ids(tok, q) for q in ("Where did the train go?", "What does the fox do?")]
+    answers = [kvzip.generate_ids(m, tok, q, ckv, 2 * W) for q in queries]
+    assert kvzip.generate_ids_batched(m, tok, queries, ckv, 2 * W) == answers
+    ckv.save(tmp_path / "online.kvz")
+    back = kvzip.load_compressed(tmp_path / "online.kvz", m)
+    assert back.nbytes == ckv.nbytes
+    assert [kvzip.generate_ids(m, tok, q, back, 2 * W) for q in queries] == answers
+
+
+def test_a_gemma_without_sliding_layers(tmp_path):
+    """A Gemma 3 without sliding layers is an ordinary model to KVzip: every layer scored."""
     write_tiny_gemma(tmp_path / "full", sliding_window_pattern=1)  # every layer full
     m_full, tok_full = model.load(tmp_path / "full")
     assert not m_full.cfg.has_sliding_layers

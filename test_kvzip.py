@@ -174,7 +174,7 @@ def test_ratio_one_reproduces_the_full_cache(tiny):
 
 def plan_tensors(ckv):
     """Every tensor of the cache's decode plans (fused.DecodePlan; a CPU cache in the model's dtype)."""
-    return [t for p in ckv.plans or [] for t in (p.mask, p.heads, p.extra_k, p.extra_v, p.extra_mask, p.extra_heads)]
+    return [t for p in ckv.plans or [] if p is not None for t in (p.mask, p.heads, p.extra_k, p.extra_v, p.extra_mask, p.extra_heads)]
 
 
 def plan_bytes(ckv):

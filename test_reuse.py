@@ -312,7 +312,7 @@ def test_kvzip_online_rows_are_prefill_online_caches(tiny, monkeypatch):
     assert all(id(ckv) in evaluated for *_, ckv in calls)
     assert all(len(ckv.trace) >= 2 for *_, ckv in calls)  # several chunks each
     online = {r["ratio"]: r for r in res["rows"] if r["method"] == reuse.ONLINE}
-    assert set(online) == {0.1, 0.3, 1.0} and res["online_chunk_size"] == 40 and res["skipped"] == {}
+    assert set(online) == {0.1, 0.3, 1.0} and res["online_chunk_size"] == 40
     for r, row in online.items():
         assert row["kept_ratio"] == pytest.approx(r, abs=0.01) and row["n_probes"] == res["n_probes"]
     assert online[1.0]["reconstruction_nll_ratio"] == pytest.approx(1.0, abs=1e-3)
@@ -332,24 +332,6 @@ def test_kvzip_online_rows_are_prefill_online_caches(tiny, monkeypatch):
     assert not torch.equal(ckv.scores > float("-inf"), kvzip.keep_mask(offline.scores, 0.3).to(ckv.scores.device))
     table = reuse.format_quality_table(res)
     assert f"{reuse.ONLINE:<19}  0.10   16" in table and "prefill_online at each of its ratios, chunks of 40" in table
-
-
-def test_hybrid_models_skip_kvzip_online(tiny, capsys):
-    """prefill_online refuses hybrid sliding-window models: kvzip-online is left out of the methods
-    there, with the reason, which the table prints; other models keep it."""
-    from types import SimpleNamespace
-
-    m, _, _ = tiny
-    assert reuse._runnable(m, reuse.METHODS) == (reuse.METHODS, {})
-    cfg = model.ModelConfig(architecture="Gemma3ForCausalLM", vocab_size=16, n_embd=8, n_layer=2, n_head=1,
-                            n_kv_head=1, head_dim=8, intermediate_size=8, layer_types=(model.SLIDING, model.FULL),
-                            sliding_window=4)
-    methods, skipped = reuse._runnable(SimpleNamespace(cfg=cfg), reuse.METHODS)
-    assert methods == tuple(x for x in reuse.METHODS if x != reuse.ONLINE)
-    assert list(skipped) == [reuse.ONLINE] and "sliding-window" in skipped[reuse.ONLINE]
-    res = dict(rows=[], methods=list(methods), n_needle_contexts=1, n_probes_asked=1, n_probes=1, n_fact_contexts=0,
-               n_questions=0, context_tokens=[10], seed=0, seconds=1.0, skipped=skipped)
-    assert f"skipped {reuse.ONLINE}: Gemma3ForCausalLM has sliding-window layers" in reuse.format_quality_table(res)
 
 
 def test_model_names_pass_through_to_model_load(tiny, tmp_path, monkeypatch, capsys):

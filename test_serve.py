@@ -22,7 +22,7 @@ def parts(x):
 
 
 def plan_tensors(ckv):
-    return [t for p in ckv.plans or [] for t in (p.mask, p.heads, p.extra_k, p.extra_v, p.extra_mask,
+    return [t for p in ckv.plans or [] if p is not None for t in (p.mask, p.heads, p.extra_k, p.extra_v, p.extra_mask,
                                                    p.extra_heads)]
 
 
