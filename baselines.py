@@ -69,7 +69,7 @@ def attention_received(m, kv: kvzip.FullKV, new_ids: list[int], n_rows: int):
         work.k[l][:, :start] = kv.cache.k[l][:, :start]
         work.v[l][:, :start] = kv.cache.v[l][:, :start]
     work.seq_len = start
-    row_of = {l: i for i, l in enumerate(kv.layers)}  # layer -> its row of sums
+    row_of = kvzip.scored_rows(kv.windows)  # layer -> its row of sums
     sums = torch.zeros(len(kv.layers), cfg.n_kv_head, cfg.group, n_c, dtype=torch.float32, device=m.device)
 
     def observe(layer, q, k):  # q (Hkv, G, T, D), k (Hkv, T, D): the tokens of this prefill chunk

@@ -356,8 +356,8 @@ def packed_decode(q, k_packed, v_packed, plan: DecodePlan, tail_k, tail_v):
 # The blocks are shared out to torch.get_num_threads() Python threads, each running torch on one
 # thread, and each running its share in one TorchScript loop (attend_blocks), which holds no GIL.
 # Why not torch's own threads over each block's ops: every op then wakes the other threads
-# (OMP_WAIT_POLICY=PASSIVE, see the top of this file), and a layer is hundreds of such ops. Why not plain Python threads: they take turns on the GIL between ops, and two were
-# no faster than one.
+# (OMP_WAIT_POLICY=PASSIVE, see the top of this file), and a layer is hundreds of such ops. Why
+# not plain Python threads: they take turns on the GIL between ops, so two were no faster than one.
 
 QUANT_BLOCK = 4096  # rows per block: its float32 K and V (2 MiB each at D = 128) stay in cache
 

@@ -14,7 +14,7 @@ Map of this file, in pipeline order:
   2. chunk_scores_reference - Eq. 2 for one context chunk, materializing the attention matrix (the spec);
      chunk_scores_logits    - the paper's softmax-free ablation (max scaled logit), for comparison
   3. prefill, score_context - prefix + context into a full cache (FullKV), then scoring by reconstruction;
-     scored_layers          - which layers are scored and evicted (a hybrid model's global ones)
+     scored_layers          - which layers are scored and evicted (a hybrid model's global ones; scored_rows)
   4. head_scores            - the scores reduced to one per KV head, once per model (save/load_head_scores)
   5. keep_mask, FullKV.prune - eviction: one global ranking (non-uniform head budgets) or per head;
      head_keep_mask         - head-level eviction: whole heads, no reconstruction pass per context
@@ -227,6 +227,17 @@ def scored_layers(windows) -> list[int]:
     freed; here the sliding layers never hold more than their window.)
     """
     return [l for l, w in enumerate(windows) if w is None]
+
+
+def scored_rows(windows) -> dict[int, int]:
+    """{layer: its row} in the (L', ...) scores, keep masks and head scores, for the scored layers."""
+    return {l: i for i, l in enumerate(scored_layers(windows))}
+
+
+def n_window_kept(n_positions: int, window: int) -> int:
+    """How many of the last positions a sliding layer keeps after n_positions: window - 1 (the next
+    token's window is those and itself), or all of them if fewer."""
+    return min(n_positions, window - 1)
 
 
 def has_windows(kv) -> bool:
@@ -445,7 +456,7 @@ def score_context(m, tok, kv: FullKV, chunk_size: int = CHUNK_SIZE, backend: str
     backend = kv.backend if backend is None else backend
     cfg, cache, n_p = m.cfg, kv.cache, kv.n_prefix
     fast_cpu = backend == "auto" and m.device.type == "cpu" and scorer == "softmax" and not has_windows(kv)
-    row = {l: i for i, l in enumerate(kv.layers)}  # layer -> its row of scores
+    row = scored_rows(kv.windows)  # layer -> its row of scores
     scores = torch.zeros(len(kv.layers), cfg.n_kv_head, kv.n_context, dtype=torch.float32, device=m.device)
     for start, end, ids in reconstruction_inputs(tok, kv.context_ids, chunk_size):
         ids = torch.tensor(ids, device=m.device)
@@ -698,11 +709,11 @@ class CompressedKV:
         base_len = n_prefix + n_c
         prefix = torch.ones(Hkv, n_prefix, dtype=torch.bool, device=keep.device)
         ks, vs, offs, window_kv = [], [], [], []
-        row = {l: i for i, l in enumerate(layers)}  # layer -> its row of keep
+        row = scored_rows(cache.windows)  # layer -> its row of keep
         for l, w in enumerate(cache.windows):
             if w is not None:  # a sliding layer: no packed pairs; its window, copied
                 keys, values = cache.keys(l), cache.values(l)  # (Hkv, held, D)
-                a = keys.shape[1] - min(base_len, w - 1)  # the first of the window - 1 last positions
+                a = keys.shape[1] - n_window_kept(base_len, w)  # the first of the last positions kept
                 window_kv.append((keys[:, a:].clone(), values[:, a:].clone()))
                 for out, x in zip((ks, vs, offs), cls.no_rows(Hkv, keys.shape[2], keys.dtype, keys.device)):
                     out.append(x)
@@ -908,7 +919,7 @@ def _expected_tensors(path, meta: dict, header: dict, L: int, Hkv: int, D: int, 
     float_name = _DTYPE_NAMES.get(getattr(torch, meta.get("dtype", ""), None))
     for l, w in enumerate(windows or [None] * L):
         if w is not None:
-            shape = [Hkv, min(base_len, w - 1), D]
+            shape = [Hkv, n_window_kept(base_len, w), D]
             for name in (f"window_k.{l}", f"window_v.{l}"):
                 e = header.get(name)
                 if e is None:
@@ -1315,7 +1326,7 @@ def _score_tail_chunk(m, ckv, ids, n_p: int, n_new: int, backend: str):
     runs on top of ckv, and each layer's `observe` scores the chunk against K' = [prefix ; chunk ;
     input], as score_context does, in the scored layers (scored_layers). The input's K/V are
     dropped again. Returns (L', Hkv, n_new) float32."""
-    row = {l: i for i, l in enumerate(scored_layers(ckv.windows))}  # layer -> its row in the scores
+    row = scored_rows(ckv.windows)  # layer -> its row in the scores
     scores = torch.zeros(len(row), m.cfg.n_kv_head, n_new, dtype=torch.float32, device=m.device)
 
     def observe(layer, q, k):  # q (Hkv, G, n_q, D), k (Hkv, n_q, D): the input's own
@@ -1343,12 +1354,12 @@ def _next_working_cache(ckv, rows_before, rows_after, bits: int, backend: str):
     old layer released once its new one exists, so no more than one layer is ever held twice.
     """
     n_old, base_len = rows_before.shape[-1], rows_after.shape[-1]
-    row = {l: i for i, l in enumerate(scored_layers(ckv.windows))}  # layer -> its row in the masks
+    row = scored_rows(ckv.windows)  # layer -> its row in the masks
     ks, vs, offs, window_kv, peak = [], [], [], [], 0
     for l, w in enumerate(ckv.windows):
         if w is not None:  # a sliding layer: no packed pairs; its window, copied out of the tail
             end = ckv.n_window[l] + base_len - n_old  # tail rows: the old window, then the chunk
-            a = end - min(base_len, w - 1)
+            a = end - n_window_kept(base_len, w)
             window_kv.append((ckv.tail_k[l][:, a:end].clone(), ckv.tail_v[l][:, a:end].clone()))
             for out, x in zip((ks, vs, offs), CompressedKV.no_rows(*ckv.tail_k[l].shape[::2], ckv.dtype,
                                                                     ckv.tail_k[l].device)):

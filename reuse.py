@@ -424,7 +424,7 @@ def _settings(*, ratios, methods, n_contexts, quick, budget, quantized, override
 
 def _online_caches(m, tok, ctx, ratios, seconds) -> dict:
     """KVzip online's cache of one context at each ratio below 1: {ratio: (CompressedKV, keep
-    (L, Hkv, n_c))}, from kvzip.prefill_online with chunks of ONLINE_CHUNK. Each ratio is a run of
+    (L', Hkv, n_c))}, from kvzip.prefill_online with chunks of ONLINE_CHUNK. Each ratio is a run of
     its own (prefill, scoring and eviction, chunk by chunk), whose seconds are summed into
     seconds[ONLINE]. At ratio 1 nothing is evicted: the shared full cache stands for it."""
     out, total = {}, 0.0
@@ -491,7 +491,7 @@ def _result(counts, quantized_counts, per_context, kinds, *, methods, ratios_of,
             budget, scoring_seconds, head_seconds, hs, t0) -> dict:
     """run_quality's result: one row per (method, ratio) and per quantized (ratio, bits) from the
     per-context counts, the totals over contexts, the settings, the head scores hs (L, Hkv) of
-    kvzip-head and the seconds (t0: the start)."""
+    kvzip-head, and the seconds (t0: the start)."""
     rows = [dict(method=meth, ratio=r, bits=16, **_summarize(cs, kinds, seed))
             for (meth, r), cs in counts.items()]
     rows += [dict(method="kvzip", ratio=r, bits=bits, **_summarize(cs, kinds, seed))
